@@ -1,0 +1,112 @@
+"""One error type, one envelope: every failure leaves as `{"error": {message, type, param, code}}`.
+
+Litestar's own exceptions (validation, 404, 405, 413, ...) are mapped to the same envelope, and
+anything unexpected becomes a 500 with a generic message; the traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from .schemas import ErrorBody, ErrorDetail
+
+log = logging.getLogger("zimage_server.api")
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+class ApiError(Exception):
+    """An error meant for the client: status, a message that says what to do, and the field at fault."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class ClientGoneError(Exception):
+    """The client disconnected while its request waited; nobody is left to answer."""
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[ErrorBody]:
+    detail = ErrorDetail(
+        message=message, type=ERROR_TYPES.get(status_code, "invalid_request_error"), param=param, code=code
+    )
+    return Response(ErrorBody(error=detail), status_code=status_code, headers=headers, media_type=MediaType.JSON)
+
+
+def handle_api_error(_: Request, exc: ApiError) -> Response[ErrorBody]:
+    return error_response(exc.status_code, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+
+def _validation_param(extra: Any) -> tuple[str | None, str | None]:
+    """The field name and message Litestar reports for the first invalid value."""
+    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
+        first = extra[0]
+        key = first.get("key")
+        return (str(key).removeprefix("$.") if key else None), first.get("message")
+    return None, None
+
+
+def handle_http_exception(_: Request, exc: HTTPException) -> Response[ErrorBody]:
+    status = exc.status_code
+    if isinstance(exc, ValidationException):
+        param, detail = _validation_param(exc.extra)
+        message = f"Invalid value for '{param}': {detail}" if param and detail else (detail or exc.detail)
+        return error_response(400, message, param=param, code="invalid_value")
+    if status >= 500:
+        log.error("internal error: %s", exc.detail)
+        return error_response(status, "The server had an error while processing your request.")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+    return error_response(status, exc.detail, code=code.get(status), headers=exc.headers)
+
+
+def handle_client_gone(_: Request, __: ClientGoneError) -> Response[ErrorBody]:
+    # nginx's convention for "client closed request"; nobody reads it, but logs and metrics do.
+    return error_response(499, "The client closed the connection before the images were ready.", code="client_gone")
+
+
+def handle_unexpected(request: Request, exc: Exception) -> Response[ErrorBody]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "The server had an error while processing your request.")
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: handle_api_error,
+    ClientGoneError: handle_client_gone,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,86 @@
+"""Request and response structs: the OpenAI Images API shape plus Z-Image's own top-level fields.
+
+msgspec validates these before a handler runs; limits that depend on settings or on the loaded
+model (n, size) are checked in `requests.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+# JavaScript clients (the browser page, the JS SDK) read JSON numbers as doubles.
+MAX_SEED = 2**53 - 1
+MAX_PROMPT_CHARS = 32_000  # OpenAI's own limit for image prompts.
+
+Prompt = Annotated[str, Meta(max_length=MAX_PROMPT_CHARS, description="What to draw (required, non-empty).")]
+Seed = Annotated[int, Meta(ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i.")]
+Steps = Annotated[int, Meta(ge=1, le=200, description="Denoising steps (default: turbo 8, base 50).")]
+Guidance = Annotated[float, Meta(ge=0, le=30, description="Classifier-free guidance (default: turbo 0, base 4).")]
+Compression = Annotated[int, Meta(ge=0, le=100, description="JPEG/WebP quality, 0-100 (default 90).")]
+
+
+class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """POST /v1/images/generations. Unknown fields are ignored, as OpenAI clients send extras."""
+
+    prompt: Prompt
+    model: str | None = None
+    n: Annotated[int, Meta(ge=1, description="Images to generate (1..Z_IMAGE_MAX_N).")] = 1
+    size: Annotated[str, Meta(max_length=32, description="WxH, multiples of 16, or auto (1024x1024).")] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: Compression | None = None
+    # OpenAI fields we accept and cannot honour.
+    quality: Any = None
+    style: Any = None
+    background: Any = None
+    moderation: Any = None
+    user: Any = None
+    stream: bool | None = None
+    partial_images: Any = None
+    # Z-Image extras.
+    seed: Seed | None = None
+    negative_prompt: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)] | None = None
+    num_inference_steps: Steps | None = None
+    guidance_scale: Guidance | None = None
+    cfg_normalization: bool | None = None
+    cfg_truncation: Annotated[float, Meta(ge=0, le=1)] | None = None
+    max_sequence_length: Annotated[int, Meta(ge=16, le=512)] | None = None
+
+
+class ImageData(msgspec.Struct, kw_only=True):
+    b64_json: str
+    seed: int
+    revised_prompt: None = None
+
+
+class ImagesResponse(msgspec.Struct, kw_only=True):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    object: str = "model"
+    owned_by: str = "zimage-server"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    error: ErrorDetail

@@ -1,0 +1,79 @@
+"""Is a folder a complete diffusers pipeline? Pure file checks, no torch, so it runs in milliseconds.
+
+Used at start-up (refuse to start on a half-copied folder) and after a download (only a verified
+folder is moved into place).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Files that hold a component's configuration, by component kind; any one of them is enough.
+CONFIG_FILES = (
+    "config.json",
+    "scheduler_config.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+WEIGHT_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+SINGLE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# Components without weights of their own.
+WEIGHTLESS = ("scheduler", "tokenizer", "siglip_processor", "processor", "image_processor", "feature_extractor")
+
+
+class IncompleteModelError(Exception):
+    """The folder is missing or lacks files the pipeline needs; the message says which."""
+
+
+def pipeline_components(model_dir: Path) -> list[str]:
+    """Component folder names that model_index.json declares (entries whose value is [library, class])."""
+    index_path = model_dir / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise IncompleteModelError(f"{index_path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise IncompleteModelError(f"{index_path} is unreadable: {exc}") from None
+    return [
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
+    ]
+
+
+def shard_files(component_dir: Path) -> list[Path]:
+    """Every weight file a component needs: the shards its index lists, or its single weights file."""
+    for index_name in WEIGHT_INDEXES:
+        index_path = component_dir / index_name
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise IncompleteModelError(f"{index_path} is unreadable: {exc}") from None
+            return [component_dir / name for name in sorted(set(weight_map.values()))]
+    for name in SINGLE_WEIGHTS:
+        if (component_dir / name).exists():
+            return [component_dir / name]
+    return []
+
+
+def verify_model_dir(model_dir: Path) -> None:
+    """Raise IncompleteModelError unless every declared component has its config and all its weights."""
+    if not model_dir.is_dir():
+        raise IncompleteModelError(f"{model_dir} does not exist")
+    for name in pipeline_components(model_dir):
+        component_dir = model_dir / name
+        if not component_dir.is_dir():
+            raise IncompleteModelError(f"{component_dir} is missing")
+        if not any((component_dir / config).exists() for config in CONFIG_FILES):
+            raise IncompleteModelError(f"{component_dir} has no config file")
+        if name in WEIGHTLESS:
+            continue
+        shards = shard_files(component_dir)
+        if not shards:
+            raise IncompleteModelError(f"{component_dir} has no weights")
+        missing = [shard.name for shard in shards if not shard.exists() or shard.stat().st_size == 0]
+        if missing:
+            raise IncompleteModelError(f"{component_dir} lacks weight shards: {', '.join(missing)}")

@@ -1,0 +1,159 @@
+"""The only module that imports torch and diffusers: load the pipeline, warm it up, run batches.
+
+All pipeline calls go through `ZImageEngine.lock`: a diffusers pipeline keeps per-call state on
+the object (and pipelines made with `from_pipe` share modules and the scheduler), so two calls
+must never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .model_layout import verify_model_dir
+from .settings import Settings
+
+log = logging.getLogger("zimage_server.pipelines")
+
+# Per-variant defaults, as the model cards recommend.
+DEFAULT_STEPS = {"turbo": 8, "base": 50, "edit": 28}
+DEFAULT_GUIDANCE = {"turbo": 0.0, "base": 4.0, "edit": 4.0}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PIXELS_PER_TOKEN = 16  # VAE downsamples 8x and the transformer patches 2x2 latents.
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("Z_IMAGE_DEVICE=cuda but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("Z_IMAGE_DEVICE=mps but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, variant: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    # diffusers' ZImageOmniPipeline casts input images with .bfloat16(), so Omni only runs in bf16.
+    if device.type == "cuda" or variant == "edit":
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """One request's share of a pipeline call. Every spec in one call shares width..max_sequence_length."""
+
+    prompt: str
+    negative_prompt: str | None
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    cfg_normalization: bool
+    cfg_truncation: float
+    max_sequence_length: int
+
+
+class ZImageEngine:
+    """A loaded pipeline on its device, and the lock every call takes."""
+
+    def __init__(self, pipeline, settings: Settings, device: torch.device, dtype: torch.dtype):
+        self.pipeline = pipeline
+        self.settings = settings
+        self.variant = settings.variant
+        self.device = device
+        self.dtype = dtype
+        self.lock = threading.Lock()
+        axes_lens = pipeline.transformer.config.axes_lens
+        # Image token rows/columns index the rope tables along axes 1 and 2; beyond them the
+        # embedder fails with an IndexError, so sizes past this are refused up front.
+        self.max_height = int(axes_lens[1]) * PIXELS_PER_TOKEN
+        self.max_width = int(axes_lens[2]) * PIXELS_PER_TOKEN
+
+    @property
+    def default_steps(self) -> int:
+        return DEFAULT_STEPS[self.variant]
+
+    @property
+    def default_guidance(self) -> float:
+        return DEFAULT_GUIDANCE[self.variant]
+
+    def generate(self, specs: list[GenerationSpec]) -> list[list[Image.Image]]:
+        """Run compatible specs as few pipeline calls as max_batch_size allows; images per spec, in order."""
+        first = specs[0]
+        # Flatten to one entry per image; each image gets its own generator, seeded as diffusers
+        # users would seed it, so an image never depends on what it was batched with.
+        flat = [(index, spec, seed) for index, spec in enumerate(specs) for seed in spec.seeds]
+        results: list[list[Image.Image]] = [[] for _ in specs]
+        step = self.settings.max_batch_size
+        with self.lock:
+            for start in range(0, len(flat), step):
+                chunk = flat[start : start + step]
+                output = self.pipeline(
+                    prompt=[spec.prompt for _, spec, _ in chunk],
+                    negative_prompt=[spec.negative_prompt or "" for _, spec, _ in chunk],
+                    generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in chunk],
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    cfg_normalization=first.cfg_normalization,
+                    cfg_truncation=first.cfg_truncation,
+                    max_sequence_length=first.max_sequence_length,
+                    output_type="pil",
+                )
+                for (index, _, _), image in zip(chunk, output.images, strict=True):
+                    results[index].append(image)
+        return results
+
+    def warm_up(self) -> float:
+        """One tiny generation, so lazy initialisation is not paid by the first user."""
+        started = time.perf_counter()
+        spec = GenerationSpec(
+            prompt="warm-up",
+            negative_prompt=None,
+            seeds=(0,),
+            width=64,
+            height=64,
+            num_inference_steps=1,
+            guidance_scale=self.default_guidance,
+            cfg_normalization=False,
+            cfg_truncation=1.0,
+            max_sequence_length=64,
+        )
+        self.generate([spec])
+        return time.perf_counter() - started
+
+
+def load_engine(settings: Settings) -> ZImageEngine:
+    """Load MODELS_DIR/z-image-<variant> onto the chosen device and warm it up. Never touches the network."""
+    from diffusers import ZImageOmniPipeline, ZImagePipeline
+
+    model_dir = settings.model_dir
+    verify_model_dir(model_dir)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device, settings.variant)
+    pipeline_class = ZImageOmniPipeline if settings.variant == "edit" else ZImagePipeline
+    started = time.perf_counter()
+    pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    log.info(
+        "loaded %s from %s on %s in %s (%.1f s)", pipeline_class.__name__, model_dir, device, dtype,
+        time.perf_counter() - started,
+    )
+    engine = ZImageEngine(pipeline, settings, device, dtype)
+    log.info("warm-up generation took %.2f s", engine.warm_up())
+    return engine

@@ -1,0 +1,170 @@
+"""Write a tiny, random-weight Z-Image pipeline in the real diffusers layout.
+
+    python -m zimage_server.testing PATH [--variant turbo|base|edit]
+
+Everything is built offline: the tokenizer is trained here on a few sentences, so no hub access
+is needed. The geometry is the real model's (8x VAE downsampling, patch size 2, so 16 pixels per
+token side, and rope tables long enough for 4096 pixels a side), so every size the server accepts
+runs on it; only the widths are tiny. The tests load it through the same code path as real weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Qwen3's chat template, cut down to what ZImagePipeline uses: one user turn, a generation
+# prompt, and the empty think block Qwen3 emits when enable_thinking is false.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CORPUS = [
+    "a photo of a cat sitting on a red chair",
+    "a watercolor painting of mountains at sunset",
+    "portrait of an astronaut, studio lighting, high detail",
+    "user assistant system",
+]
+
+VARIANT_DEFAULTS = {"turbo": 0.0, "base": 4.0, "edit": 0.0}
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # Byte-level BPE covers every UTF-8 prompt, so distinct prompts give distinct token ids.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_components(variant: str = "turbo", seed: int = 0) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    siglip_dim = 16
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[1024, 256, 256],
+        **({"siglip_feat_dim": siglip_dim} if variant == "edit" else {}),
+    )
+    # Older diffusers create these with torch.empty; fixed values keep the tiny model deterministic.
+    with torch.no_grad():
+        for name in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
+            token = getattr(transformer, name, None)
+            if token is not None:
+                token.fill_(1.0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 16, 16],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    components = {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": scheduler,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+    }
+    if variant == "edit":
+        components.update(build_siglip(siglip_dim))
+    return components
+
+
+def build_siglip(hidden: int) -> dict:
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        patch_size=16,
+        num_patches=256,
+    )
+    # The plain processor: the "Fast" one needs torchvision, which the CPU torch build lacks.
+    return {"siglip": Siglip2VisionModel(config), "siglip_processor": Siglip2ImageProcessor(patch_size=16)}
+
+
+def write_tiny_pipeline(path: str | Path, variant: str = "turbo") -> Path:
+    from diffusers import ZImageOmniPipeline, ZImagePipeline
+
+    path = Path(path)
+    pipeline_class = ZImageOmniPipeline if variant == "edit" else ZImagePipeline
+    pipeline = pipeline_class(**build_components(variant))
+    pipeline.save_pretrained(path, safe_serialization=True)
+    # A marker so people (and logs) can tell a tiny random model from real weights.
+    (path / "TINY_RANDOM_MODEL.json").write_text(json.dumps({"variant": variant, "random_weights": True}) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m zimage_server.testing",
+        description="Write a tiny random-weight Z-Image pipeline (diffusers layout) to PATH, offline.",
+    )
+    parser.add_argument("path", help="folder to write, e.g. models/z-image-turbo")
+    parser.add_argument("--variant", choices=["turbo", "base", "edit"], default="turbo")
+    args = parser.parse_args(argv)
+    out = write_tiny_pipeline(args.path, args.variant)
+    print(f"wrote a tiny random-weight {args.variant} pipeline to {out}")
+
+
+if __name__ == "__main__":
+    main()
