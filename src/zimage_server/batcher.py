@@ -89,18 +89,15 @@ class Batcher(Generic[P, R]):
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher-worker")
 
     async def stop(self) -> None:
-        """Stop taking work, fail what is still queued, and wait for the running batch to finish."""
+        """Stop taking work, fail what is still queued, and let the running batch finish and answer."""
         self._closed = True
         while self._queue:
             job = self._queue.popleft()
             if not job.gone:
                 job.future.set_exception(BatcherClosedError("the server is shutting down"))
+        self._wakeup.set()
         if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
+            await self._worker
 
     def submit(self, key: Hashable, n: int, payload: P) -> asyncio.Future[R]:
         """Queue a job of n images, or raise QueueFullError at once if it does not fit."""
@@ -160,6 +157,8 @@ class Batcher(Generic[P, R]):
         while True:
             batch = self._take_batch()
             if not batch:
+                if self._closed:
+                    return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

@@ -76,6 +76,7 @@ class ZImageEngine:
         self.device = device
         self.dtype = dtype
         self.lock = threading.Lock()
+        self.pipeline_calls = 0  # pipeline invocations, for metrics and for tests that prove batching
         axes_lens = pipeline.transformer.config.axes_lens
         # Image token rows/columns index the rope tables along axes 1 and 2; beyond them the
         # embedder fails with an IndexError, so sizes past this are refused up front.
@@ -101,6 +102,7 @@ class ZImageEngine:
         with self.lock:
             for start in range(0, len(flat), step):
                 chunk = flat[start : start + step]
+                self.pipeline_calls += 1
                 output = self.pipeline(
                     prompt=[spec.prompt for _, spec, _ in chunk],
                     negative_prompt=[spec.negative_prompt or "" for _, spec, _ in chunk],

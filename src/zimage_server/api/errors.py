@@ -7,6 +7,7 @@ anything unexpected becomes a 500 with a generic message; the traceback goes to 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from litestar import MediaType, Request, Response
@@ -72,12 +73,18 @@ def handle_api_error(_: Request, exc: ApiError) -> Response[ErrorBody]:
     return error_response(exc.status_code, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
 
 
+MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
 def _validation_param(extra: Any) -> tuple[str | None, str | None]:
     """The field name and message Litestar reports for the first invalid value."""
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
         first = extra[0]
-        key = first.get("key")
-        return (str(key).removeprefix("$.") if key else None), first.get("message")
+        key, message = first.get("key"), first.get("message")
+        # A missing field is reported against the whole body ("data"); name the field instead.
+        if message and (missing := MISSING_FIELD.search(message)):
+            return missing.group(1), f"'{missing.group(1)}' is required"
+        return (str(key).removeprefix("$.") if key else None), message
     return None, None
 
 
@@ -86,6 +93,8 @@ def handle_http_exception(_: Request, exc: HTTPException) -> Response[ErrorBody]
     if isinstance(exc, ValidationException):
         param, detail = _validation_param(exc.extra)
         message = f"Invalid value for '{param}': {detail}" if param and detail else (detail or exc.detail)
+        if detail and detail.endswith("is required"):
+            message = detail
         return error_response(400, message, param=param, code="invalid_value")
     if status >= 500:
         log.error("internal error: %s", exc.detail)
@@ -99,6 +108,11 @@ def handle_client_gone(_: Request, __: ClientGoneError) -> Response[ErrorBody]:
     return error_response(499, "The client closed the connection before the images were ready.", code="client_gone")
 
 
+def handle_bad_encoding(_: Request, __: UnicodeDecodeError) -> Response[ErrorBody]:
+    # msgspec's JSON decoder raises this for bodies that are not UTF-8, before any handler runs.
+    return error_response(400, "The request body is not valid UTF-8.", code="invalid_encoding")
+
+
 def handle_unexpected(request: Request, exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "The server had an error while processing your request.")
@@ -107,6 +121,7 @@ def handle_unexpected(request: Request, exc: Exception) -> Response[ErrorBody]:
 EXCEPTION_HANDLERS = {
     ApiError: handle_api_error,
     ClientGoneError: handle_client_gone,
+    UnicodeDecodeError: handle_bad_encoding,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

@@ -1,0 +1,154 @@
+"""The batcher alone, with a fake model: what merges, what waits, what is dropped, what fails."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from zimage_server.batcher import Batcher, BatchFailedError, QueueFullError
+
+
+class FakeModel:
+    """Records each call's payloads; can block until released, or raise."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+
+    def __call__(self, payloads: list[str]) -> list[str]:
+        self.gate.wait(timeout=10)
+        self.calls.append(list(payloads))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device on fire")
+        return [f"done:{payload}" for payload in payloads]
+
+
+def make_batcher(model: FakeModel, **kwargs) -> Batcher:
+    options = {"max_batch_size": 4, "max_queue": 8} | kwargs
+    batcher = Batcher(model, **options)
+    batcher.start()
+    return batcher
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.anyio
+async def test_lone_request_starts_at_once_and_queued_compatible_jobs_share_a_call():
+    model = FakeModel()
+    batcher = make_batcher(model)
+    model.gate.clear()
+    first = batcher.submit("k", 1, "a")
+    await wait_until(lambda: batcher.queued_jobs == 0)  # the worker took "a" without waiting for more
+    rest = [batcher.submit("k", 1, p) for p in ("b", "c")] + [batcher.submit("other", 1, "d")]
+    rest.append(batcher.submit("k", 1, "e"))
+    model.gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert results == ["done:a", "done:b", "done:c", "done:d", "done:e"]
+    # "a" ran alone; then the oldest ("b") took every compatible job ("c", "e"); "d" ran last.
+    assert model.calls == [["a"], ["b", "c", "e"], ["d"]]
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_batches_never_exceed_max_batch_size_in_images():
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=3, max_queue=20)
+    model.gate.clear()
+    blocker = batcher.submit("k", 1, "blocker")
+    await wait_until(lambda: batcher.queued_jobs == 0)
+    futures = [batcher.submit("k", 2, "two-1"), batcher.submit("k", 2, "two-2"), batcher.submit("k", 1, "one")]
+    model.gate.set()
+    await asyncio.gather(blocker, *futures)
+    assert model.calls[1:] == [["two-1", "one"], ["two-2"]]
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_full_queue_refuses_at_once():
+    model = FakeModel()
+    batcher = make_batcher(model, max_queue=3)
+    model.gate.clear()
+    running = batcher.submit("k", 1, "running")
+    await wait_until(lambda: batcher.queued_jobs == 0)
+    queued = batcher.submit("k", 3, "three")
+    with pytest.raises(QueueFullError):
+        batcher.submit("k", 1, "one too many")
+    assert batcher.queued_images == 3
+    model.gate.set()
+    assert await asyncio.gather(running, queued) == ["done:running", "done:three"]
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_jobs_whose_client_left_are_dropped_not_computed():
+    model = FakeModel()
+    batcher = make_batcher(model)
+    model.gate.clear()
+    running = batcher.submit("k", 1, "running")
+    await wait_until(lambda: batcher.queued_jobs == 0)
+    gone = batcher.submit("k", 1, "gone")
+    kept = batcher.submit("k", 1, "kept")
+    gone.cancel()  # what the route does when the client disconnects
+    assert batcher.queued_images == 1
+    model.gate.set()
+    assert await asyncio.gather(running, kept) == ["done:running", "done:kept"]
+    assert ["gone"] not in model.calls and all("gone" not in call for call in model.calls)
+    assert batcher.stats.dropped == 1
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_failed_batch_fails_each_of_its_jobs_and_the_worker_keeps_going():
+    model = FakeModel()
+    batcher = make_batcher(model)
+    model.gate.clear()
+    blocker = batcher.submit("k", 1, "blocker")
+    await wait_until(lambda: batcher.queued_jobs == 0)
+    doomed = [batcher.submit("k", 1, "x"), batcher.submit("k", 1, "y")]
+    model.fail_next = False
+    model.gate.set()
+    await blocker
+    model.gate.clear()
+    model.fail_next = True
+    model.gate.set()
+    outcomes = await asyncio.gather(*doomed, return_exceptions=True)
+    assert all(isinstance(outcome, BatchFailedError) for outcome in outcomes)
+    assert isinstance(outcomes[0].__cause__, RuntimeError)
+    assert await batcher.submit("k", 1, "after") == "done:after"
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_batch_wait_holds_a_lone_job_for_companions():
+    model = FakeModel()
+    batcher = make_batcher(model, batch_wait_s=0.3)
+    first = batcher.submit("k", 1, "a")
+    await asyncio.sleep(0.05)
+    second = batcher.submit("k", 1, "b")
+    await asyncio.gather(first, second)
+    assert model.calls == [["a", "b"]]
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_stop_fails_queued_jobs_instead_of_losing_them():
+    model = FakeModel()
+    batcher = make_batcher(model)
+    model.gate.clear()
+    running = batcher.submit("k", 1, "running")
+    await wait_until(lambda: batcher.queued_jobs == 0)
+    queued = batcher.submit("k", 1, "queued")
+    model.gate.set()
+    await running
+    await batcher.stop()
+    assert queued.done()

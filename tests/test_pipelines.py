@@ -1,0 +1,82 @@
+"""The real loader on the tiny pipeline: seeds mean what they mean in diffusers, batching changes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ZImagePipeline
+
+from zimage_server.model_layout import IncompleteModelError, verify_model_dir
+from zimage_server.pipelines import GenerationSpec, load_engine
+
+
+def spec(prompt: str, seeds: tuple[int, ...], **overrides) -> GenerationSpec:
+    values = dict(
+        prompt=prompt,
+        negative_prompt=None,
+        seeds=seeds,
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        cfg_normalization=False,
+        cfg_truncation=1.0,
+        max_sequence_length=64,
+    )
+    return GenerationSpec(**(values | overrides))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_image_i_is_what_diffusers_returns_for_seed_plus_i(engine, settings):
+    direct = ZImagePipeline.from_pretrained(settings.model_dir)
+    direct.set_progress_bar_config(disable=True)
+    [images] = engine.generate([spec("a red chair", (41, 42))])
+    for offset, image in enumerate(images):
+        expected = direct(
+            "a red chair",
+            width=64,
+            height=64,
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            max_sequence_length=64,
+            generator=torch.Generator("cpu").manual_seed(41 + offset),
+        ).images[0]
+        assert np.abs(pixels(image) - pixels(expected)).max() <= 1
+
+
+def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_other_prompts(engine):
+    [[alone]] = engine.generate([spec("a cat on a chair", (7,))])
+    batched = engine.generate(
+        [
+            spec("a much longer prompt about mountains at sunset in watercolor", (100, 101)),
+            spec("a cat on a chair", (7,)),
+            spec("astronaut", (5,), negative_prompt="blurry, low quality"),
+        ]
+    )
+    assert np.abs(pixels(batched[1][0]) - pixels(alone)).max() <= 1
+    # The batch really held distinct images, so the comparison above is not vacuous.
+    assert np.abs(pixels(batched[0][0]) - pixels(alone)).max() > 10
+
+
+def test_different_seeds_give_different_images(engine):
+    [images] = engine.generate([spec("a cat", (1, 2))])
+    assert np.abs(pixels(images[0]) - pixels(images[1])).max() > 10
+
+
+def test_loader_refuses_an_incomplete_folder(tmp_path, settings, models_dir):
+    broken = tmp_path / "z-image-turbo"
+    broken.mkdir()
+    (broken / "model_index.json").write_text((models_dir / "z-image-turbo" / "model_index.json").read_text())
+    with pytest.raises(IncompleteModelError, match="is missing"):
+        verify_model_dir(broken)
+    with pytest.raises(IncompleteModelError):
+        load_engine(settings.replace(models_dir=tmp_path))
+
+
+def test_loader_reports_the_rope_limits_of_the_loaded_transformer(engine):
+    # The tiny model keeps the real geometry: 256 rope positions a side, 16 pixels each.
+    assert (engine.max_width, engine.max_height) == (4096, 4096)

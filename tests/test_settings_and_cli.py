@@ -1,0 +1,80 @@
+"""Settings from env and flags, and how `zimage-server serve` fails before loading anything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zimage_server.settings import SETTINGS, Settings, SettingsError, load_settings
+
+
+def test_defaults_match_the_documented_ones():
+    settings = load_settings(env={})
+    assert settings == Settings()
+    assert (settings.variant, settings.max_batch_size, settings.max_queue, settings.max_n) == ("turbo", 4, 32, 4)
+    assert settings.max_pixels == 2048 * 2048 and settings.request_timeout_s == 300
+
+
+def test_env_vars_then_flags_take_effect():
+    env = {"Z_IMAGE_VARIANT": "base", "Z_IMAGE_MAX_BATCH_SIZE": "8", "MODELS_DIR": "/srv/models"}
+    settings = load_settings(env=env, overrides={"max_batch_size": "2"})
+    assert settings.variant == "base" and settings.max_batch_size == 2
+    assert settings.model_dir == Path("/srv/models/z-image-base")
+
+
+def test_model_id_naming_a_local_folder_is_loaded_from_there(tmp_path):
+    settings = load_settings(env={"Z_IMAGE_MODEL_ID": str(tmp_path)})
+    assert settings.model_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"Z_IMAGE_VARIANT": "turbo2"}, "Z_IMAGE_VARIANT"),
+        ({"Z_IMAGE_MAX_BATCH_SIZE": "0"}, "Z_IMAGE_MAX_BATCH_SIZE"),
+        ({"Z_IMAGE_MAX_QUEUE": "many"}, "Z_IMAGE_MAX_QUEUE"),
+        ({"Z_IMAGE_DTYPE": "int8"}, "Z_IMAGE_DTYPE"),
+        ({"Z_IMAGE_REQUEST_TIMEOUT_S": "0"}, "Z_IMAGE_REQUEST_TIMEOUT_S"),
+        ({"Z_IMAGE_BATCH_WAIT_MS": "nan"}, "Z_IMAGE_BATCH_WAIT_MS"),
+        ({"Z_IMAGE_MAX_N": "8", "Z_IMAGE_MAX_QUEUE": "4"}, "Z_IMAGE_MAX_N"),
+    ],
+)
+def test_bad_values_name_the_setting(env, names):
+    with pytest.raises(SettingsError, match=names):
+        load_settings(env=env)
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not (k.startswith("Z_IMAGE_") or k == "MODELS_DIR")}
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_server.cli", *args],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_serve_help_lists_every_setting_with_its_env_var():
+    result = run_cli("serve", "--help", env={})
+    assert result.returncode == 0
+    for spec in SETTINGS:
+        assert spec.flag in result.stdout and spec.env in result.stdout
+
+
+def test_bad_setting_is_one_line_on_stderr_and_a_nonzero_exit(tmp_path):
+    result = run_cli("serve", "--max-queue", "-3", env={"MODELS_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--max-queue" in result.stderr
+
+
+def test_missing_model_folder_names_the_path_and_the_download_command(tmp_path):
+    result = run_cli("serve", env={"MODELS_DIR": str(tmp_path), "Z_IMAGE_VARIANT": "base"})
+    assert result.returncode == 3
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert str(tmp_path / "z-image-base") in line and "zimage-server download --variant base" in line
