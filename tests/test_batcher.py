@@ -17,13 +17,11 @@ class FakeModel:
         self.calls: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
-        self.fail_next = False
 
     def __call__(self, payloads: list[str]) -> list[str]:
         self.gate.wait(timeout=10)
         self.calls.append(list(payloads))
-        if self.fail_next:
-            self.fail_next = False
+        if any(payload.startswith("boom") for payload in payloads):
             raise RuntimeError("device on fire")
         return [f"done:{payload}" for payload in payloads]
 
@@ -114,14 +112,11 @@ async def test_a_failed_batch_fails_each_of_its_jobs_and_the_worker_keeps_going(
     model.gate.clear()
     blocker = batcher.submit("k", 1, "blocker")
     await wait_until(lambda: batcher.queued_jobs == 0)
-    doomed = [batcher.submit("k", 1, "x"), batcher.submit("k", 1, "y")]
-    model.fail_next = False
+    doomed = [batcher.submit("k", 1, "boom-x"), batcher.submit("k", 1, "y")]
     model.gate.set()
-    await blocker
-    model.gate.clear()
-    model.fail_next = True
-    model.gate.set()
+    assert await blocker == "done:blocker"
     outcomes = await asyncio.gather(*doomed, return_exceptions=True)
+    assert model.calls[1] == ["boom-x", "y"]
     assert all(isinstance(outcome, BatchFailedError) for outcome in outcomes)
     assert isinstance(outcomes[0].__cause__, RuntimeError)
     assert await batcher.submit("k", 1, "after") == "done:after"

@@ -80,3 +80,32 @@ def test_loader_refuses_an_incomplete_folder(tmp_path, settings, models_dir):
 def test_loader_reports_the_rope_limits_of_the_loaded_transformer(engine):
     # The tiny model keeps the real geometry: 256 rope positions a side, 16 pixels each.
     assert (engine.max_width, engine.max_height) == (4096, 4096)
+
+
+class RecordingObserver:
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.steps: list[tuple[int, int, tuple]] = []
+        self.cancel_after = cancel_after
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.steps) >= self.cancel_after
+
+    def on_step(self, step, total, latents) -> None:
+        self.steps.append((step, total, tuple(latents.shape)))
+
+
+def test_observers_see_every_step_with_only_their_own_latents(engine):
+    observer = RecordingObserver()
+    engine.generate([spec("a", (1, 2), observer=observer), spec("b", (3,))])
+    assert [(step, total) for step, total, _ in observer.steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(shape[0] == 2 for _, _, shape in observer.steps)
+
+
+def test_a_call_whose_every_request_was_cancelled_stops_at_the_next_step(engine):
+    from zimage_server.pipelines import GenerationCancelled
+
+    first, second = RecordingObserver(cancel_after=1), RecordingObserver(cancel_after=1)
+    with pytest.raises(GenerationCancelled):
+        engine.generate([spec("a", (1,), observer=first, num_inference_steps=50), spec("b", (2,), observer=second)])
+    assert len(first.steps) == 1 and len(second.steps) == 1

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -50,6 +51,23 @@ def resolve_dtype(name: str, device: torch.device, variant: str) -> torch.dtype:
     return torch.float32
 
 
+class StepObserver(Protocol):
+    """Watches one request inside a running pipeline call. Called from the worker thread."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once nobody wants this request's images any more (its client left)."""
+        ...
+
+    def on_step(self, step: int, total: int, latents: torch.Tensor) -> None:
+        """After denoising step `step` (1-based) of `total`; `latents` holds this request's images only."""
+        ...
+
+
+class GenerationCancelled(Exception):
+    """Every request in a running call was cancelled, so the call stopped early."""
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """One request's share of a pipeline call. Every spec in one call shares width..max_sequence_length."""
@@ -64,6 +82,7 @@ class GenerationSpec:
     cfg_normalization: bool
     cfg_truncation: float
     max_sequence_length: int
+    observer: StepObserver | None = field(default=None, compare=False, repr=False)
 
 
 class ZImageEngine:
@@ -115,10 +134,34 @@ class ZImageEngine:
                     cfg_truncation=first.cfg_truncation,
                     max_sequence_length=first.max_sequence_length,
                     output_type="pil",
+                    callback_on_step_end=self._step_callback(chunk),
                 )
                 for (index, _, _), image in zip(chunk, output.images, strict=True):
                     results[index].append(image)
         return results
+
+    @staticmethod
+    def _step_callback(chunk: list[tuple[int, GenerationSpec, int]]):
+        """A diffusers step callback that reports progress per request and stops a call nobody awaits."""
+        # Rows of the latents batch that belong to each observed spec in this chunk.
+        rows: dict[int, tuple[GenerationSpec, list[int]]] = {}
+        for row, (index, spec, _) in enumerate(chunk):
+            if spec.observer is not None:
+                rows.setdefault(index, (spec, []))[1].append(row)
+        if not rows:
+            return None
+        everyone_observed = len(rows) == len({index for index, _, _ in chunk})
+
+        def on_step_end(pipeline, step: int, _timestep, tensors: dict) -> dict:
+            latents = tensors["latents"]
+            for spec, spec_rows in rows.values():
+                if not spec.observer.cancelled:
+                    spec.observer.on_step(step + 1, pipeline.num_timesteps, latents[spec_rows])
+            if everyone_observed and all(spec.observer.cancelled for spec, _ in rows.values()):
+                raise GenerationCancelled(f"stopped after step {step + 1}: every client left")
+            return {}
+
+        return on_step_end
 
     def warm_up(self) -> float:
         """One tiny generation, so lazy initialisation is not paid by the first user."""
