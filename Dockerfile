@@ -15,8 +15,8 @@
 # deliberate: torch loads cuBLAS, cuDNN, NCCL, ... from those wheels in the venv, and the
 # "runtime" flavour would add a second copy of them (gigabytes) that nothing loads. What the
 # image contributes is NVIDIA_REQUIRE_CUDA=cuda>=13.2, which makes the NVIDIA container toolkit
-# refuse a host driver too old for CUDA 13.2 (R580 or newer) with a clear message at `docker run`
-# instead of a "no CUDA GPUs" surprise inside Python. When torch in uv.lock moves to another
+# refuse a host driver too old for CUDA 13.2 with a clear message at `docker run` instead of a
+# CUDA error inside Python. When torch in uv.lock moves to another
 # CUDA release, change this tag with it: `grep -A1 'name = "cuda-toolkit"' uv.lock`.
 ARG CUDA_IMAGE=nvidia/cuda:13.2.2-base-ubuntu24.04
 
