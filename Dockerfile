@@ -67,12 +67,15 @@ RUN apt-get update \
 # ./models is writable for `zimage-server download` without chown. Ubuntu 24.04 images ship an
 # "ubuntu" user with that uid; it goes first.
 RUN (userdel --remove ubuntu 2>/dev/null || true) \
-    && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin zimage \
+    && (groupdel ubuntu 2>/dev/null || true) \
+    && groupadd --gid 1000 zimage \
+    && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin zimage \
     && mkdir /models \
     && chown zimage:zimage /models
 
+# Owned by root: the server has no reason to modify its own code or interpreter.
 COPY --from=builder /python /python
-COPY --from=builder --chown=zimage:zimage /app/.venv /app/.venv
+COPY --from=builder /app/.venv /app/.venv
 
 ENV PATH="/app/.venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
