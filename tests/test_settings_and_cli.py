@@ -78,3 +78,10 @@ def test_missing_model_folder_names_the_path_and_the_download_command(tmp_path):
     line = result.stderr.strip()
     assert "\n" not in line
     assert str(tmp_path / "z-image-base") in line and "zimage-server download --variant base" in line
+
+
+def test_offline_and_source_settings():
+    assert load_settings(env={"HF_HUB_OFFLINE": "1"}).offline is True
+    assert load_settings(env={"HF_HUB_OFFLINE": "1", "Z_IMAGE_OFFLINE": "0"}).offline is False
+    assert load_settings(env={}, overrides={"download_source": "modelscope"}).download_source == "modelscope"
+    assert Settings().download_source == "huggingface" and Settings().offline is False

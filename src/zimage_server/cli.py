@@ -14,17 +14,23 @@ EXIT_BAD_SETTING = 2
 EXIT_NO_MODEL = 3
 
 
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
+    """One flag per setting (or per named field), its help naming the env var and the default."""
     defaults = Settings()
     for spec in SETTINGS:
+        if fields is not None and spec.field not in fields:
+            continue
         default = getattr(defaults, spec.field)
         current = os.environ.get(spec.env)
         shown = f"{default}" if default is not None else "unset"
+        env_names = " or ".join((spec.env, *spec.also_env))
         env_note = f"; now {current!r} from env" if current is not None else ""
+        help_text = f"{spec.help} [env {env_names}, default {shown}{env_note}]"
         # Raw strings here; load_settings parses and validates flags and env vars alike.
-        parser.add_argument(
-            spec.flag, dest=spec.field, metavar="VALUE", help=f"{spec.help} [env {spec.env}, default {shown}{env_note}]"
-        )
+        if spec.switch:
+            parser.add_argument(spec.flag, *spec.aliases, dest=spec.field, action="store_const", const="1", help=help_text)
+        else:
+            parser.add_argument(spec.flag, *spec.aliases, dest=spec.field, metavar="VALUE", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("turbo", "base", "edit")
+DOWNLOAD_SOURCES = ("huggingface", "modelscope")
 
 
 class SettingsError(ValueError):
@@ -35,6 +36,8 @@ class Settings:
     request_timeout_s: float = 300.0
     max_pixels: int = 2048 * 2048
     max_n: int = 4
+    download_source: str = "huggingface"
+    offline: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -89,12 +92,26 @@ def _optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     field: str
     env: str
     parse: Callable[[str], Any]
     help: str
+    # Further env vars that set it too, read when `env` is unset (other tools' conventions).
+    also_env: tuple[str, ...] = ()
+    # Shorter flag spellings; a switch is a flag without a value that means "1".
+    aliases: tuple[str, ...] = ()
+    switch: bool = False
 
     @property
     def flag(self) -> str:
@@ -125,6 +142,21 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec("max_pixels", "Z_IMAGE_MAX_PIXELS", _int_range(64 * 64), "largest width*height accepted"),
     SettingSpec("max_n", "Z_IMAGE_MAX_N", _int_range(1, 16), "largest n (images per request)"),
+    SettingSpec(
+        "download_source",
+        "Z_IMAGE_DOWNLOAD_SOURCE",
+        _choice(*DOWNLOAD_SOURCES),
+        "hub to fetch missing weights from: huggingface or modelscope",
+        aliases=("--source",),
+    ),
+    SettingSpec(
+        "offline",
+        "Z_IMAGE_OFFLINE",
+        _bool,
+        "never fetch weights; a missing model folder stops the server",
+        also_env=("HF_HUB_OFFLINE",),
+        switch=True,
+    ),
 )
 
 
@@ -135,8 +167,9 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
     for spec in SETTINGS:
         raw = (overrides or {}).get(spec.field)
         source = spec.flag
-        if raw is None:
-            raw, source = env.get(spec.env), spec.env
+        for name in (spec.env, *spec.also_env):
+            if raw is None:
+                raw, source = env.get(name), name
         if raw is None or (isinstance(raw, str) and raw.strip() == "" and spec.field != "model_id"):
             continue
         try:
