@@ -1,10 +1,11 @@
-"""`zimage-server serve | ...`: flags built from the settings table, errors as one line on stderr."""
+"""`zimage-server serve | download`: flags built from the settings table, errors as one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from .model_layout import IncompleteModelError, verify_model_dir
@@ -12,6 +13,10 @@ from .settings import SETTINGS, Settings, SettingsError, load_settings
 
 EXIT_BAD_SETTING = 2
 EXIT_NO_MODEL = 3
+EXIT_DOWNLOAD_FAILED = 4
+EXIT_INTERRUPTED = 130
+# The settings `download` takes; the rest are about serving.
+DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
@@ -27,10 +32,9 @@ def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] |
         env_note = f"; now {current!r} from env" if current is not None else ""
         help_text = f"{spec.help} [env {env_names}, default {shown}{env_note}]"
         # Raw strings here; load_settings parses and validates flags and env vars alike.
-        if spec.switch:
-            parser.add_argument(spec.flag, *spec.aliases, dest=spec.field, action="store_const", const="1", help=help_text)
-        else:
-            parser.add_argument(spec.flag, *spec.aliases, dest=spec.field, metavar="VALUE", help=help_text)
+        # A switch stores "1" when given, so that it parses like its env var.
+        takes = {"action": "store_const", "const": "1"} if spec.switch else {"metavar": "VALUE"}
+        parser.add_argument(spec.flag, *spec.aliases, dest=spec.field, help=help_text, **takes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to bind [default 8000]")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_setting_flags(serve)
+    download = commands.add_parser(
+        "download",
+        help="fetch the model into MODELS_DIR/z-image-<variant> from Hugging Face or ModelScope",
+        description="Fetch only what the pipeline loads, resumably, into MODELS_DIR/z-image-<variant>; "
+        "the folder appears only once complete and verified. A second run verifies and returns.",
+    )
+    add_setting_flags(download, DOWNLOAD_SETTINGS)
+    download.add_argument("--revision", help="branch, tag or commit to fetch [default: the repo's default branch]")
+    download.add_argument("--verbose", action="store_true", help="log the hub libraries' detail and tracebacks")
     return parser
 
 
@@ -54,6 +67,10 @@ def missing_model_message(settings: Settings, reason: str) -> str:
         f"no usable model at {settings.model_dir} ({reason}); "
         f"fetch it with: zimage-server download --variant {settings.variant}"
     )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -70,16 +87,51 @@ def serve(args: argparse.Namespace) -> None:
         verify_model_dir(settings.model_dir)
     except IncompleteModelError as exc:
         fail(missing_model_message(settings, str(exc)), EXIT_NO_MODEL)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    configure_logging(args.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+def exit_on_signal(signum: int, _frame: object) -> None:
+    # The hub libraries' worker threads would finish their files before the process could exit;
+    # what is on disk is where the next run continues from, so leave at once.
+    print("zimage-server: download interrupted; rerun the same command to continue", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
+def download(args: argparse.Namespace) -> None:
+    try:
+        settings = load_settings(overrides={field: getattr(args, field) for field in DOWNLOAD_SETTINGS})
+    except SettingsError as exc:
+        fail(str(exc), EXIT_BAD_SETTING)
+    if settings.offline:
+        fail("offline mode is on (Z_IMAGE_OFFLINE or HF_HUB_OFFLINE); unset it to download", EXIT_DOWNLOAD_FAILED)
+    configure_logging("debug" if args.verbose else "info")
+    progress_bars = sys.stderr.isatty()
+    if not progress_bars:
+        # Bars written to a log are carriage-return noise; tqdm reads this when first imported.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    signal.signal(signal.SIGINT, exit_on_signal)
+    signal.signal(signal.SIGTERM, exit_on_signal)
+
+    from .download import DownloadError, download_model
+
+    try:
+        download_model(settings, revision=args.revision, progress_bars=progress_bars)
+    except Exception as exc:
+        if args.verbose:
+            logging.getLogger("zimage_server.download").exception("download failed")
+        if isinstance(exc, DownloadError):
+            fail(str(exc), EXIT_DOWNLOAD_FAILED)
+        detail = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        fail(f"download failed ({detail}); rerun with --verbose for details", EXIT_DOWNLOAD_FAILED)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "download":
+        download(args)
 
 
 if __name__ == "__main__":
