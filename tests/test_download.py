@@ -291,3 +291,72 @@ def test_edit_without_model_id_says_there_is_no_public_checkpoint(hub, tmp_path)
     result = run_download(hub.url, tmp_path, "huggingface", "--variant", "edit")
     assert_one_line_failure(result, "--model-id")
     assert hub.requests == []
+
+
+# -- the server fetches what it lacks -------------------------------------------------------------
+
+
+def start_serve(hub_url: str, tmp_path: Path, *flags: str, **env: str) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    environment = hub_env(hub_url, tmp_path) | {"MODELS_DIR": str(tmp_path / "models"), "Z_IMAGE_DEVICE": "cpu"} | env
+    with log.open("w") as sink:
+        command = cli("serve", "--port", str(port), *flags)
+        process = subprocess.Popen(command, env=environment, stdout=sink, stderr=sink)
+    return process, f"http://127.0.0.1:{port}", log
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_serve_fetches_a_missing_model_while_health_answers(hub, tmp_path):
+    hold = hub.hold[WEIGHTS] = threading.Event()
+    server, base, log = start_serve(hub.url, tmp_path)
+    try:
+        wait_for(lambda: answers(f"{base}/health"), 60, "/health")
+        assert httpx.get(f"{base}/ready").status_code == 503
+        busy = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"})
+        assert busy.status_code == 503 and busy.headers["retry-after"]
+        assert busy.json()["error"]["code"] == "not_ready"
+        hold.set()
+        wait_for(lambda: answers(f"{base}/ready"), 60, "/ready")
+        done = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"}, timeout=30)
+        assert done.status_code == 200
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert model_files(tmp_path / "models" / "z-image-turbo") == pipeline_files(hub.repos[TURBO])
+    assert "downloading Tongyi-MAI/Z-Image-Turbo" in log.read_text()
+
+
+def test_serve_stops_when_the_fetch_fails(tmp_path):
+    server, _, log = start_serve(f"http://127.0.0.1:{free_port()}", tmp_path)
+    try:
+        code = server.wait(60)
+    finally:
+        server.kill()
+    assert code == 4, log.read_text()
+    assert "cannot reach Hugging Face" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"), [((), {"Z_IMAGE_OFFLINE": "1"}), ((), {"HF_HUB_OFFLINE": "1"}), (("--offline",), {})]
+)
+def test_serve_offline_with_no_model_prints_the_download_command(hub, tmp_path, flags, env):
+    server, _, log = start_serve(hub.url, tmp_path, *flags, **env)
+    assert server.wait(60) == 3
+    line = log.read_text().strip()
+    assert "\n" not in line and "zimage-server download --variant turbo" in line
+    assert hub.requests == []
+
+
+def test_serve_never_fetches_into_an_existing_incomplete_folder(hub, tmp_path):
+    (tmp_path / "models" / "z-image-turbo").mkdir(parents=True)
+    server, _, log = start_serve(hub.url, tmp_path)
+    assert server.wait(60) == 3
+    assert "model_index.json is missing" in log.read_text()
+    assert hub.requests == []

@@ -73,7 +73,8 @@ def test_bad_setting_is_one_line_on_stderr_and_a_nonzero_exit(tmp_path):
 
 
 def test_missing_model_folder_names_the_path_and_the_download_command(tmp_path):
-    result = run_cli("serve", env={"MODELS_DIR": str(tmp_path), "Z_IMAGE_VARIANT": "base"})
+    # Offline: otherwise the server would start and fetch the model (tests/test_download.py).
+    result = run_cli("serve", env={"MODELS_DIR": str(tmp_path), "Z_IMAGE_VARIANT": "base", "Z_IMAGE_OFFLINE": "1"})
     assert result.returncode == 3
     line = result.stderr.strip()
     assert "\n" not in line

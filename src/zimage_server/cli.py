@@ -74,21 +74,39 @@ def configure_logging(level: str) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from .api import create_app
+    from .download import DownloadError, fetch_in_subprocess, repo_id_for
 
     try:
         settings = load_settings(overrides={spec.field: getattr(args, spec.field) for spec in SETTINGS})
     except SettingsError as exc:
         fail(str(exc), EXIT_BAD_SETTING)
     settings = settings.replace(host=args.host, port=args.port)
+    fetch_model = None
     try:
         verify_model_dir(settings.model_dir)
     except IncompleteModelError as exc:
-        fail(missing_model_message(settings, str(exc)), EXIT_NO_MODEL)
+        # Fetch only into a folder that is not there: an incomplete one is someone's half copy.
+        if settings.offline or settings.model_dir.exists():
+            fail(missing_model_message(settings, str(exc)), EXIT_NO_MODEL)
+        try:
+            repo_id_for(settings)
+        except DownloadError as no_repo:
+            fail(str(no_repo), EXIT_NO_MODEL)
+        fetch_model = fetch_in_subprocess
+    # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
+    import uvicorn
+
+    from .api import create_app
+
     configure_logging(args.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    app = create_app(settings, fetch_model=fetch_model)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level))
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if app.state.get("fatal_error"):
+        raise SystemExit(EXIT_DOWNLOAD_FAILED)
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's own code for a failed start-up
 
 
 def exit_on_signal(signum: int, _frame: object) -> None:

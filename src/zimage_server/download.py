@@ -17,6 +17,7 @@ The only module that talks to the hubs, and only through their client libraries:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import glob
 import logging
@@ -450,3 +451,26 @@ def download_model(settings: Settings, *, revision: str | None = None, progress_
         move_into_place(staging, target)
     log.info("downloaded %s in %.0f s: %s is ready", repo_id, time.monotonic() - started, target)
     return target
+
+
+async def fetch_in_subprocess(settings: Settings) -> None:
+    """Fetch-on-start: run `zimage-server download` for these settings in a child process.
+
+    A child, not a thread: a download cannot be stopped mid-file inside this process (the hub
+    libraries' worker threads are joined at exit), while a child stops at once when the server does
+    and the next start continues from its staging folder.
+    """
+    command = [sys.executable, "-m", "zimage_server.cli", "download", "--variant", settings.variant]
+    command += ["--models-dir", str(settings.models_dir), "--source", settings.download_source]
+    if settings.model_id:
+        command += ["--model-id", settings.model_id]
+    log.info("no model at %s: downloading it first; /ready answers 503 until it is loaded", settings.model_dir)
+    child = await asyncio.create_subprocess_exec(*command)
+    try:
+        code = await child.wait()
+    finally:
+        if child.returncode is None:
+            child.terminate()
+            await child.wait()
+    if code != 0:
+        raise DownloadError(f"the model download failed (`zimage-server download` exited with {code})")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
@@ -21,11 +22,12 @@ from .routes import ROUTES
 
 log = logging.getLogger("zimage_server.api")
 
+# Fetches the model the settings name (fetch-on-start); raises if it cannot.
+FetchModel = Callable[[Settings], Awaitable[None]]
 
-@asynccontextmanager
-async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """Load the model (unless one was handed in), start the batcher, and stop it on the way out."""
-    state = app.state
+
+async def start_serving(state: State) -> None:
+    """Load the model (unless one was handed in) and start the batcher; the app is ready after this."""
     settings: Settings = state.settings
     if state.engine is None:
         # Off the event loop: loading takes seconds to minutes and must not block the loop.
@@ -41,19 +43,64 @@ async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
     state.batcher = batcher
     state.ready = True
     log.info("ready: z-image-%s on %s", settings.variant, engine.device)
+
+
+async def fetch_then_serve(state: State, fetch_model: FetchModel) -> None:
+    """Fetch-on-start: download the missing model while /health answers, then load it. A failure stops the server."""
+    try:
+        await fetch_model(state.settings)
+        await start_serving(state)
+    except Exception as exc:
+        log.error("cannot serve: %s; stopping", exc)
+        state.fatal_error = str(exc)
+        if state.stop_server is not None:
+            state.stop_server()
+
+
+@asynccontextmanager
+async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Load the model before accepting requests (or, to fetch it first, in the background), and stop on the way out."""
+    state = app.state
+    starting = None
+    if state.fetch_model is None:
+        await start_serving(state)
+    else:
+        starting = asyncio.create_task(fetch_then_serve(state, state.fetch_model))
     try:
         yield
     finally:
         state.ready = False
-        await batcher.stop()
+        if starting is not None:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        if state.get("batcher") is not None:
+            await state.batcher.stop()
 
 
-def create_app(settings: Settings, engine: ZImageEngine | None = None) -> Litestar:
-    """The app for these settings. Pass an already loaded engine to share one across apps (tests)."""
+def create_app(
+    settings: Settings, engine: ZImageEngine | None = None, *, fetch_model: FetchModel | None = None
+) -> Litestar:
+    """The app for these settings. Pass an already loaded engine to share one across apps (tests).
+
+    fetch_model: download the missing model after the server starts (fetch-on-start); until it is
+    loaded /health answers and /ready and the generation routes answer 503. If it fails, the app
+    records `fatal_error` and calls `state.stop_server`, which the CLI points at uvicorn.
+    """
     return Litestar(
         route_handlers=ROUTES,
         lifespan=[model_lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        state=State({"settings": settings, "engine": engine, "ready": False, "started_at": time.time()}),
+        state=State(
+            {
+                "settings": settings,
+                "engine": engine,
+                "fetch_model": fetch_model,
+                "stop_server": None,
+                "fatal_error": None,
+                "ready": False,
+                "started_at": time.time(),
+            }
+        ),
         openapi_config=OpenAPIConfig(title="zimage-server", version=__version__),
     )
