@@ -52,6 +52,8 @@ def hub(models_dir: Path):
         fake.repos["test/big"] = FakeRepo.from_folder(source, {WEIGHTS: os.urandom(BIG)})
         fake.repos["test/gated"] = dataclasses.replace(turbo, gated=True)
         fake.repos["test/huge"] = dataclasses.replace(turbo, reported_sizes={WEIGHTS: 10**15})
+        bin_only = {name: data for name, data in turbo.files.items() if name != WEIGHTS}
+        fake.repos["test/bin-only"] = FakeRepo(bin_only | {"transformer/diffusion_pytorch_model.bin": bytes(3000)})
         yield fake
 
 
@@ -285,6 +287,12 @@ def test_disk_space_refusal(hub, tmp_path, source):
     assert_one_line_failure(result, "not enough disk space", "--models-dir")
     assert WEIGHTS not in {r.path for r in hub.body_requests()}
     assert not (tmp_path / "models" / "z-image-turbo").exists()
+
+
+def test_a_repo_without_safetensors_weights_is_refused_before_fetching_them(hub, tmp_path):
+    result = run_download(hub.url, tmp_path, "huggingface", "--model-id", "test/bin-only")
+    assert_one_line_failure(result, "no safetensors weights for transformer")
+    assert {r.path for r in hub.body_requests()} == {"model_index.json"}
 
 
 def test_edit_without_model_id_says_there_is_no_public_checkpoint(hub, tmp_path):

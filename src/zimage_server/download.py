@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_layout import IncompleteModelError, pipeline_components, verify_model_dir
+from .model_layout import WEIGHTLESS, IncompleteModelError, pipeline_components, verify_model_dir
 from .settings import Settings
 
 log = logging.getLogger("zimage_server.download")
@@ -99,6 +99,12 @@ def select_files(files: Iterable[RemoteFile], components: Iterable[str]) -> list
         else:
             wanted.append(file)
     return sorted(wanted, key=lambda file: file.path)
+
+
+def components_without_weights(wanted: list[RemoteFile], components: Iterable[str]) -> list[str]:
+    """Components that need weights but have no safetensors among the chosen files (a .bin-only repo)."""
+    with_weights = {f.path.split("/", 1)[0] for f in wanted if LOADED_WEIGHTS.fullmatch(f.path.rsplit("/", 1)[-1])}
+    return [name for name in components if name not in WEIGHTLESS and name not in with_weights]
 
 
 def human_size(n: float) -> str:
@@ -401,6 +407,11 @@ def fetch_pipeline(
     except IncompleteModelError as exc:
         raise DownloadError(f"{repo_id}: {exc}") from None
     wanted = select_files(listing.files.values(), components)
+    unloadable = components_without_weights(wanted, components)
+    if unloadable:
+        raise DownloadError(
+            f"{repo_id} has no safetensors weights for {', '.join(unloadable)}, and safetensors is all the server loads"
+        )
     check_disk_space(wanted, staging)
     total = sum(f.size for f in wanted)
     log.info(
