@@ -38,6 +38,7 @@ class Settings:
     max_n: int = 4
     download_source: str = "huggingface"
     offline: bool = False
+    max_upload_bytes: int = 20 * 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -157,6 +158,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
         also_env=("HF_HUB_OFFLINE",),
         switch=True,
     ),
+    SettingSpec(
+        "max_upload_bytes",
+        "Z_IMAGE_MAX_UPLOAD_BYTES",
+        _int_range(1024),
+        "largest /v1/images/edits request body (images, mask and fields), in bytes; larger gets 413",
+    ),
 )
 
 
@@ -185,4 +192,7 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
             f"Z_IMAGE_MAX_N={settings.max_n} exceeds Z_IMAGE_MAX_QUEUE={settings.max_queue}: "
             "a request of n images could never be queued"
         )
+    if settings.variant == "edit" and settings.dtype not in ("auto", "bf16"):
+        # diffusers' ZImageOmniPipeline casts input images with .bfloat16(), so other dtypes fail mid-request.
+        raise SettingsError(f"Z_IMAGE_DTYPE={settings.dtype} cannot run Z_IMAGE_VARIANT=edit: it runs in bf16 only")
     return settings
