@@ -76,3 +76,15 @@ def live_server(settings: Settings, engine: ZImageEngine | None = None, **overri
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def edit_settings(models_dir: Path) -> Settings:
+    """The edit variant: a tiny Omni pipeline (with its SigLIP2 image encoder) beside the turbo one."""
+    write_tiny_pipeline(models_dir / "z-image-edit", "edit")
+    return Settings(models_dir=models_dir, variant="edit", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def edit_engine(edit_settings: Settings) -> ZImageEngine:
+    return load_engine(edit_settings)

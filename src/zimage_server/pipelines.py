@@ -85,6 +85,20 @@ class GenerationSpec:
     observer: StepObserver | None = field(default=None, compare=False, repr=False)
 
 
+@dataclass(frozen=True, kw_only=True)
+class EditSpec(GenerationSpec):
+    """A generation that starts from uploaded images: image-to-image, inpainting, or Omni references.
+
+    For image-to-image and inpainting `images` holds one RGB image already at width x height and `mask`
+    (mode "L", 255 = repaint) matches it; for Omni `images` are the references, each at its own size.
+    Specs that share a call must share `strength`, and for Omni also `images`.
+    """
+
+    images: tuple[Image.Image, ...] = field(compare=False, repr=False)
+    mask: Image.Image | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None  # image-to-image and inpainting only; Omni has no such knob
+
+
 class ZImageEngine:
     """A loaded pipeline on its device, and the lock every call takes."""
 
@@ -101,6 +115,9 @@ class ZImageEngine:
         # embedder fails with an IndexError, so sizes past this are refused up front.
         self.max_height = int(axes_lens[1]) * PIXELS_PER_TOKEN
         self.max_width = int(axes_lens[2]) * PIXELS_PER_TOKEN
+        # Omni takes images itself; turbo and base edit through pipelines that share their modules.
+        edit_pipelines = (None, None) if self.variant == "edit" else self._edit_pipelines()
+        self.img2img_pipeline, self.inpaint_pipeline = edit_pipelines
 
     @property
     def default_steps(self) -> int:
@@ -110,8 +127,47 @@ class ZImageEngine:
     def default_guidance(self) -> float:
         return DEFAULT_GUIDANCE[self.variant]
 
+    def _edit_pipelines(self) -> tuple:
+        """Image-to-image and inpainting pipelines over the loaded modules: no second copy of the weights."""
+        from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        # from_pipe casts the shared modules to dtype (float32 when none is given, which would also
+        # silently convert the text-to-image pipeline); it warns about that cast even when it is a no-op.
+        diffusers_logging.set_verbosity_error()
+        try:
+            pipelines = tuple(
+                cls.from_pipe(self.pipeline, dtype=self.dtype) for cls in (ZImageImg2ImgPipeline, ZImageInpaintPipeline)
+            )
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        for pipeline in pipelines:
+            pipeline.set_progress_bar_config(disable=True)
+        if self.pipeline.transformer.dtype != self.dtype:
+            raise RuntimeError(f"edit pipelines changed the model's dtype to {self.pipeline.transformer.dtype}")
+        return pipelines
+
+    def _pipeline_for(self, spec: GenerationSpec):
+        if not isinstance(spec, EditSpec) or self.variant == "edit":
+            return self.pipeline
+        return self.inpaint_pipeline if spec.mask is not None else self.img2img_pipeline
+
+    def _image_inputs(self, first: GenerationSpec, chunk: list[tuple[int, GenerationSpec, int]]) -> dict:
+        """An edit call's image arguments: an input (and mask) per generated image, or Omni's shared references."""
+        if not isinstance(first, EditSpec):
+            return {}
+        if self.variant == "edit":
+            return {"image": list(first.images)}
+        inputs = {"image": [spec.images[0] for _, spec, _ in chunk], "strength": first.strength}
+        if first.mask is not None:
+            inputs["mask_image"] = [spec.mask for _, spec, _ in chunk]
+        return inputs
+
     def generate(self, specs: list[GenerationSpec]) -> list[list[Image.Image]]:
-        """Run compatible specs as few pipeline calls as max_batch_size allows; images per spec, in order."""
+        """Run compatible specs as few pipeline calls as max_batch_size allows; images per spec, in order.
+
+        EditSpecs run image-to-image, inpainting or Omni instead, under the same lock and seeding."""
         first = specs[0]
         # Flatten to one entry per image; each image gets its own generator, seeded as diffusers
         # users would seed it, so an image never depends on what it was batched with.
@@ -122,7 +178,7 @@ class ZImageEngine:
             for start in range(0, len(flat), step):
                 chunk = flat[start : start + step]
                 self.pipeline_calls += 1
-                output = self.pipeline(
+                output = self._pipeline_for(first)(
                     prompt=[spec.prompt for _, spec, _ in chunk],
                     negative_prompt=[spec.negative_prompt or "" for _, spec, _ in chunk],
                     generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in chunk],
@@ -135,6 +191,7 @@ class ZImageEngine:
                     max_sequence_length=first.max_sequence_length,
                     output_type="pil",
                     callback_on_step_end=self._step_callback(chunk),
+                    **self._image_inputs(first, chunk),
                 )
                 for (index, _, _), image in zip(chunk, output.images, strict=True):
                     results[index].append(image)

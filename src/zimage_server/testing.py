@@ -128,7 +128,13 @@ def build_components(variant: str = "turbo", seed: int = 0) -> dict:
 
 
 def build_siglip(hidden: int) -> dict:
-    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    try:
+        # The plain (PIL) processor: the default one needs torchvision, which the CPU torch build lacks.
+        from transformers import Siglip2ImageProcessorPil as Siglip2ImageProcessor
+    except ImportError:  # transformers from before the PIL/torchvision processor split
+        from transformers import Siglip2ImageProcessor
 
     config = Siglip2VisionConfig(
         hidden_size=hidden,
@@ -138,7 +144,6 @@ def build_siglip(hidden: int) -> dict:
         patch_size=16,
         num_patches=256,
     )
-    # The plain processor: the "Fast" one needs torchvision, which the CPU torch build lacks.
     return {"siglip": Siglip2VisionModel(config), "siglip_processor": Siglip2ImageProcessor(patch_size=16)}
 
 
