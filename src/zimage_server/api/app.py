@@ -17,6 +17,7 @@ from .. import __version__
 from ..batcher import Batcher
 from ..pipelines import ZImageEngine, load_engine
 from ..settings import Settings
+from .edits import edits_router
 from .errors import EXCEPTION_HANDLERS
 from .routes import ROUTES
 
@@ -88,7 +89,7 @@ def create_app(
     records `fatal_error` and calls `state.stop_server`, which the CLI points at uvicorn.
     """
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, edits_router(settings)],
         lifespan=[model_lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         state=State(

@@ -22,10 +22,12 @@ class OutputOptions:
     compression: int | None
 
 
-def parse_size(raw: str | None, engine: ZImageEngine, settings: Settings) -> tuple[int, int]:
-    """(width, height) from "WxH" or "auto", within every limit the server and the model impose."""
+def parse_size(
+    raw: str | None, engine: ZImageEngine, settings: Settings, default: tuple[int, int] = DEFAULT_SIZE
+) -> tuple[int, int]:
+    """(width, height) from "WxH", or `default` for "auto", within every limit the server and the model impose."""
     if raw is None or raw.strip().lower() in ("", "auto"):
-        width, height = DEFAULT_SIZE
+        width, height = default
     else:
         match = SIZE_PATTERN.match(raw)
         if not match:
@@ -75,7 +77,7 @@ def seeds_for(seed: int | None, n: int) -> tuple[int, ...]:
 
 
 def generation_spec(
-    data: GenerationRequest, engine: ZImageEngine, settings: Settings
+    data: GenerationRequest, engine: ZImageEngine, settings: Settings, default_size: tuple[int, int] = DEFAULT_SIZE
 ) -> tuple[GenerationSpec, OutputOptions]:
     """Validate a generations request against this server and model; the spec the batcher will run."""
     if not data.prompt.strip():
@@ -88,7 +90,7 @@ def generation_spec(
             "response_format 'url' is not supported: this server keeps no image store. Use b64_json.",
             param="response_format",
         )
-    width, height = parse_size(data.size, engine, settings)
+    width, height = parse_size(data.size, engine, settings, default_size)
     spec = GenerationSpec(
         prompt=data.prompt,
         negative_prompt=data.negative_prompt or None,

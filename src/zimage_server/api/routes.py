@@ -14,7 +14,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from ..batcher import BatcherClosedError, BatchFailedError, QueueFullError
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_image
-from ..pipelines import GenerationSpec, ZImageEngine
+from ..pipelines import EditSpec, GenerationSpec, ZImageEngine
 from .errors import ApiError, ClientGoneError
 from .requests import OutputOptions, batch_key, generation_spec, served_model_ids
 from .schemas import GenerationRequest, ImageData, ImagesResponse, ModelCard, ModelList
@@ -112,6 +112,7 @@ async def images_response(
                     width=spec.width,
                     height=spec.height,
                     variant=engine.variant,
+                    strength=spec.strength if isinstance(spec, EditSpec) else None,
                 ),
             )
             for image, seed in zip(images, spec.seeds, strict=True)

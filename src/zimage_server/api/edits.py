@@ -1,0 +1,257 @@
+"""POST /v1/images/edits: the OpenAI multipart edit request, run as image-to-image, inpainting or Omni.
+
+Multipart values arrive as strings ("2", "true", and "" for an omitted value). They are converted
+into the generations struct plus `strength`, so every shared field is checked the same way. The
+uploads are decoded off the event loop and refused before anything is queued; the response, the
+batcher and the errors are the generations route's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import re
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, Router, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import FormMultiDict, State, UploadFile
+from litestar.exceptions import ClientException, InternalServerException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.handlers.base import BaseRouteHandler
+from msgspec import Meta
+from PIL import Image
+
+from ..images import ImageInputError, decode_upload, edit_area, fit_size, fit_to, to_rgb
+from ..pipelines import EditSpec, GenerationSpec, ZImageEngine
+from ..settings import Settings
+from .errors import MISSING_FIELD, ApiError, ClientGoneError
+from .requests import MAX_SIDE, MIN_SIDE, OutputOptions, batch_key, generation_spec
+from .routes import images_response, require_ready, run_job, wants_raw_image
+from .schemas import GenerationRequest
+
+MAX_INPUT_IMAGES = 16  # OpenAI's own limit for image[]
+# Image-to-image keeps 40% of the input by default (diffusers' default too). Inpainting repaints the
+# masked area from scratch by default, as OpenAI's edits do: at 0.6 the old content would show through.
+DEFAULT_STRENGTH = 0.6
+DEFAULT_INPAINT_STRENGTH = 1.0
+IMAGE_FIELDS = ("image", "image[]")
+FILE_FIELDS = (*IMAGE_FIELDS, "mask")
+
+
+class EditRequest(GenerationRequest, kw_only=True, forbid_unknown_fields=False):
+    """The form fields of POST /v1/images/edits: the generations fields plus `strength`."""
+
+    strength: Annotated[float, Meta(gt=0, le=1, description="How much of the input to repaint, 0 < s <= 1.")] | None = (
+        None
+    )
+    input_fidelity: Any = None  # OpenAI's, accepted and ignored
+
+
+def require_multipart(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise ApiError(
+            415,
+            f"Content-Type must be multipart/form-data, not '{media_type or 'none'}': send the image as a file part.",
+            code="unsupported_media_type",
+        )
+
+
+async def read_form(request: Request, settings: Settings) -> FormMultiDict:
+    """The parsed multipart body; Litestar stops reading (413) as soon as it passes the upload limit."""
+    try:
+        return await request.form()
+    except RequestEntityTooLarge:
+        raise ApiError(
+            413,
+            f"The request body exceeds this server's limit of {settings.max_upload_bytes} bytes "
+            "(Z_IMAGE_MAX_UPLOAD_BYTES).",
+            code="request_too_large",
+        ) from None
+    except ClientException as exc:
+        raise ApiError(
+            400, f"The body is not valid multipart/form-data ({exc.detail}).", code="invalid_multipart"
+        ) from None
+    except UnicodeDecodeError:
+        # A part without a filename is a text field; binary data there is usually `-F image=<file` for `=@file`.
+        raise ApiError(
+            400, "A text field holds bytes that are not UTF-8: send images as file parts (curl -F image=@photo.png).",
+            code="invalid_multipart",
+        ) from None
+    except InternalServerException as exc:
+        # Litestar's word for a client that hung up mid-upload: nobody is left to answer, nothing to log.
+        if "disconnected" in str(exc.detail):
+            raise ClientGoneError() from None
+        raise
+
+
+def form_values(form: FormMultiDict) -> dict[str, str]:
+    """The text fields, each sent at most once; empty strings mean omitted, as the OpenAI SDK sends them."""
+    values: dict[str, str] = {}
+    for name in dict.fromkeys(form.keys()):
+        if name in FILE_FIELDS:
+            continue
+        texts = [value for value in form.getall(name) if isinstance(value, str)]
+        if len(texts) > 1:
+            raise ApiError(400, f"'{name}' was sent {len(texts)} times; send it once.", param=name)
+        if texts and texts[0] != "":
+            values[name] = texts[0]
+    return values
+
+
+def parse_edit_request(values: dict[str, str]) -> EditRequest:
+    try:
+        # strict=False converts the strings: "2" -> 2, "0.5" -> 0.5, "true"/"false" -> booleans.
+        return msgspec.convert(values, EditRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        detail = str(exc)
+        if missing := MISSING_FIELD.search(detail):
+            raise ApiError(400, f"'{missing.group(1)}' is required.", param=missing.group(1)) from None
+        field = re.search(r"at `\$\.([^`]+)`", detail)
+        param = field.group(1) if field else None
+        reason = re.sub(r"(, got `[^`]+`)? - at `[^`]+`$", "", detail)
+        raw = f" {values[param]!r}" if param in values else ""
+        raise ApiError(400, f"Invalid value{raw} for '{param}': {reason}.", param=param, code="invalid_value") from None
+
+
+def uploads(form: FormMultiDict) -> tuple[list[UploadFile], UploadFile | None]:
+    """The image file parts (`image` or repeated `image[]`) and the optional mask."""
+    images = [value for name in IMAGE_FIELDS for value in form.getall(name, [])]
+    masks = [value for value in form.getall("mask", []) if value != ""]
+    if not images:
+        raise ApiError(400, "'image' is required: attach the image to edit as a file part.", param="image")
+    for name, parts in (("image", images), ("mask", masks)):
+        if any(not isinstance(part, UploadFile) for part in parts):
+            message = f"'{name}' must be a file part (curl -F {name}=@file.png), not a text field."
+            raise ApiError(400, message, param=name)
+    if len(images) > MAX_INPUT_IMAGES:
+        raise ApiError(400, f"At most {MAX_INPUT_IMAGES} images per edit; got {len(images)}.", param="image")
+    if len(masks) > 1:
+        raise ApiError(400, "Send at most one 'mask'.", param="mask")
+    return images, masks[0] if masks else None
+
+
+def edit_mode(engine: ZImageEngine, image_count: int, has_mask: bool) -> str:
+    """Which pipeline runs this edit: "omni" for the edit variant, else "inpaint" with a mask, "img2img" without."""
+    if engine.variant == "edit":
+        if has_mask:
+            raise ApiError(
+                400,
+                "The edit variant does not take a mask: it edits the whole image as the prompt says. "
+                "Masks work with the turbo and base variants.",
+                param="mask",
+            )
+        return "omni"
+    if image_count > 1:
+        raise ApiError(
+            400,
+            f"z-image-{engine.variant} edits one image at a time; several reference images need the edit variant.",
+            param="image",
+        )
+    return "inpaint" if has_mask else "img2img"
+
+
+def decode(data: bytes, param: str) -> Image.Image:
+    try:
+        return decode_upload(data, param)
+    except ImageInputError as exc:
+        code = "unsupported_image_format" if exc.status_code == 415 else "invalid_image"
+        raise ApiError(exc.status_code, exc.message, param=param, code=code) from None
+
+
+def image_digest(images: list[Image.Image]) -> str:
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def prepare_edit(
+    data: EditRequest,
+    mode: str,
+    image_bytes: list[bytes],
+    mask_bytes: bytes | None,
+    engine: ZImageEngine,
+    settings: Settings,
+) -> tuple[EditSpec, OutputOptions, tuple]:
+    """Decode and check the uploads, resolve the size, build the spec and its batch key. Runs in a worker thread."""
+    max_side = min(MAX_SIDE, engine.max_width, engine.max_height)
+
+    def fitted(size: tuple[int, int]) -> tuple[int, int]:
+        return fit_size(*size, max_pixels=settings.max_pixels, max_side=max_side, min_side=MIN_SIDE)
+
+    first = decode(image_bytes[0], "image")
+    base, options = generation_spec(data, engine, settings, default_size=fitted(first.size))
+    size = (base.width, base.height)
+    mask = None
+    if mask_bytes is not None:
+        decoded_mask = decode(mask_bytes, "mask")
+        if decoded_mask.size != first.size:
+            raise ApiError(
+                400,
+                f"The mask is {decoded_mask.width}x{decoded_mask.height} but the image is "
+                f"{first.width}x{first.height}: they must match.",
+                param="mask",
+            )
+        mask = edit_area(decoded_mask)
+        if mask.getextrema()[1] == 0:
+            raise ApiError(
+                400,
+                "The mask marks nothing to edit: with an alpha channel, fully transparent pixels mark the area "
+                "to edit; without one, white pixels do.",
+                param="mask",
+            )
+        mask = fit_to(mask, size, nearest=True)
+    if mode == "omni":
+        # References keep their own aspect; each is decoded and shrunk in turn to bound memory.
+        references = [to_rgb(first)] + [to_rgb(decode(blob, "image")) for blob in image_bytes[1:]]
+        images = tuple(fit_to(image, fitted(image.size)) for image in references)
+        strength, extra_key = None, image_digest(list(images))
+    else:
+        images = (fit_to(to_rgb(first), size),)
+        default = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH
+        strength = default if data.strength is None else data.strength
+        extra_key = None
+    spec = EditSpec(**generation_fields(base), images=images, mask=mask, strength=strength)
+    # Omni shares its reference images across a call, so only edits of identical images batch together.
+    return spec, options, ("edit", mode, strength, extra_key, *batch_key(spec)[1:])
+
+
+def generation_fields(spec: GenerationSpec) -> dict[str, Any]:
+    return {field.name: getattr(spec, field.name) for field in dataclasses.fields(GenerationSpec)}
+
+
+@post(
+    "/v1/images/edits",
+    guards=[require_multipart, require_ready],
+    status_code=200,
+    summary="Edit an image from a prompt, optionally within a mask (OpenAI Images API, multipart).",
+)
+async def create_edit(request: Request, state: State) -> Response:
+    engine: ZImageEngine = state.engine
+    settings: Settings = state.settings
+    form = await read_form(request, settings)
+    try:
+        data = parse_edit_request(form_values(form))
+        image_parts, mask_part = uploads(form)
+        mode = edit_mode(engine, len(image_parts), mask_part is not None)
+        if wants_raw_image(request) and data.n > 1:
+            message = "A raw image response holds one image: send n=1, or Accept: application/json."
+            raise ApiError(400, message, param="n")
+        image_bytes = [await part.read() for part in image_parts]
+        mask_bytes = await mask_part.read() if mask_part is not None else None
+    finally:
+        await form.close()
+    # Decoding and resizing take a while for big photos: off the event loop.
+    spec, options, key = await asyncio.to_thread(prepare_edit, data, mode, image_bytes, mask_bytes, engine, settings)
+    images = await run_job(request, state, key, len(spec.seeds), spec)
+    return await images_response(request, engine, spec, options, images)
+
+
+def edits_router(settings: Settings) -> Router:
+    """The edit route under this server's upload limit, which Litestar enforces while the body streams in."""
+    return Router(path="/", route_handlers=[create_edit], request_max_body_size=settings.max_upload_bytes)

@@ -1,0 +1,569 @@
+"""Image edits: upload decoding, the edit pipelines on the tiny models, and POST /v1/images/edits.
+
+Random VAE weights do not reproduce pixels, so what survives of the input is measured in latent
+space: against the input encoded by the pipeline's own VAE with the request's seed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import live_server, serving
+from test_api import assert_error, decode, wait_for
+from zimage_server.images import (
+    MAX_DECODED_PIXELS,
+    ImageInputError,
+    decode_upload,
+    edit_area,
+    fit_size,
+    to_rgb,
+)
+from zimage_server.pipelines import EditSpec
+from zimage_server.settings import SettingsError, load_settings
+
+URL = "/v1/images/edits"
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def picture(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
+    """A busy RGB test picture, different per seed."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)).resize((width, height))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(250, 200, 0))
+    return image
+
+
+def encoded(image: Image.Image, image_format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid-looking PNG of a few dozen bytes whose header claims width x height pixels."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunks = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def gif_bomb() -> bytes:
+    """A tiny GIF whose logical screen claims 65535x65535."""
+    screen = struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
+    return b"GIF89a" + screen + b",\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02L\x01\x00;"
+
+
+def left_half_mask(width: int = 64, height: int = 64) -> Image.Image:
+    """An OpenAI-style mask: transparent (edit) on the left half, opaque elsewhere."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    return mask
+
+
+# --- decoding uploads ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP"])
+def test_accepted_formats_decode(image_format):
+    image = decode_upload(encoded(picture(80, 48), image_format), "image")
+    assert image.size == (80, 48)
+
+
+@pytest.mark.parametrize(
+    "data, status, words",
+    [
+        (b"", 400, "empty"),
+        (b"a prompt, not a picture\n" * 10, 415, "PNG, JPEG or WebP"),
+        (gif_bomb(), 415, "PNG, JPEG or WebP"),
+        (encoded(picture(), "GIF"), 415, "PNG, JPEG or WebP"),
+        (encoded(picture(), "BMP"), 415, "PNG, JPEG or WebP"),
+        (encoded(picture(256, 256))[:300], 400, "truncated or corrupt"),
+        (encoded(picture(256, 256), "JPEG")[:200], 400, "truncated or corrupt"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400, "truncated or corrupt"),
+        (png_claiming(50_000, 50_000), 400, "pixels"),
+        (png_claiming(9000, 9000), 400, "pixels"),  # under Pillow's own bomb limit, over ours
+    ],
+)
+def test_hostile_uploads_are_refused_with_a_clear_reason(data, status, words):
+    with pytest.raises(ImageInputError) as refused:
+        decode_upload(data, "image")
+    assert refused.value.status_code == status and words in refused.value.message
+
+
+def test_a_huge_claimed_size_is_refused_without_allocating_it():
+    # Pillow allocates pixels in C, out of tracemalloc's sight; its own counters see every image core.
+    before = Image.core.get_stats()["new_count"]
+    with pytest.raises(ImageInputError):
+        decode_upload(png_claiming(8193, 8192), "image")
+    assert 8193 * 8192 > MAX_DECODED_PIXELS and Image.core.get_stats()["new_count"] == before
+    decode_upload(encoded(picture()), "image")
+    assert Image.core.get_stats()["new_count"] > before  # the counter does see a real decode
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (64, 32), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 8, 32))  # blue stripe on the left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display it turned 90 degrees clockwise
+    decoded = decode_upload(encoded(image, "JPEG", exif=exif, quality=95), "image")
+    assert decoded.size == (32, 64)
+    top = np.asarray(decoded.convert("RGB"))[:4, 16]
+    assert top[:, 2].min() > 200 and top[:, 0].max() < 60  # the stripe is now along the top
+
+
+def test_every_mode_becomes_rgb_with_transparency_on_white():
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.paste(1, (0, 0, 4, 8))
+    palette.info["transparency"] = 0  # palette entry 0 (black) is transparent
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))
+    gray16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    cmyk = Image.open(io.BytesIO(encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")))
+    cases = [
+        (decode_upload(encoded(palette), "image"), (10, 200, 30), (255, 255, 255)),
+        (decode_upload(encoded(rgba), "image"), (255, 0, 0), (255, 255, 255)),
+        (decode_upload(encoded(rgba.convert("LA")), "image"), (76, 76, 76), (255, 255, 255)),
+        (decode_upload(encoded(gray16), "image"), (128, 128, 128), (128, 128, 128)),
+        (cmyk, (255, 0, 0), (255, 0, 0)),
+    ]
+    for image, left, right in cases:
+        rgb = to_rgb(image)
+        assert rgb.mode == "RGB" and rgb.size == (8, 8)
+        for (x, expected) in ((1, left), (6, right)):
+            assert np.abs(np.asarray(rgb.getpixel((x, 4)), dtype=int) - expected).max() <= 3, (image.mode, x)
+
+
+def test_mask_rules_alpha_zero_or_white():
+    from_alpha = edit_area(left_half_mask(16, 16))
+    assert from_alpha.getpixel((2, 2)) == 255 and from_alpha.getpixel((12, 2)) == 0
+    white = Image.new("L", (16, 16), 0)
+    white.paste(255, (0, 0, 8, 16))
+    from_white = edit_area(white.convert("RGB"))
+    assert from_white.getpixel((2, 2)) == 255 and from_white.getpixel((12, 2)) == 0
+
+
+@pytest.mark.parametrize(
+    "size, max_pixels, expected",
+    [
+        ((1000, 600), 2048 * 2048, (992, 592)),
+        ((100, 70), 2048 * 2048, (96, 64)),
+        ((10, 10), 2048 * 2048, (64, 64)),
+        ((4000, 3000), 1024 * 1024, None),
+        ((10_000, 20), 2048 * 2048, None),
+        ((3000, 40), 64 * 64 * 4, None),
+    ],
+)
+def test_default_size_fits_the_limits_and_keeps_the_aspect(size, max_pixels, expected):
+    width, height = fit_size(*size, max_pixels=max_pixels, max_side=2048)
+    if expected:
+        assert (width, height) == expected
+    assert width % 16 == 0 and height % 16 == 0
+    assert 64 <= width <= 2048 and 64 <= height <= 2048 and width * height <= max_pixels
+    if min(width, height) > 64:
+        assert abs(width / height - size[0] / size[1]) < 0.05 * size[0] / size[1]
+
+
+# --- the edit pipelines on the tiny models ---------------------------------------------------------
+
+
+class LastLatents:
+    """A step observer that keeps the step count and this request's latents after the last step."""
+
+    cancelled = False
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.latents: torch.Tensor | None = None
+
+    def on_step(self, step, total, latents) -> None:
+        self.total, self.latents = total, latents.clone()
+
+
+def edit_spec(prompt: str, image: Image.Image, seeds=(0,), mask=None, strength=0.6, **overrides) -> EditSpec:
+    values = dict(
+        prompt=prompt,
+        negative_prompt=None,
+        seeds=tuple(seeds),
+        width=image.width,
+        height=image.height,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        cfg_normalization=False,
+        cfg_truncation=1.0,
+        max_sequence_length=64,
+        images=(image,),
+        mask=mask,
+        strength=strength,
+    )
+    return EditSpec(**(values | overrides))
+
+
+def input_latents(engine, image: Image.Image, seed: int) -> torch.Tensor:
+    """The input as the edit pipelines encode it: VAE latents sampled with the request's own generator."""
+    pipeline = engine.img2img_pipeline
+    pixels = pipeline.image_processor.preprocess(image).to(engine.dtype)
+    with torch.no_grad():
+        latents = pipeline.vae.encode(pixels).latent_dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
+    return (latents - pipeline.vae.config.shift_factor) * pipeline.vae.config.scaling_factor
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_strength_sets_how_much_of_the_input_survives(engine):
+    image = picture()
+    start = input_latents(engine, image, seed=3)
+    distances, steps = [], []
+    for strength in (0.25, 0.5, 1.0):
+        observer = LastLatents()
+        engine.generate([edit_spec("a cat", image, (3,), strength=strength, observer=observer, num_inference_steps=8)])
+        steps.append(observer.total)
+        distances.append(float((observer.latents - start).abs().mean()))
+    assert steps == [2, 4, 8]  # strength s re-noises the input to s and denoises only from there
+    assert distances[0] < distances[1] < distances[2]
+
+
+def test_inpainting_keeps_the_input_outside_the_mask(engine):
+    image = picture(seed=1)
+    mask = edit_area(left_half_mask())
+    observer = LastLatents()
+    engine.generate([edit_spec("a dog", image, seeds=(5,), mask=mask, strength=1.0, observer=observer)])
+    start = input_latents(engine, image, seed=5)[0]
+    final = observer.latents[0]
+    # 64 pixels are 8 latent columns: the left 4 were repainted, the right 4 are the input's.
+    assert torch.allclose(final[:, :, 4:], start[:, :, 4:], atol=1e-5)
+    assert (final[:, :, :4] - start[:, :, :4]).abs().mean() > 0.1
+
+
+def test_an_edit_is_what_diffusers_returns_for_the_same_seed(engine, settings):
+    from diffusers import ZImageImg2ImgPipeline
+
+    direct = ZImageImg2ImgPipeline.from_pretrained(settings.model_dir)
+    direct.set_progress_bar_config(disable=True)
+    image = picture(seed=2)
+    [images] = engine.generate([edit_spec("a red chair", image, seeds=(41, 42), strength=0.5, num_inference_steps=4)])
+    for offset, edited in enumerate(images):
+        expected = direct(
+            "a red chair",
+            image=image,
+            strength=0.5,
+            num_inference_steps=4,
+            guidance_scale=0.0,
+            max_sequence_length=64,
+            generator=torch.Generator("cpu").manual_seed(41 + offset),
+        ).images[0]
+        assert np.abs(pixels(edited) - pixels(expected)).max() <= 1
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_an_edit_is_the_same_alone_and_inside_a_batch(engine, with_mask):
+    mask = edit_area(left_half_mask()) if with_mask else None
+    strength = 1.0 if with_mask else 0.6
+    mine = edit_spec("a cat on a chair", picture(seed=1), seeds=(7,), mask=mask, strength=strength)
+    [[alone]] = engine.generate([mine])
+    others_mask = edit_area(left_half_mask().transpose(Image.Transpose.FLIP_LEFT_RIGHT)) if with_mask else None
+    other = edit_spec("a longer prompt about mountains", picture(seed=8), (100, 101), mask=others_mask, strength=strength)
+    batched = engine.generate([other, mine])
+    assert np.abs(pixels(batched[1][0]) - pixels(alone)).max() <= 1
+    assert np.abs(pixels(batched[0][0]) - pixels(alone)).max() > 10
+
+
+def test_edits_leave_text_to_image_and_the_dtype_untouched(engine):
+    from test_pipelines import spec
+
+    [[before]] = engine.generate([spec("a lamp", (9,))])
+    engine.generate([edit_spec("a lamp", picture(), strength=0.3)])  # moves the shared scheduler's begin index
+    [[after]] = engine.generate([spec("a lamp", (9,))])
+    assert np.array_equal(pixels(before), pixels(after))
+    assert engine.img2img_pipeline.transformer is engine.pipeline.transformer
+
+
+def test_bf16_edit_pipelines_share_the_modules_in_bf16(settings):
+    from zimage_server.pipelines import load_engine
+
+    bf16 = load_engine(settings.replace(dtype="bf16"))
+    for pipeline in (bf16.pipeline, bf16.img2img_pipeline, bf16.inpaint_pipeline):
+        assert pipeline.transformer.dtype == torch.bfloat16 and pipeline.vae.dtype == torch.bfloat16
+        assert pipeline.text_encoder.dtype == torch.bfloat16 and pipeline.transformer is bf16.pipeline.transformer
+
+
+def test_omni_edits_with_one_or_several_references(edit_engine):
+    first, second = picture(seed=1), picture(96, 64, seed=2)
+    common = dict(num_inference_steps=2, guidance_scale=2.0, strength=None, width=64, height=64)
+    [[one]] = edit_engine.generate([edit_spec("make it blue", first, **common)])
+    [[two]] = edit_engine.generate([edit_spec("make it blue", first, images=(first, second), **common)])
+    [[other]] = edit_engine.generate([edit_spec("make it blue", picture(seed=3), **common)])
+    assert one.size == two.size == (64, 64)
+    assert np.abs(pixels(one) - pixels(two)).max() > 0 and np.abs(pixels(one) - pixels(other)).max() > 0
+
+
+# --- settings ---------------------------------------------------------------------------------------
+
+
+def test_upload_limit_and_edit_dtype_settings():
+    assert load_settings({}).max_upload_bytes == 20 * 1024 * 1024
+    assert load_settings({"Z_IMAGE_MAX_UPLOAD_BYTES": "1048576"}).max_upload_bytes == 1048576
+    with pytest.raises(SettingsError, match="Z_IMAGE_MAX_UPLOAD_BYTES"):
+        load_settings({"Z_IMAGE_MAX_UPLOAD_BYTES": "lots"})
+    with pytest.raises(SettingsError, match="bf16"):
+        load_settings({"Z_IMAGE_VARIANT": "edit", "Z_IMAGE_DTYPE": "fp32"})
+
+
+# --- the HTTP endpoint ------------------------------------------------------------------------------
+
+
+def form(image: bytes | None = None, mask: bytes | None = None, **fields) -> dict:
+    """httpx multipart arguments, shaped as curl -F sends them."""
+    files = []
+    if image is not None:
+        files.append(("image", ("image.png", image, "image/png")))
+    if mask is not None:
+        files.append(("mask", ("mask.png", mask, "image/png")))
+    data = {"prompt": "a cat", "num_inference_steps": "2"} | {key: str(value) for key, value in fields.items()}
+    if not files:  # without a file httpx would send the fields urlencoded; text parts keep it multipart
+        return {"files": [(key, (None, value)) for key, value in data.items()]}
+    return {"files": files, "data": data}
+
+
+def test_curl_style_edit_returns_the_openai_shape(client):
+    response = client.post(
+        URL, **form(encoded(picture(100, 70)), n=2, seed=10, cfg_normalization="false", size="", quality="high")
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["size"] == "96x64" and body["output_format"] == "png"  # the input's size, snapped to 16
+    assert [item["seed"] for item in body["data"]] == [10, 11]
+    images = [decode(item["b64_json"]) for item in body["data"]]
+    assert all(image.size == (96, 64) for image in images)
+    parameters = images[0].text["parameters"]
+    assert parameters.startswith("a cat\n") and "Seed: 10" in parameters and "Denoising strength: 0.6" in parameters
+
+
+def test_edit_with_mask_size_and_raw_image_response(client):
+    response = client.post(
+        URL,
+        **form(encoded(picture()), encoded(left_half_mask()), size="128x64", seed=1),
+        headers={"Accept": "image/webp"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/webp" and response.headers["x-seed"] == "1"
+    assert Image.open(io.BytesIO(response.content)).size == (128, 64)
+
+
+def bad_requests() -> list:
+    good = encoded(picture())
+    two_prompts = {"files": [("image", ("a.png", good, "image/png"))], "data": {"prompt": ["a", "b"]}}
+    two_images = {"files": [("image[]", ("a.png", good, "image/png"))] * 2, "data": {"prompt": "a"}}
+    return [
+        ("no image", form(), 400, "image"),
+        ("image as text", {"files": [("prompt", (None, "a")), ("image", (None, "cat.png"))]}, 400, "image"),
+        ("no prompt", {"files": [("image", ("a.png", good, "image/png"))]}, 400, "prompt"),
+        ("empty prompt", form(good, prompt="  "), 400, "prompt"),
+        ("zero bytes", form(b""), 400, "image"),
+        ("text file", form(b"hello, I am text"), 415, "image"),
+        ("gif bomb", form(gif_bomb()), 415, "image"),
+        ("truncated png", form(encoded(picture(256, 256))[:400]), 400, "image"),
+        ("huge claim", form(png_claiming(50_000, 50_000)), 400, "image"),
+        ("mask of another size", form(good, encoded(left_half_mask(32, 32))), 400, "mask"),
+        ("mask that marks nothing", form(good, encoded(Image.new("RGBA", (64, 64), (0, 0, 0, 255)))), 400, "mask"),
+        ("broken mask", form(good, b"not a png"), 415, "mask"),
+        ("n not a number", form(good, n="two"), 400, "n"),
+        ("n too big", form(good, n=9), 400, "n"),
+        ("strength zero", form(good, strength=0), 400, "strength"),
+        ("strength above one", form(good, strength="1.5"), 400, "strength"),
+        ("strength not a number", form(good, strength="strong"), 400, "strength"),
+        ("boolean not a boolean", form(good, cfg_normalization="maybe"), 400, "cfg_normalization"),
+        ("bad size", form(good, size="100x100"), 400, "size"),
+        ("url response", form(good, response_format="url"), 400, "response_format"),
+        ("field twice", two_prompts, 400, "prompt"),
+        ("two images on turbo", two_images, 400, "image"),
+    ]
+
+
+@pytest.mark.parametrize("name, request_args, status, param", bad_requests(), ids=[case[0] for case in bad_requests()])
+def test_bad_edits_get_a_4xx_envelope_and_the_server_stays_ready(client, name, request_args, status, param):
+    assert_error(client.post(URL, **request_args), status, param)
+    assert client.get("/ready").status_code == 200
+
+
+def test_bad_bodies_and_the_server_still_edits_afterwards(client):
+    assert_error(client.post(URL, json={"prompt": "a", "image": "x"}), 415)
+    garbage = b"--xyz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nno end"
+    response = client.post(URL, content=garbage, headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert_error(response, 400)
+    assert_error(client.post(URL, content=b"", headers={"content-type": "multipart/form-data"}), 400)
+    # What curl -F image=<photo.png sends: the bytes as a text field.
+    as_text_field = client.post(URL, files={"prompt": (None, "a"), "image": (None, encoded(picture()))})
+    assert "file part" in assert_error(as_text_field, 400)["message"]
+    assert client.post(URL, **form(encoded(picture()))).status_code == 200
+
+
+def test_uploads_over_the_limit_get_413(settings, engine):
+    big = encoded(picture(512, 512, seed=4))
+    assert len(big) > 32 * 1024 > len(encoded(picture(64, 64))) + 1024
+    with serving(settings, engine, max_upload_bytes=32 * 1024) as small:
+        error = assert_error(small.post(URL, **form(big)), 413)
+        assert "Z_IMAGE_MAX_UPLOAD_BYTES" in error["message"]
+        assert small.get("/ready").status_code == 200
+        assert small.post(URL, **form(encoded(picture(64, 64)))).status_code == 200
+
+
+def test_the_upload_limit_is_enforced_while_the_body_streams(settings, engine):
+    """A chunked upload with no Content-Length gets 413 after about the limit, not after the whole body."""
+    limit, chunk = 64 * 1024, 16 * 1024
+    with live_server(settings, engine, max_upload_bytes=limit) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(
+                f"POST {URL} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            sent, answer = 0, b""
+            connection.settimeout(0.05)
+            while sent < 100 * limit and not answer:
+                try:
+                    connection.sendall(f"{chunk:x}\r\n".encode() + b"x" * chunk + b"\r\n")
+                    sent += chunk
+                    answer = connection.recv(4096)
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            connection.settimeout(5)
+            answer = answer or connection.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert sent < 10 * limit
+        assert httpx.get(base + "/ready").status_code == 200
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_client_that_hangs_up_mid_upload_is_not_an_error(settings, engine):
+    # On the package logger itself: Litestar's logging set-up replaces the root handlers pytest's caplog uses.
+    errors = Recorder()
+    logging.getLogger("zimage_server").addHandler(errors)
+    try:
+        hang_up_mid_upload(settings, engine)
+    finally:
+        logging.getLogger("zimage_server").removeHandler(errors)
+    assert not errors.records, [record.getMessage() for record in errors.records]
+
+
+def hang_up_mid_upload(settings, engine) -> None:
+    with live_server(settings, engine) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(
+                f"POST {URL} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                "Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n".encode()
+            )
+            time.sleep(0.3)
+        time.sleep(0.3)
+        assert httpx.get(base + "/ready").status_code == 200
+
+
+def test_concurrent_edits_share_one_pipeline_call_with_their_own_images(settings, engine):
+    inputs = [encoded(picture(seed=index)) for index in range(3)]
+
+    def post(index: int) -> httpx.Response:
+        return httpx.post(base + URL, **form(inputs[index], prompt=f"prompt {index}", seed=index), timeout=60)
+
+    with live_server(settings, engine) as base:
+        solo = [pixels(decode(post(index).json()["data"][0]["b64_json"])) for index in range(3)]
+        calls_before = engine.pipeline_calls
+        with ThreadPoolExecutor(4) as pool:
+            engine.lock.acquire()  # the GPU is busy: edits queue up behind it
+            try:
+                blocker = pool.submit(httpx.post, base + URL, timeout=60, **form(encoded(picture()), size="128x64"))
+                wait_for(lambda: engine.lock.locked() and engine.pipeline_calls == calls_before)
+                time.sleep(0.2)
+                futures = [pool.submit(post, index) for index in range(3)]
+                time.sleep(0.5)
+            finally:
+                engine.lock.release()
+            assert blocker.result().status_code == 200
+            responses = [future.result() for future in futures]
+    assert engine.pipeline_calls - calls_before == 2  # the blocker, then one call for all three
+    for index, response in enumerate(responses):
+        assert np.abs(pixels(decode(response.json()["data"][0]["b64_json"])) - solo[index]).max() <= 1
+
+
+def test_openai_sdk_edits_with_and_without_mask(settings, engine):
+    from openai import OpenAI
+
+    with live_server(settings, engine) as base:
+        sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        plain = sdk.images.edit(
+            image=("photo.png", encoded(picture(80, 64)), "image/png"),
+            prompt="a lighthouse",
+            n=2,
+            extra_body={"seed": 3, "num_inference_steps": 2, "strength": 0.5, "cfg_normalization": False},
+        )
+        masked = sdk.images.edit(
+            image=("photo.png", encoded(picture()), "image/png"),
+            mask=("mask.png", encoded(left_half_mask()), "image/png"),
+            prompt="a lighthouse",
+            size="64x64",
+            output_format="jpeg",
+            extra_body={"num_inference_steps": 2},
+        )
+        listed = sdk.images.edit(  # a list goes out as repeated image[] parts
+            image=[("photo.png", encoded(picture()), "image/png")],
+            prompt="a lighthouse",
+            extra_body={"num_inference_steps": 2},
+        )
+    assert len(plain.data) == 2 and decode(plain.data[0].b64_json).size == (80, 64)
+    assert "Denoising strength: 0.5" in decode(plain.data[0].b64_json).text["parameters"]
+    assert decode(masked.data[0].b64_json).format == "JPEG"
+    assert decode(listed.data[0].b64_json).size == (64, 64)
+
+
+def test_edit_variant_edits_several_images_and_still_generates(edit_settings, edit_engine):
+    from openai import BadRequestError, OpenAI
+
+    with live_server(edit_settings, edit_engine) as base:
+        sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        edited = sdk.images.edit(
+            image=[
+                ("a.png", encoded(picture()), "image/png"),
+                ("b.webp", encoded(picture(96, 64, 1), "WEBP"), "image/webp"),
+            ],
+            prompt="put the cat in the second picture",
+            extra_body={"num_inference_steps": 2},
+        )
+        generated = sdk.images.generate(prompt="a cat", size="64x64", extra_body={"num_inference_steps": 2})
+        with pytest.raises(BadRequestError, match="mask"):
+            sdk.images.edit(
+                image=("a.png", encoded(picture()), "image/png"),
+                mask=("m.png", encoded(left_half_mask()), "image/png"),
+                prompt="a cat",
+            )
+    image = decode(edited.data[0].b64_json)
+    assert image.size == (64, 64) and "Model: z-image-edit" in image.text["parameters"]
+    assert decode(generated.data[0].b64_json).size == (64, 64)
