@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from conftest import live_server, serving
 from test_api import assert_error, decode, wait_for
+from test_pipelines import pixels, spec
 from zimage_server.images import (
     MAX_DECODED_PIXELS,
     ImageInputError,
@@ -225,10 +226,6 @@ def input_latents(engine, image: Image.Image, seed: int) -> torch.Tensor:
     return (latents - pipeline.vae.config.shift_factor) * pipeline.vae.config.scaling_factor
 
 
-def pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
 def test_strength_sets_how_much_of_the_input_survives(engine):
     image = picture()
     start = input_latents(engine, image, seed=3)
@@ -288,8 +285,6 @@ def test_an_edit_is_the_same_alone_and_inside_a_batch(engine, with_mask):
 
 
 def test_edits_leave_text_to_image_and_the_dtype_untouched(engine):
-    from test_pipelines import spec
-
     [[before]] = engine.generate([spec("a lamp", (9,))])
     engine.generate([edit_spec("a lamp", picture(), strength=0.3)])  # moves the shared scheduler's begin index
     [[after]] = engine.generate([spec("a lamp", (9,))])
