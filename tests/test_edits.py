@@ -351,6 +351,7 @@ def test_curl_style_edit_returns_the_openai_shape(client):
     assert all(image.size == (96, 64) for image in images)
     parameters = images[0].text["parameters"]
     assert parameters.startswith("a cat\n") and "Seed: 10" in parameters and "Denoising strength: 0.6" in parameters
+    assert URL in client.get("/schema/openapi.json").json()["paths"]
 
 
 def test_edit_with_mask_size_and_raw_image_response(client):
@@ -420,6 +421,9 @@ def test_uploads_over_the_limit_get_413(settings, engine):
         assert "Z_IMAGE_MAX_UPLOAD_BYTES" in error["message"]
         assert small.get("/ready").status_code == 200
         assert small.post(URL, **form(encoded(picture(64, 64)))).status_code == 200
+    # The limit belongs to that app alone: a server with the default limit takes the same upload.
+    with serving(settings, engine) as default:
+        assert default.post(URL, **form(big, size="64x64")).status_code == 200
 
 
 def test_the_upload_limit_is_enforced_while_the_body_streams(settings, engine):

@@ -98,6 +98,11 @@ class EditSpec(GenerationSpec):
     mask: Image.Image | None = field(default=None, compare=False, repr=False)
     strength: float | None = None  # image-to-image and inpainting only; Omni has no such knob
 
+    @classmethod
+    def from_generation(cls, spec: GenerationSpec, **inputs) -> EditSpec:
+        """`spec` with edit inputs (images, mask, strength) added."""
+        return cls(**{name: getattr(spec, name) for name in GenerationSpec.__dataclass_fields__}, **inputs)
+
 
 class ZImageEngine:
     """A loaded pipeline on its device, and the lock every call takes."""
@@ -221,7 +226,7 @@ class ZImageEngine:
         return on_step_end
 
     def warm_up(self) -> float:
-        """One tiny generation, so lazy initialisation is not paid by the first user."""
+        """One tiny generation and one tiny edit, so lazy initialisation is not paid by the first user."""
         started = time.perf_counter()
         spec = GenerationSpec(
             prompt="warm-up",
@@ -236,6 +241,9 @@ class ZImageEngine:
             max_sequence_length=64,
         )
         self.generate([spec])
+        # The first edit would otherwise pay for the VAE encoder's (and Omni's SigLIP's) first run.
+        gray = Image.new("RGB", (64, 64), (128, 128, 128))
+        self.generate([EditSpec.from_generation(spec, images=(gray,), strength=None if self.variant == "edit" else 1.0)])
         return time.perf_counter() - started
 
 

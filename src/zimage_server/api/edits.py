@@ -9,7 +9,6 @@ batcher and the errors are the generations route's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import re
 from typing import Annotated, Any
@@ -25,7 +24,7 @@ from msgspec import Meta
 from PIL import Image
 
 from ..images import ImageInputError, decode_upload, edit_area, fit_size, fit_to, to_rgb
-from ..pipelines import EditSpec, GenerationSpec, ZImageEngine
+from ..pipelines import EditSpec, ZImageEngine
 from ..settings import Settings
 from .errors import MISSING_FIELD, ApiError, ClientGoneError
 from .requests import MAX_SIDE, MIN_SIDE, OutputOptions, batch_key, generation_spec
@@ -216,13 +215,9 @@ def prepare_edit(
         default = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH
         strength = default if data.strength is None else data.strength
         extra_key = None
-    spec = EditSpec(**generation_fields(base), images=images, mask=mask, strength=strength)
+    spec = EditSpec.from_generation(base, images=images, mask=mask, strength=strength)
     # Omni shares its reference images across a call, so only edits of identical images batch together.
     return spec, options, ("edit", mode, strength, extra_key, *batch_key(spec)[1:])
-
-
-def generation_fields(spec: GenerationSpec) -> dict[str, Any]:
-    return {field.name: getattr(spec, field.name) for field in dataclasses.fields(GenerationSpec)}
 
 
 @post(
