@@ -220,23 +220,27 @@ def edit_spec(prompt: str, image: Image.Image, seeds=(0,), mask=None, strength=0
 def input_latents(engine, image: Image.Image, seed: int) -> torch.Tensor:
     """The input as the edit pipelines encode it: VAE latents sampled with the request's own generator."""
     pipeline = engine.img2img_pipeline
-    pixels = pipeline.image_processor.preprocess(image).to(engine.dtype)
+    tensor = pipeline.image_processor.preprocess(image).to(engine.dtype)
     with torch.no_grad():
-        latents = pipeline.vae.encode(pixels).latent_dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
+        latents = pipeline.vae.encode(tensor).latent_dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
     return (latents - pipeline.vae.config.shift_factor) * pipeline.vae.config.scaling_factor
+
+
+def final_latents(engine, image: Image.Image, strength: float) -> tuple[int, torch.Tensor]:
+    observer = LastLatents()
+    engine.generate([edit_spec("a cat", image, (3,), strength=strength, observer=observer, num_inference_steps=8)])
+    return observer.total, observer.latents
 
 
 def test_strength_sets_how_much_of_the_input_survives(engine):
     image = picture()
     start = input_latents(engine, image, seed=3)
-    distances, steps = [], []
-    for strength in (0.25, 0.5, 1.0):
-        observer = LastLatents()
-        engine.generate([edit_spec("a cat", image, (3,), strength=strength, observer=observer, num_inference_steps=8)])
-        steps.append(observer.total)
-        distances.append(float((observer.latents - start).abs().mean()))
-    assert steps == [2, 4, 8]  # strength s re-noises the input to s and denoises only from there
+    steps, finals = zip(*(final_latents(engine, image, strength) for strength in (0.25, 0.5, 1.0)))
+    assert steps == (2, 4, 8)  # strength s re-noises the input to s and denoises only from there
+    distances = [float((final - start).abs().mean()) for final in finals]
     assert distances[0] < distances[1] < distances[2]
+    # At 1.0 the input is pure noise: nothing of it survives, so another input gives the same result.
+    assert torch.allclose(final_latents(engine, picture(seed=9), 1.0)[1], finals[2], atol=1e-5)
 
 
 def test_inpainting_keeps_the_input_outside_the_mask(engine):
@@ -399,6 +403,7 @@ def bad_requests() -> list:
 def test_bad_edits_get_a_4xx_envelope_and_the_server_stays_ready(client, name, request_args, status, param):
     assert_error(client.post(URL, **request_args), status, param)
     assert client.get("/ready").status_code == 200
+    assert client.post(URL, **form(encoded(picture()), size="64x64")).status_code == 200
 
 
 def test_bad_bodies_and_the_server_still_edits_afterwards(client):

@@ -40,12 +40,13 @@ IMAGE_FIELDS = ("image", "image[]")
 FILE_FIELDS = (*IMAGE_FIELDS, "mask")
 
 
+Strength = Annotated[float, Meta(gt=0, le=1, description="How much of the input to redraw, 0 < s <= 1.")]
+
+
 class EditRequest(GenerationRequest, kw_only=True, forbid_unknown_fields=False):
     """The form fields of POST /v1/images/edits: the generations fields plus `strength`."""
 
-    strength: Annotated[float, Meta(gt=0, le=1, description="How much of the input to repaint, 0 < s <= 1.")] | None = (
-        None
-    )
+    strength: Strength | None = None
     input_fidelity: Any = None  # OpenAI's, accepted and ignored
 
 
@@ -153,7 +154,7 @@ def edit_mode(engine: ZImageEngine, image_count: int, has_mask: bool) -> str:
     return "inpaint" if has_mask else "img2img"
 
 
-def decode(data: bytes, param: str) -> Image.Image:
+def decode_part(data: bytes, param: str) -> Image.Image:
     try:
         return decode_upload(data, param)
     except ImageInputError as exc:
@@ -183,12 +184,12 @@ def prepare_edit(
     def fitted(size: tuple[int, int]) -> tuple[int, int]:
         return fit_size(*size, max_pixels=settings.max_pixels, max_side=max_side, min_side=MIN_SIDE)
 
-    first = decode(image_bytes[0], "image")
+    first = decode_part(image_bytes[0], "image")
     base, options = generation_spec(data, engine, settings, default_size=fitted(first.size))
     size = (base.width, base.height)
     mask = None
     if mask_bytes is not None:
-        decoded_mask = decode(mask_bytes, "mask")
+        decoded_mask = decode_part(mask_bytes, "mask")
         if decoded_mask.size != first.size:
             raise ApiError(
                 400,
@@ -206,9 +207,14 @@ def prepare_edit(
             )
         mask = fit_to(mask, size, nearest=True)
     if mode == "omni":
-        # References keep their own aspect; each is decoded and shrunk in turn to bound memory.
-        references = [to_rgb(first)] + [to_rgb(decode(blob, "image")) for blob in image_bytes[1:]]
-        images = tuple(fit_to(image, fitted(image.size)) for image in references)
+
+        def reference(image: Image.Image) -> Image.Image:
+            rgb = to_rgb(image)
+            return fit_to(rgb, fitted(rgb.size))
+
+        # References keep their own aspect. The generator decodes and shrinks one at a time, so at
+        # most one full-size upload is in memory.
+        images = (reference(first), *(reference(decode_part(blob, "image")) for blob in image_bytes[1:]))
         strength, extra_key = None, image_digest(list(images))
     else:
         images = (fit_to(to_rgb(first), size),)
