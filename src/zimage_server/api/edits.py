@@ -32,10 +32,9 @@ from .routes import images_response, require_ready, run_job, wants_raw_image
 from .schemas import GenerationRequest
 
 MAX_INPUT_IMAGES = 16  # OpenAI's own limit for image[]
-# Image-to-image keeps 40% of the input by default (diffusers' default too). Inpainting repaints the
-# masked area from scratch by default, as OpenAI's edits do: at 0.6 the old content would show through.
+# The issue's default, for img2img and inpainting alike: 40% of the input survives. OpenAI's edits
+# repaint a masked area from scratch; clients that want that send strength=1.
 DEFAULT_STRENGTH = 0.6
-DEFAULT_INPAINT_STRENGTH = 1.0
 IMAGE_FIELDS = ("image", "image[]")
 FILE_FIELDS = (*IMAGE_FIELDS, "mask")
 
@@ -218,8 +217,7 @@ def prepare_edit(
         strength, extra_key = None, image_digest(list(images))
     else:
         images = (fit_to(to_rgb(first), size),)
-        default = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH
-        strength = default if data.strength is None else data.strength
+        strength = DEFAULT_STRENGTH if data.strength is None else data.strength
         extra_key = None
     spec = EditSpec.from_generation(base, images=images, mask=mask, strength=strength)
     # Omni shares its reference images across a call, so only edits of identical images batch together.
