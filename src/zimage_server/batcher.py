@@ -177,6 +177,10 @@ class Batcher(Generic[P, R]):
         try:
             results: Any = await asyncio.to_thread(self._run_batch, [job.payload for job in batch])
         except Exception as exc:  # noqa: BLE001 - any model failure fails this batch only
+            if all(job.gone for job in batch):
+                # Every client left mid-call and the model stopped early: nobody to tell, nothing wrong.
+                log.info("batch of %d jobs stopped: every client left (%s)", len(batch), exc)
+                return
             log.exception("batch of %d jobs failed", len(batch))
             for job in batch:
                 if not job.gone:

@@ -27,6 +27,29 @@ DEFAULT_GUIDANCE = {"turbo": 0.0, "base": 4.0, "edit": 4.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PIXELS_PER_TOKEN = 16  # VAE downsamples 8x and the transformer patches 2x2 latents.
 
+# Z-Image decodes with the FLUX VAE (16 latent channels, same scaling and shift), so the linear fit
+# from FLUX latents to RGB that ComfyUI publishes for its previews (comfy/latent_formats.py, Flux)
+# gives a recognisable image for about the cost of one matrix product, with no VAE decode.
+LATENT_RGB_FACTORS = (
+    (-0.0346, 0.0244, 0.0681),
+    (0.0034, 0.0210, 0.0687),
+    (0.0275, -0.0668, -0.0433),
+    (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329),
+    (0.0004, 0.0383, 0.0115),
+    (0.0405, 0.0861, 0.0915),
+    (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180),
+    (0.1008, 0.0755, -0.0421),
+    (-0.0515, 0.0201, 0.0011),
+    (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749),
+    (-0.1264, -0.0522, -0.1103),
+    (-0.0280, -0.0881, -0.0499),
+    (-0.1262, -0.0982, -0.0778),
+)
+LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -62,6 +85,15 @@ class StepObserver(Protocol):
     def on_step(self, step: int, total: int, latents: torch.Tensor) -> None:
         """After denoising step `step` (1-based) of `total`; `latents` holds this request's images only."""
         ...
+
+
+def latent_previews(latents: torch.Tensor) -> list[Image.Image]:
+    """One cheap RGB preview per image of a (batch, 16, h, w) latents tensor, at latent size (1/8 of the output)."""
+    factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32, device=latents.device)
+    bias = torch.tensor(LATENT_RGB_BIAS, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("bchw,cr->bhwr", latents.float(), factors) + bias  # roughly -1..1
+    pixels = ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(image) for image in pixels]
 
 
 class GenerationCancelled(Exception):

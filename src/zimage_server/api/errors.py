@@ -63,10 +63,15 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response[ErrorBody]:
-    detail = ErrorDetail(
+    detail = error_detail(status_code, message, param=param, code=code)
+    return Response(ErrorBody(error=detail), status_code=status_code, headers=headers, media_type=MediaType.JSON)
+
+
+def error_detail(status_code: int, message: str, *, param: str | None = None, code: str | None = None) -> ErrorDetail:
+    """The inside of the envelope; also sent as the `error` event of a stream that fails midway."""
+    return ErrorDetail(
         message=message, type=ERROR_TYPES.get(status_code, "invalid_request_error"), param=param, code=code
     )
-    return Response(ErrorBody(error=detail), status_code=status_code, headers=headers, media_type=MediaType.JSON)
 
 
 def handle_api_error(_: Request, exc: ApiError) -> Response[ErrorBody]:

@@ -12,15 +12,15 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers.base import BaseRouteHandler
 
-from ..batcher import BatcherClosedError, BatchFailedError, QueueFullError
-from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_image
-from ..pipelines import EditSpec, GenerationSpec, ZImageEngine
+from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES
+from ..pipelines import GenerationSpec, ZImageEngine
 from .errors import ApiError, ClientGoneError
+from .jobs import RETRY_AFTER_S, encode_outputs, job_failure, job_timeout, submit_job
 from .requests import OutputOptions, batch_key, generation_spec, served_model_ids
 from .schemas import GenerationRequest, ImageData, ImagesResponse, ModelCard, ModelList
+from .streaming import GENERATION_EVENTS, stream_images
 
 JSON_BODY_LIMIT = 1024 * 1024
-RETRY_AFTER_S = "2"
 
 
 def require_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -48,14 +48,7 @@ async def wait_for_disconnect(request: Request) -> None:
 
 async def run_job(request: Request, state: State, key: Any, n: int, payload: Any) -> Any:
     """Queue a job and wait for its result, its timeout, or its client leaving, whichever comes first."""
-    try:
-        future = state.batcher.submit(key, n, payload)
-    except QueueFullError as exc:
-        raise ApiError(
-            429, f"The server is busy ({exc}); retry shortly.", code="queue_full", headers={"Retry-After": RETRY_AFTER_S}
-        ) from None
-    except BatcherClosedError:
-        raise ApiError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": RETRY_AFTER_S})
+    future = submit_job(state, key, n, payload)
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait(
@@ -64,21 +57,14 @@ async def run_job(request: Request, state: State, key: Any, n: int, payload: Any
     finally:
         watcher.cancel()
     if future in done:
-        try:
-            return future.result()
-        except BatchFailedError:
-            raise ApiError(500, "Image generation failed; the server is still running, retry the request.") from None
-        except BatcherClosedError:
-            raise ApiError(503, "The server is shutting down.", code="shutting_down") from None
+        if future.exception() is not None:
+            raise job_failure(future.exception())
+        return future.result()
     # Cancelling the future marks the job gone: the batcher drops it if it has not started.
     future.cancel()
     if watcher in done:
         raise ClientGoneError()
-    raise ApiError(
-        504,
-        f"The request waited longer than {state.settings.request_timeout_s:g} s (Z_IMAGE_REQUEST_TIMEOUT_S).",
-        code="timeout",
-    )
+    raise job_timeout(state.settings)
 
 
 def wants_raw_image(request: Request) -> str | None:
@@ -97,28 +83,7 @@ async def images_response(
     raw_type = wants_raw_image(request)
     output_format = FORMAT_FOR_MEDIA_TYPE[raw_type] if raw_type else options.output_format
 
-    def encode_all() -> list[bytes]:
-        return [
-            encode_image(
-                image,
-                output_format,
-                options.compression,
-                ImageParameters(
-                    prompt=spec.prompt,
-                    negative_prompt=spec.negative_prompt,
-                    steps=spec.num_inference_steps,
-                    guidance_scale=spec.guidance_scale,
-                    seed=seed,
-                    width=spec.width,
-                    height=spec.height,
-                    variant=engine.variant,
-                    strength=spec.strength if isinstance(spec, EditSpec) else None,
-                ),
-            )
-            for image, seed in zip(images, spec.seeds, strict=True)
-        ]
-
-    encoded = await asyncio.to_thread(encode_all)
+    encoded = await asyncio.to_thread(encode_outputs, engine, spec, images, output_format, options.compression)
     if raw_type:
         return Response(encoded[0], media_type=raw_type, headers={"X-Seed": str(spec.seeds[0])})
     body = ImagesResponse(
@@ -140,6 +105,10 @@ async def images_response(
 async def create_images(request: Request, data: GenerationRequest, state: State) -> Response:
     engine: ZImageEngine = state.engine
     spec, options = generation_spec(data, engine, state.settings)
+    if data.stream:
+        return stream_images(
+            state, batch_key(spec), spec, options, partial_images=data.partial_images or 0, events=GENERATION_EVENTS
+        )
     if wants_raw_image(request) and len(spec.seeds) > 1:
         raise ApiError(400, "A raw image response holds one image: send n=1, or Accept: application/json.", param="n")
     images = await run_job(request, state, batch_key(spec), len(spec.seeds), spec)
