@@ -19,6 +19,7 @@ from ..pipelines import ZImageEngine, load_engine
 from ..settings import Settings
 from .edits import edits_router
 from .errors import EXCEPTION_HANDLERS
+from .page import PAGE_ROUTES
 from .routes import ROUTES
 
 log = logging.getLogger("zimage_server.api")
@@ -89,7 +90,7 @@ def create_app(
     records `fatal_error` and calls `state.stop_server`, which the CLI points at uvicorn.
     """
     return Litestar(
-        route_handlers=[*ROUTES, edits_router(settings)],
+        route_handlers=[*ROUTES, edits_router(settings), *PAGE_ROUTES],
         lifespan=[model_lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         state=State(
