@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import threading
@@ -252,3 +253,57 @@ def test_concurrent_streams_share_one_call_and_each_gets_its_own_events(settings
         (completed,) = of_type(events, "image_generation.completed")
         assert len(of_type(events, "image_generation.partial_image")) == 1
         assert np.abs(pixels(completed["b64_json"]) - pixels(plain["data"][0]["b64_json"])).max() <= 1
+
+
+needs_edits = pytest.mark.skipif(
+    importlib.util.find_spec("zimage_server.api.edits") is None,
+    reason="POST /v1/images/edits has not landed on this branch yet (issue 3)",
+)
+
+
+def png_bytes(size: tuple[int, int], mode: str = "RGB", color=(40, 90, 200)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@needs_edits
+def test_edits_stream_image_edit_events_with_a_mask(client):
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent: the area to edit
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    response = client.post(
+        "/v1/images/edits",
+        files={"image": ("photo.png", png_bytes((64, 64)), "image/png"), "mask": ("mask.png", buffer.getvalue(), "image/png")},
+        data={"prompt": "make it stormy", "n": "2", "seed": "4", "num_inference_steps": "4", "stream": "true",
+              "partial_images": "1"},
+    )
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = parse_events(response.text)
+    assert {event.split(".")[0] for event, _ in events} == {"image_edit"}
+    progress = of_type(events, "image_edit.progress")
+    assert [p["step"] for p in progress] == list(range(1, progress[-1]["total"] + 1)) and progress[-1]["progress"] == 1.0
+    assert [p["index"] for p in of_type(events, "image_edit.partial_image")] == [0, 1]
+    completed = of_type(events, "image_edit.completed")
+    assert [c["seed"] for c in completed] == [4, 5] and all(c["size"] == "64x64" for c in completed)
+
+
+@needs_edits
+def test_openai_sdk_streams_edits(settings, engine):
+    from openai import OpenAI
+
+    with live_server(settings, engine) as base:
+        sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        stream = sdk.images.edit(
+            image=("photo.png", png_bytes((96, 64)), "image/png"),
+            prompt="make it stormy",
+            stream=True,
+            partial_images=2,
+            extra_body={"seed": 7, "num_inference_steps": 6, "strength": 0.5},
+        )
+        events = list(stream)
+    partials = [event for event in events if event.type == "image_edit.partial_image"]
+    (completed,) = [event for event in events if event.type == "image_edit.completed"]
+    assert [event.partial_image_index for event in partials] == [0, 1]
+    assert completed.size == "96x64" and pixels(completed.b64_json).shape == (64, 96, 3)
