@@ -88,3 +88,13 @@ def edit_settings(models_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 def edit_engine(edit_settings: Settings) -> ZImageEngine:
     return load_engine(edit_settings)
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    """Poll until `condition()` is true, failing the test after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import live_server, serving
+from conftest import live_server, serving, wait_for
 from zimage_server.pipelines import ZImageEngine
 
 URL = "/v1/images/generations"
@@ -168,13 +168,6 @@ def test_not_ready_is_503(settings):
 
 def post_json(base: str, payload: dict, timeout: float = 60) -> httpx.Response:
     return httpx.post(base + URL, json=payload, timeout=timeout)
-
-
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
 
 
 def test_concurrent_compatible_requests_share_one_pipeline_call_with_their_own_images(settings, engine):

@@ -159,19 +159,24 @@ new MutationObserver((records) => {
 """
 
 
+def start_generation(driver, prompt: str, width: int, height: int, n: int = 1) -> None:
+    """Fill the Generate form with a custom size and press Generate."""
+    fill(css(driver, "#gen-prompt"), prompt)
+    css(driver, '#gen-size-presets [data-size="custom"]').click()
+    fill(css(driver, "#gen-width"), str(width))
+    fill(css(driver, "#gen-height"), str(height))
+    fill(css(driver, '#generate-form [data-field="n"]'), str(n))
+    css(driver, "#generate-form [data-run]").click()
+
+
 def finished_cards(driver) -> list:
     return driver.find_elements(By.CSS_SELECTOR, "#gallery .card[data-seed]")
 
 
 def test_generate_moves_the_progress_bar_and_shows_an_image_of_the_chosen_size(page):
-    fill(css(page, "#gen-prompt"), "a lighthouse at dawn, watercolor")
-    css(page, '#gen-size-presets [data-size="custom"]').click()
-    fill(css(page, "#gen-width"), "192")
-    fill(css(page, "#gen-height"), "128")
-    fill(css(page, '#generate-form [data-field="n"]'), "2")
     bar = css(page, "#generate-form .bar")
     page.execute_script(RECORD_CHANGES, bar)
-    css(page, "#generate-form [data-run]").click()
+    start_generation(page, "a lighthouse at dawn, watercolor", 192, 128, n=2)
 
     wait(page).until(lambda d: len(finished_cards(d)) == 2)
     wait(page).until(lambda d: css(d, "#generate-form [data-run]").text == "Generate")
@@ -204,11 +209,7 @@ def test_generate_moves_the_progress_bar_and_shows_an_image_of_the_chosen_size(p
 
 
 def test_an_invalid_size_shows_the_servers_message_next_to_the_form(page):
-    fill(css(page, "#gen-prompt"), "a cat")
-    css(page, '#gen-size-presets [data-size="custom"]').click()
-    fill(css(page, "#gen-width"), "100")
-    fill(css(page, "#gen-height"), "100")
-    css(page, "#generate-form [data-run]").click()
+    start_generation(page, "a cat", 100, 100)
 
     error = css(page, "#generate-form .error")
     wait(page).until(lambda d: error.is_displayed())
@@ -220,7 +221,7 @@ def test_an_invalid_size_shows_the_servers_message_next_to_the_form(page):
 
 
 def test_the_page_asks_for_an_api_key_on_401_and_keeps_it(page, server):
-    # A key the server has not asked for is harmless; what matters is that a 401 opens the key form.
+    # A stand-in for a server with an API key: every request without the right bearer token gets 401.
     page.execute_script(
         """
         const realFetch = window.fetch;
@@ -233,11 +234,7 @@ def test_the_page_asks_for_an_api_key_on_401_and_keeps_it(page, server):
         };
         """
     )
-    fill(css(page, "#gen-prompt"), "a cat")
-    css(page, '#gen-size-presets [data-size="custom"]').click()
-    fill(css(page, "#gen-width"), "64")
-    fill(css(page, "#gen-height"), "64")
-    css(page, "#generate-form [data-run]").click()
+    start_generation(page, "a cat", 64, 64)
     key_form = css(page, "#key-form")
     wait(page).until(lambda d: key_form.is_displayed())
     screenshot(page, "browser-api-key")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import live_server, serving
+from conftest import live_server, serving, wait_for
 from zimage_server.api.streaming import partial_image_steps
 from zimage_server.pipelines import GenerationCancelled, ZImageEngine, latent_previews
 
@@ -169,13 +169,6 @@ class RecordingEngine(ZImageEngine):
         except GenerationCancelled as exc:
             self.cancellations.append(str(exc))
             raise
-
-
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
 
 
 def test_a_streaming_client_that_leaves_stops_its_running_call(settings, engine):

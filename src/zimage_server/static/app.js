@@ -168,7 +168,12 @@ function updateNegativeHints() {
   }
 }
 
-// ---- shared controls: steps, guidance, n, seed -------------------------------------------------
+// ---- shared controls: steps, guidance, n, seed; the error box, run button and progress bar -------
+
+for (const holder of $$('.task-footer')) {
+  holder.append($('#task-footer').content.cloneNode(true));
+  $('[data-run]', holder).textContent = holder.dataset.runLabel;
+}
 
 for (const holder of $$('[data-common-controls]')) {
   holder.append($('#common-controls').content.cloneNode(true));
