@@ -31,6 +31,7 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
 webdriver = pytest.importorskip("selenium.webdriver", reason="browser tests need selenium (pip install -e '.[test]')")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -130,12 +131,14 @@ def fill(element, text: str) -> None:
 
 
 def screenshot(driver, name: str, *, phone: bool = False) -> Path:
-    """A full-page PNG in test-artifacts/, at a laptop or a phone-sized viewport."""
+    """A full-page PNG in test-artifacts/, at a laptop or a phone-sized viewport (checked for sideways overflow)."""
     if phone:
         driver.execute_cdp_cmd(
             "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
         )
         time.sleep(0.3)  # let the layout settle at the new width
+        # Nothing may stick out sideways on a phone: the page scrolls only vertically.
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 390
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
     path = ARTIFACTS / f"{name}.png"
     path.write_bytes(base64.b64decode(shot["data"]))
@@ -159,14 +162,17 @@ new MutationObserver((records) => {
 """
 
 
-def start_generation(driver, prompt: str, width: int, height: int, n: int = 1) -> None:
-    """Fill the Generate form with a custom size and press Generate."""
-    fill(css(driver, "#gen-prompt"), prompt)
+def start_generation(driver, prompt: str, width: int, height: int, n: int = 1, *, keyboard: bool = False) -> None:
+    """Fill the Generate form with a custom size and press Generate (or Ctrl+Enter in the prompt)."""
     css(driver, '#gen-size-presets [data-size="custom"]').click()
     fill(css(driver, "#gen-width"), str(width))
     fill(css(driver, "#gen-height"), str(height))
     fill(css(driver, '#generate-form [data-field="n"]'), str(n))
-    css(driver, "#generate-form [data-run]").click()
+    fill(css(driver, "#gen-prompt"), prompt)
+    if keyboard:
+        css(driver, "#gen-prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+    else:
+        css(driver, "#generate-form [data-run]").click()
 
 
 def finished_cards(driver) -> list:
@@ -209,7 +215,7 @@ def test_generate_moves_the_progress_bar_and_shows_an_image_of_the_chosen_size(p
 
 
 def test_an_invalid_size_shows_the_servers_message_next_to_the_form(page):
-    start_generation(page, "a cat", 100, 100)
+    start_generation(page, "a cat", 100, 100, keyboard=True)
 
     error = css(page, "#generate-form .error")
     wait(page).until(lambda d: error.is_displayed())

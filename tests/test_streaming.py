@@ -26,6 +26,8 @@ URL = "/v1/images/generations"
 def parse_events(text: str) -> list[tuple[str, dict]]:
     events = []
     for block in text.strip().split("\n\n"):
+        if block.startswith(":"):
+            continue  # a comment: keep-alive
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
         events.append((fields["event"], json.loads(fields["data"])))
     return events
@@ -111,6 +113,27 @@ def test_invalid_streaming_requests_are_plain_http_errors(client, payload, param
     response = client.post(URL, json={"prompt": "a", "stream": True, **payload})
     assert response.status_code == 400 and response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["param"] == param
+
+
+def test_a_queued_stream_sends_keep_alive_comments_then_its_events(client, engine, monkeypatch):
+    monkeypatch.setattr("zimage_server.api.streaming.KEEP_ALIVE_S", 0.05)
+    engine.lock.acquire()  # the GPU is busy for a while: the job waits
+    threading.Timer(0.4, engine.lock.release).start()
+    response = client.post(URL, json={"prompt": "a", "size": "64x64", "stream": True})
+    assert response.text.startswith(": keep-alive\n\n")
+    assert [event for event, _ in parse_events(response.text)][-1] == "image_generation.completed"
+
+
+def test_a_stream_that_waits_past_its_timeout_ends_with_a_timeout_error_event(settings, engine):
+    with serving(settings, engine, request_timeout_s=0.3) as client:
+        engine.lock.acquire()
+        try:
+            response = client.post(URL, json={"prompt": "a", "size": "64x64", "stream": True})
+        finally:
+            engine.lock.release()
+        assert client.post(URL, json={"prompt": "a", "size": "64x64", "stream": True}).status_code == 200
+    (event, data), = parse_events(response.text)
+    assert event == "error" and data["error"]["code"] == "timeout" and data["error"]["type"] == "server_error"
 
 
 class FailingEngine(ZImageEngine):

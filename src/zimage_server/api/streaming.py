@@ -37,6 +37,10 @@ from .requests import OutputOptions
 GENERATION_EVENTS = "image_generation"
 EDIT_EVENTS = "image_edit"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# While a job waits in the queue no events flow; a comment line now and then keeps proxies and
+# load balancers from closing the idle connection. SSE clients (the SDK included) skip comments.
+KEEP_ALIVE_S = 15.0
+KEEP_ALIVE = object()
 
 
 def partial_image_steps(total: int, partial_images: int) -> frozenset[int]:
@@ -132,7 +136,13 @@ async def job_events(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout_s
     try:
-        while (report := await _next_report(observer, deadline - loop.time())) is not None:
+        while True:
+            report = await _next_report(observer, deadline - loop.time())
+            if report is KEEP_ALIVE:
+                yield b": keep-alive\n\n"
+                continue
+            if report is None:
+                break
             done = report.first_image * report.total + report.images * report.step
             yield sse(
                 f"{events}.progress",
@@ -188,7 +198,13 @@ async def job_events(
         future.cancel()
 
 
-async def _next_report(observer: StreamObserver, timeout: float) -> StepReport | None:
+async def _next_report(observer: StreamObserver, timeout: float) -> StepReport | object | None:
+    """The next report, None once the job is done, or KEEP_ALIVE after a quiet spell (a queued job)."""
     if timeout <= 0:
         raise TimeoutError
-    return await asyncio.wait_for(observer.reports.get(), timeout)
+    try:
+        return await asyncio.wait_for(observer.reports.get(), min(timeout, KEEP_ALIVE_S))
+    except TimeoutError:
+        if timeout <= KEEP_ALIVE_S:
+            raise
+        return KEEP_ALIVE

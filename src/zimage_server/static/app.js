@@ -520,4 +520,14 @@ $('#edit-form').addEventListener('submit', (event) => {
   });
 });
 
+// Ctrl+Enter (Cmd+Enter on a Mac) in a prompt runs its form.
+for (const textarea of $$('form.task textarea')) {
+  textarea.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      textarea.form.requestSubmit();
+    }
+  });
+}
+
 loadModel();
