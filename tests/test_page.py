@@ -14,10 +14,11 @@ def test_index_is_served_at_the_root_with_its_assets(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<title>Z-Image</title>" in page.text
-    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
-    assert sorted(assets) == ["/static/app.css", "/static/app.js"]
+    # Relative links, so the page also works behind a proxy that mounts the server under a prefix.
+    assets = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
+    assert sorted(assets) == ["static/app.css", "static/app.js"]
     for asset in assets:
-        response = client.get(asset)
+        response = client.get("/" + asset)
         assert response.status_code == 200 and response.content == (STATIC / Path(asset).name).read_bytes()
     assert "/" not in client.get("/schema/openapi.json").json()["paths"]
 

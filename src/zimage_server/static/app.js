@@ -1,5 +1,6 @@
 // The zimage-server page: plain JavaScript, no build step, no network beyond this server.
-// It speaks the public API: POST /v1/images/generations (JSON) and /v1/images/edits (multipart),
+// It speaks the public API: POST v1/images/generations (JSON) and v1/images/edits (multipart),
+// relative to the page (so it also works behind a proxy that mounts the server under a prefix),
 // both with stream=true, and reads the server-sent events as they arrive.
 'use strict';
 
@@ -111,7 +112,7 @@ $('#key-button').hidden = !state.apiKey;
 
 async function loadModel() {
   try {
-    const models = await (await request('/v1/models')).json();
+    const models = await (await request('v1/models')).json();
     const id = models.data[0].id;
     $('#model').textContent = id;
     state.variant = id.replace(/^z-image-/, '');
@@ -365,7 +366,7 @@ async function runTask(form, task, url, build) {
 $('#generate-form').addEventListener('submit', (event) => {
   event.preventDefault();
   const form = event.currentTarget;
-  runTask(form, 'generate', '/v1/images/generations', async () => {
+  runTask(form, 'generate', 'v1/images/generations', async () => {
     const prompt = $('#gen-prompt').value.trim();
     if (!prompt) throw new ApiError('Write a prompt first.', 'prompt');
     const params = { prompt, size: chosenSize(), ...commonFields(form) };
@@ -503,7 +504,7 @@ $('#edit-strength').addEventListener('input', (event) => {
 $('#edit-form').addEventListener('submit', (event) => {
   event.preventDefault();
   const form = event.currentTarget;
-  runTask(form, 'edit', '/v1/images/edits', async () => {
+  runTask(form, 'edit', 'v1/images/edits', async () => {
     if (!edit.file) throw new ApiError('Choose an image to edit first.', 'image');
     const prompt = $('#edit-prompt').value.trim();
     if (!prompt) throw new ApiError('Write a prompt first.', 'prompt');
