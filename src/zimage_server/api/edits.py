@@ -30,6 +30,7 @@ from .errors import MISSING_FIELD, ApiError, ClientGoneError
 from .requests import MAX_SIDE, MIN_SIDE, OutputOptions, batch_key, generation_spec
 from .routes import images_response, require_ready, run_job, wants_raw_image
 from .schemas import GenerationRequest
+from .streaming import EDIT_EVENTS, stream_images
 
 MAX_INPUT_IMAGES = 16  # OpenAI's own limit for image[]
 # The default, for img2img and inpainting alike: 40% of the input survives. OpenAI's edits
@@ -247,6 +248,8 @@ async def create_edit(request: Request, state: State) -> Response:
         await form.close()
     # Decoding and resizing take a while for big photos: off the event loop.
     spec, options, key = await asyncio.to_thread(prepare_edit, data, mode, image_bytes, mask_bytes, engine, settings)
+    if data.stream:
+        return stream_images(state, key, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS)
     images = await run_job(request, state, key, len(spec.seeds), spec)
     return await images_response(request, engine, spec, options, images)
 
