@@ -175,6 +175,10 @@ def start_generation(driver, prompt: str, width: int, height: int, n: int = 1, *
         css(driver, "#generate-form [data-run]").click()
 
 
+def natural_size(driver, image) -> list[int]:
+    return driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+
+
 def finished_cards(driver) -> list:
     return driver.find_elements(By.CSS_SELECTOR, "#gallery .card[data-seed]")
 
@@ -196,7 +200,7 @@ def test_generate_moves_the_progress_bar_and_shows_an_image_of_the_chosen_size(p
     cards = finished_cards(page)
     for card in cards:
         image = card.find_element(By.TAG_NAME, "img")
-        assert page.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [192, 128]
+        assert natural_size(page, image) == [192, 128]
         download = card.find_element(By.CSS_SELECTOR, "a.download")
         assert download.get_attribute("download") == f"zimage-{card.get_attribute('data-seed')}.png"
         assert download.get_attribute("href").startswith("blob:")
@@ -235,8 +239,9 @@ def test_the_page_asks_for_an_api_key_on_401_and_keeps_it(page, server):
         window.fetch = async (url, init = {}) => {
           const auth = new Headers(init.headers || {}).get('Authorization');
           window.__authHeaders.push(auth);
-          if (auth !== 'Bearer sk-test') return new Response(JSON.stringify({error: {message: 'Missing API key', type: 'authentication_error', param: null, code: 'invalid_api_key'}}), {status: 401});
-          return realFetch(url, init);
+          if (auth === 'Bearer sk-test') return realFetch(url, init);
+          const error = { message: 'Missing API key', type: 'authentication_error', code: 'invalid_api_key' };
+          return new Response(JSON.stringify({ error }), { status: 401 });
         };
         """
     )
@@ -287,9 +292,8 @@ def test_edit_an_uploaded_image_with_a_painted_mask(page, tmp_path):
     mask = css(page, "#edit-mask")
     wait(page).until(lambda d: mask.is_displayed())
     # A stroke across the middle of the picture.
-    ActionChains(page).move_to_element(mask).move_by_offset(-40, 0).click_and_hold().move_by_offset(40, 0).move_by_offset(
-        40, 0
-    ).release().perform()
+    stroke = ActionChains(page).move_to_element(mask).move_by_offset(-40, 0).click_and_hold()
+    stroke.move_by_offset(40, 0).move_by_offset(40, 0).release().perform()
     fill(css(page, "#edit-prompt"), "make it stormy")
     fill(css(page, '#edit-form [data-field="num_inference_steps"]'), "4")
     page.execute_script(CAPTURE_MASK)
@@ -304,7 +308,7 @@ def test_edit_an_uploaded_image_with_a_painted_mask(page, tmp_path):
     assert sent["centre"] == 0 and sent["clear"] > 0 and sent["opaque"] > sent["clear"]
     (card,) = finished_cards(page)
     image = card.find_element(By.TAG_NAME, "img")
-    assert page.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [160, 128]
+    assert natural_size(page, image) == [160, 128]
     assert "strength 0.6" in card.find_element(By.CSS_SELECTOR, ".meta").text
     progress = page.execute_script("return window.__progress") + [int(bar.get_attribute("aria-valuenow"))]
     assert progress[-1] == 100 and any(0 < value < 100 for value in progress), progress

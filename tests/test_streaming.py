@@ -94,7 +94,8 @@ def test_a_request_bigger_than_one_call_reports_progress_across_its_passes(setti
     with serving(one_per_call, small_engine) as small_batches:
         response = small_batches.post(
             URL,
-            json={"prompt": "a", "size": "64x64", "n": 2, "num_inference_steps": 2, "stream": True, "partial_images": 1},
+            json={"prompt": "a", "size": "64x64", "n": 2, "num_inference_steps": 2, "stream": True,
+                  "partial_images": 1},
         )
     events = parse_events(response.text)
     progress = of_type(events, "image_generation.progress")
@@ -291,7 +292,10 @@ def test_edits_stream_image_edit_events_with_a_mask(client):
     mask.save(buffer, format="PNG")
     response = client.post(
         "/v1/images/edits",
-        files={"image": ("photo.png", png_bytes((64, 64)), "image/png"), "mask": ("mask.png", buffer.getvalue(), "image/png")},
+        files={
+            "image": ("photo.png", png_bytes((64, 64)), "image/png"),
+            "mask": ("mask.png", buffer.getvalue(), "image/png"),
+        },
         data={"prompt": "make it stormy", "n": "2", "seed": "4", "num_inference_steps": "4", "stream": "true",
               "partial_images": "1"},
     )
@@ -299,7 +303,8 @@ def test_edits_stream_image_edit_events_with_a_mask(client):
     events = parse_events(response.text)
     assert {event.split(".")[0] for event, _ in events} == {"image_edit"}
     progress = of_type(events, "image_edit.progress")
-    assert [p["step"] for p in progress] == list(range(1, progress[-1]["total"] + 1)) and progress[-1]["progress"] == 1.0
+    assert [p["step"] for p in progress] == list(range(1, progress[-1]["total"] + 1))
+    assert progress[-1]["progress"] == 1.0
     assert [p["index"] for p in of_type(events, "image_edit.partial_image")] == [0, 1]
     completed = of_type(events, "image_edit.completed")
     assert [c["seed"] for c in completed] == [4, 5] and all(c["size"] == "64x64" for c in completed)

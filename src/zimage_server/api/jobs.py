@@ -26,9 +26,8 @@ def submit_job(state: State, key: Any, n: int, payload: Any) -> asyncio.Future:
     try:
         return state.batcher.submit(key, n, payload)
     except QueueFullError as exc:
-        raise ApiError(
-            429, f"The server is busy ({exc}); retry shortly.", code="queue_full", headers={"Retry-After": RETRY_AFTER_S}
-        ) from None
+        message = f"The server is busy ({exc}); retry shortly."
+        raise ApiError(429, message, code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
     except BatcherClosedError:
         raise ApiError(
             503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": RETRY_AFTER_S}

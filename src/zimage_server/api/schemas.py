@@ -19,6 +19,7 @@ Prompt = Annotated[str, Meta(max_length=MAX_PROMPT_CHARS, description="What to d
 Seed = Annotated[int, Meta(ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i.")]
 Steps = Annotated[int, Meta(ge=1, le=200, description="Denoising steps (default: turbo 8, base 50).")]
 Guidance = Annotated[float, Meta(ge=0, le=30, description="Classifier-free guidance (default: turbo 0, base 4).")]
+StreamFlag = Annotated[bool, Meta(description="Answer with server-sent events: progress, previews, then the images.")]
 PartialImages = Annotated[int, Meta(ge=0, le=3, description="Previews per image while streaming, 0-3 (default 0).")]
 Compression = Annotated[int, Meta(ge=0, le=100, description="JPEG/WebP quality, 0-100 (default 90).")]
 
@@ -39,7 +40,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=Fals
     background: Any = None
     moderation: Any = None
     user: Any = None
-    stream: Annotated[bool, Meta(description="Answer with server-sent events: progress, previews, then images.")] | None = None
+    stream: StreamFlag | None = None
     partial_images: PartialImages | None = None
     # Z-Image extras.
     seed: Seed | None = None

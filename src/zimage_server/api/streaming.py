@@ -44,7 +44,7 @@ KEEP_ALIVE = object()
 
 
 def partial_image_steps(total: int, partial_images: int) -> frozenset[int]:
-    """The steps (1-based) after which to send a preview: evenly spread, never the last step (the final image follows)."""
+    """The steps (1-based) after which to send a preview: evenly spread, never the last (the final image follows)."""
     return frozenset(
         step for i in range(1, partial_images + 1) if 1 <= (step := round(total * i / (partial_images + 1))) < total
     )
