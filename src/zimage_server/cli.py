@@ -9,7 +9,7 @@ import signal
 import sys
 
 from .model_layout import IncompleteModelError, verify_model_dir
-from .settings import SETTINGS, Settings, SettingsError, load_settings
+from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 
 EXIT_BAD_SETTING = 2
 EXIT_NO_MODEL = 3
@@ -27,9 +27,10 @@ def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] |
             continue
         default = getattr(defaults, spec.field)
         current = os.environ.get(spec.env)
-        shown = f"{default}" if default is not None else "unset"
+        shown = "unset" if default in (None, ()) else f"{default}"
         env_names = " or ".join((spec.env, *spec.also_env))
-        env_note = f"; now {current!r} from env" if current is not None else ""
+        shown_current = MASK if spec.secret else repr(current)
+        env_note = f"; now {shown_current} from env" if current is not None else ""
         help_text = f"{spec.help} [env {env_names}, default {shown}{env_note}]"
         # Raw strings here; load_settings parses and validates flags and env vars alike.
         # A switch stores "1" when given, so that it parses like its env var.
@@ -94,13 +95,13 @@ def serve(args: argparse.Namespace) -> None:
             fail(str(no_repo), EXIT_NO_MODEL)
         fetch_model = fetch_in_subprocess
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
-    import uvicorn
-
     from .api import create_app
+    from .api.shutdown import draining_server
 
     configure_logging(args.log_level)
+    logging.getLogger("zimage_server").info("settings: %r", settings)
     app = create_app(settings, fetch_model=fetch_model)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level))
+    server = draining_server(app, settings, log_level=args.log_level)
     app.state.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
     if app.state.get("fatal_error"):

@@ -39,8 +39,24 @@ class Settings:
     download_source: str = "huggingface"
     offline: bool = False
     max_upload_bytes: int = 20 * 1024 * 1024
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    drain_timeout_s: float = 120.0
     host: str = "127.0.0.1"
     port: int = 8000
+
+    def __repr__(self) -> str:
+        # Settings get logged; the API key must never reach a log line.
+        fields = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
+        return f"Settings({fields})"
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, with secrets masked: what may be logged or shown."""
+        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+        for spec in SETTINGS:
+            if spec.secret and values.get(spec.field) is not None:
+                values[spec.field] = MASK
+        return values
 
     @property
     def model_dir(self) -> Path:
@@ -102,6 +118,17 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be 1/0, true/false, yes/no or on/off")
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip().rstrip("/") for origin in raw.split(",") if origin.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"origin {origin!r} must be * or start with http:// or https://")
+    return origins
+
+
+MASK = "***"
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     field: str
@@ -113,6 +140,7 @@ class SettingSpec:
     # Shorter flag spellings; a switch is a flag without a value that means "1".
     aliases: tuple[str, ...] = ()
     switch: bool = False
+    secret: bool = False  # masked wherever settings are shown (logs, --help, errors)
 
     @property
     def flag(self) -> str:
@@ -164,6 +192,25 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(1024),
         "largest /v1/images/edits request body (images, mask and fields), in bytes; larger gets 413",
     ),
+    SettingSpec(
+        "api_key",
+        "Z_IMAGE_API_KEY",
+        _optional_str,
+        "when set, every /v1/* route requires 'Authorization: Bearer <key>'",
+        secret=True,
+    ),
+    SettingSpec(
+        "cors_origins",
+        "Z_IMAGE_CORS_ORIGINS",
+        _origins,
+        "comma-separated origins browsers may call from (none by default; * for any)",
+    ),
+    SettingSpec(
+        "drain_timeout_s",
+        "Z_IMAGE_DRAIN_TIMEOUT_S",
+        _float_min(0),
+        "on SIGTERM/SIGINT, seconds to let accepted work finish before exiting",
+    ),
 )
 
 
@@ -182,7 +229,8 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
         try:
             values[spec.field] = spec.parse(raw) if isinstance(raw, str) else raw
         except ValueError as exc:
-            raise SettingsError(f"invalid {source}={raw!r}: {exc}") from None
+            shown = MASK if spec.secret else repr(raw)
+            raise SettingsError(f"invalid {source}={shown}: {exc}") from None
     for key in ("host", "port"):
         if overrides and overrides.get(key) is not None:
             values[key] = overrides[key]
