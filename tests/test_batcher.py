@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from zimage_server.batcher import Batcher, BatchFailedError, QueueFullError
+from zimage_server.batcher import Batcher, BatcherClosedError, BatchFailedError, QueueFullError
 
 
 class FakeModel:
@@ -136,14 +136,71 @@ async def test_batch_wait_holds_a_lone_job_for_companions():
 
 
 @pytest.mark.anyio
-async def test_stop_fails_queued_jobs_instead_of_losing_them():
+async def test_stop_drains_queued_jobs_and_refuses_new_ones():
     model = FakeModel()
     batcher = make_batcher(model)
     model.gate.clear()
     running = batcher.submit("k", 1, "running")
     await wait_until(lambda: batcher.queued_jobs == 0)
-    queued = batcher.submit("k", 1, "queued")
+    queued = [batcher.submit("k", 1, "queued-1"), batcher.submit("other", 1, "queued-2")]
+    stopping = asyncio.ensure_future(batcher.stop(timeout=10))
+    await asyncio.sleep(0.05)
+    with pytest.raises(BatcherClosedError):
+        batcher.submit("k", 1, "too late")
     model.gate.set()
-    await running
+    await stopping
+    assert await running == "done:running"
+    assert [await future for future in queued] == ["done:queued-1", "done:queued-2"]
+
+
+@pytest.mark.anyio
+async def test_stop_fails_what_is_left_when_the_drain_times_out():
+    model = FakeModel()
+    batcher = make_batcher(model)
+    model.gate.clear()
+    running = batcher.submit("k", 1, "running")
+    await wait_until(lambda: batcher.queued_jobs == 0)
+    queued = batcher.submit("other", 1, "queued")
+    await batcher.stop(timeout=0.2)
+    for future in (running, queued):
+        with pytest.raises(BatcherClosedError):
+            await future
+    model.gate.set()  # the stuck call ends; nobody is left to answer
+
+
+@pytest.mark.anyio
+async def test_an_exception_result_fails_only_its_own_job_and_is_reported():
+    reports = []
+
+    def model(payloads):
+        return [ValueError("too big") if payload == "big" else f"done:{payload}" for payload in payloads]
+
+    batcher = Batcher(model, max_batch_size=4, max_queue=8, on_batch=reports.append)
+    batcher.start()
+    futures = [batcher.submit("k", 1, "small"), batcher.submit("k", 2, "big")]
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert outcomes[0] == "done:small" and isinstance(outcomes[1], ValueError)
+    (report,) = reports
+    assert report.images == 3 and report.images_made == 1 and len(report.job_errors) == 1
+    assert report.error is None and report.seconds >= 0
     await batcher.stop()
-    assert queued.done()
+
+
+@pytest.mark.anyio
+async def test_jobs_carry_their_timings_and_quiet_errors_are_not_logged_as_errors(caplog):
+    class Stopped(Exception):
+        pass
+
+    def model(payloads):
+        raise Stopped("every client left")
+
+    caplog.set_level("INFO", logger="zimage_server.batcher")
+    batcher = Batcher(model, max_batch_size=4, max_queue=8, quiet_errors=(Stopped,))
+    batcher.start()
+    job = batcher.enqueue("k", 1, "p", tag="req-1")
+    with pytest.raises(BatchFailedError):
+        await job.future
+    assert job.batch_images == 1 and job.queue_wait_s >= 0 and job.run_s >= 0
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+    assert any("req-1" in record.getMessage() and "stopped early" in record.getMessage() for record in caplog.records)
+    await batcher.stop()

@@ -3,12 +3,17 @@
 Pure asyncio: it knows nothing of HTTP or torch. The model call is a plain function run in a
 worker thread, so the event loop keeps serving health checks and noticing disconnects while the
 GPU works. Futures are resolved on the loop thread only.
+
+The model call returns one result per payload; a result that is an exception fails only its own
+job (how a request that did not fit in memory fails while its batch-mates succeed). An exception
+raised by the call fails the whole batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -40,11 +45,43 @@ class Job(Generic[P, R]):
     n: int
     payload: P
     future: asyncio.Future[R] = field(repr=False)
+    tag: str | None = None  # names the job in log lines (the request id)
+    # Monotonic timestamps and the batch it ran in, for request logs and metrics.
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+    batch_images: int | None = None
 
     @property
     def gone(self) -> bool:
         # A done future here means the client left (cancelled) or timed out before we started.
         return self.future.done()
+
+    @property
+    def queue_wait_s(self) -> float | None:
+        return None if self.started_at is None else self.started_at - self.queued_at
+
+    @property
+    def run_s(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one model call did, handed to the `on_batch` listener (metrics) on the loop thread."""
+
+    jobs: list[Job]
+    seconds: float
+    error: BaseException | None = None  # the call raised: every job failed with it
+    job_errors: tuple[BaseException, ...] = ()  # results that failed only their own job
+    quiet: bool = False  # the error was one of `quiet_errors` (stopped on purpose)
+    images_made: int = 0  # images of the jobs that got results
+
+    @property
+    def images(self) -> int:
+        return sum(job.n for job in self.jobs)
 
 
 @dataclass
@@ -66,12 +103,18 @@ class Batcher(Generic[P, R]):
         max_batch_size: int,
         max_queue: int,
         batch_wait_s: float = 0.0,
+        quiet_errors: tuple[type[BaseException], ...] = (),
+        on_batch: Callable[[BatchReport], None] | None = None,
     ):
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
+        # Exceptions that end a batch on purpose (every client left): no error log for those.
+        self.quiet_errors = quiet_errors
+        self.on_batch = on_batch
         self._queue: deque[Job[P, R]] = deque()
+        self._running: list[Job[P, R]] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._closed = False
@@ -85,30 +128,58 @@ class Batcher(Generic[P, R]):
     def queued_jobs(self) -> int:
         return sum(1 for job in self._queue if not job.gone)
 
+    @property
+    def running_images(self) -> int:
+        return sum(job.n for job in self._running)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher-worker")
 
-    async def stop(self) -> None:
-        """Stop taking work, fail what is still queued, and let the running batch finish and answer."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Take no more work; let queued jobs and the running batch finish, for at most `timeout` seconds.
+
+        What is still unanswered when the time is up fails with BatcherClosedError; a running call
+        sees its jobs gone and (through the engine's step observers) stops at its next step.
+        """
         self._closed = True
-        while self._queue:
-            job = self._queue.popleft()
+        self._wakeup.set()
+        if self._worker is None or self._worker.done():
+            self._fail_unanswered()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._worker), timeout)
+        except TimeoutError:
+            left = self._fail_unanswered()
+            log.warning("drain timed out after %g s; failed %d unfinished jobs", timeout, left)
+            self._worker.cancel()
+
+    def _fail_unanswered(self) -> int:
+        failed = 0
+        for job in [*self._running, *self._queue]:
             if not job.gone:
                 job.future.set_exception(BatcherClosedError("the server is shutting down"))
-        self._wakeup.set()
-        if self._worker is not None:
-            await self._worker
+                failed += 1
+        self._queue.clear()
+        return failed
 
-    def submit(self, key: Hashable, n: int, payload: P) -> asyncio.Future[R]:
+    def submit(self, key: Hashable, n: int, payload: P, tag: str | None = None) -> asyncio.Future[R]:
         """Queue a job of n images, or raise QueueFullError at once if it does not fit."""
+        return self.enqueue(key, n, payload, tag).future
+
+    def enqueue(self, key: Hashable, n: int, payload: P, tag: str | None = None) -> Job[P, R]:
+        """As `submit`, returning the job itself: its future, and its timings once it has run."""
         if self._closed:
             raise BatcherClosedError("the server is shutting down")
         if self.queued_images + n > self.max_queue:
             raise QueueFullError(f"the queue holds {self.queued_images} of {self.max_queue} images")
-        job = Job(key=key, n=n, payload=payload, future=asyncio.get_running_loop().create_future())
+        job = Job(key=key, n=n, payload=payload, future=asyncio.get_running_loop().create_future(), tag=tag)
         self._queue.append(job)
         self._wakeup.set()
-        return job.future
+        return job
 
     def _take_batch(self) -> list[Job[P, R]]:
         """The oldest live job plus every queued job with its key, oldest first, up to max_batch_size images."""
@@ -170,24 +241,51 @@ class Batcher(Generic[P, R]):
             await self._run(batch)
 
     async def _run(self, batch: list[Job[P, R]]) -> None:
+        images = sum(job.n for job in batch)
         self.stats.batches += 1
         self.stats.jobs += len(batch)
-        self.stats.images += sum(job.n for job in batch)
+        self.stats.images += images
         self.stats.last_batch_sizes = [job.n for job in batch]
+        started = time.monotonic()
+        for job in batch:
+            job.started_at, job.batch_images = started, images
+        self._running = batch
         try:
             results: Any = await asyncio.to_thread(self._run_batch, [job.payload for job in batch])
         except Exception as exc:  # noqa: BLE001 - any model failure fails this batch only
-            if all(job.gone for job in batch):
-                # Every client left mid-call and the model stopped early: nobody to tell, nothing wrong.
-                log.info("batch of %d jobs stopped: every client left (%s)", len(batch), exc)
-                return
-            log.exception("batch of %d jobs failed", len(batch))
+            # A call stopped on purpose, or one whose every client left mid-call (the model stopped
+            # early): nobody to tell, nothing wrong.
+            quiet = isinstance(exc, self.quiet_errors) or all(job.gone for job in batch)
+            self._finish(batch, BatchReport(batch, time.monotonic() - started, error=exc, quiet=quiet))
+            tags = ", ".join(job.tag for job in batch if job.tag) or "untagged"
+            if quiet:
+                log.info("batch of %d jobs stopped early (requests %s): %s", len(batch), tags, exc)
+            else:
+                log.exception("batch of %d jobs failed (requests %s)", len(batch), tags)
             for job in batch:
                 if not job.gone:
                     error = BatchFailedError(str(exc))
                     error.__cause__ = exc
                     job.future.set_exception(error)
             return
+        job_errors = tuple(result for result in results if isinstance(result, BaseException))
+        made = sum(job.n for job, result in zip(batch, results) if not isinstance(result, BaseException))
+        self._finish(batch, BatchReport(batch, time.monotonic() - started, job_errors=job_errors, images_made=made))
         for job, result in zip(batch, results, strict=True):
-            if not job.gone:
+            if job.gone:
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
                 job.future.set_result(result)
+
+    def _finish(self, batch: list[Job[P, R]], report: BatchReport) -> None:
+        finished = time.monotonic()
+        for job in batch:
+            job.finished_at = finished
+        self._running = []
+        if self.on_batch is not None:
+            try:
+                self.on_batch(report)
+            except Exception:  # noqa: BLE001 - a metrics bug must not fail the requests
+                log.exception("batch listener failed")
