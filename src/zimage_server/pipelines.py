@@ -7,15 +7,18 @@ must never overlap.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from PIL import Image
 
+from .faults import FaultInjector
 from .model_layout import verify_model_dir
 from .settings import Settings
 
@@ -100,6 +103,25 @@ class GenerationCancelled(Exception):
     """Every request in a running call was cancelled, so the call stopped early."""
 
 
+# What running out of memory looks like: CUDA's allocator error, or the host's.
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
+
+
+class OutOfMemoryForRequest(Exception):
+    """One request did not fit in memory even alone; retrying it unchanged would fail again."""
+
+    def __init__(self, n: int, width: int, height: int):
+        self.n, self.width, self.height = n, width, height
+        images = "1 image" if n == 1 else f"{n} images"
+        super().__init__(
+            f"Not enough memory to generate {images} of {width}x{height} even with nothing else running; "
+            "ask for a smaller size or fewer images (n)."
+        )
+
+
+SpecT = TypeVar("SpecT")
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """One request's share of a pipeline call. Every spec in one call shares width..max_sequence_length."""
@@ -147,6 +169,8 @@ class ZImageEngine:
         self.dtype = dtype
         self.lock = threading.Lock()
         self.pipeline_calls = 0  # pipeline invocations, for metrics and for tests that prove batching
+        oom_error = torch.cuda.OutOfMemoryError if device.type == "cuda" else MemoryError
+        self.faults = FaultInjector.from_env(oom_error)  # None unless a test turned it on
         axes_lens = pipeline.transformer.config.axes_lens
         # Image token rows/columns index the rope tables along axes 1 and 2; beyond them the
         # embedder fails with an IndexError, so sizes past this are refused up front.
@@ -227,7 +251,7 @@ class ZImageEngine:
                     cfg_truncation=first.cfg_truncation,
                     max_sequence_length=first.max_sequence_length,
                     output_type="pil",
-                    callback_on_step_end=self._step_callback(chunk),
+                    callback_on_step_end=self._step_callback(chunk, self.faults),
                     **self._image_inputs(first, chunk),
                 )
                 for (index, _, _), image in zip(chunk, output.images, strict=True):
@@ -235,18 +259,21 @@ class ZImageEngine:
         return results
 
     @staticmethod
-    def _step_callback(chunk: list[tuple[int, GenerationSpec, int]]):
+    def _step_callback(chunk: list[tuple[int, GenerationSpec, int]], faults: FaultInjector | None = None):
         """A diffusers step callback that reports progress per request and stops a call nobody awaits."""
         # Rows of the latents batch that belong to each observed spec in this chunk.
         rows: dict[int, tuple[GenerationSpec, list[int]]] = {}
         for row, (index, spec, _) in enumerate(chunk):
             if spec.observer is not None:
                 rows.setdefault(index, (spec, []))[1].append(row)
-        if not rows:
+        if not rows and faults is None:
             return None
-        everyone_observed = len(rows) == len({index for index, _, _ in chunk})
+        requests = len({index for index, _, _ in chunk})
+        everyone_observed = len(rows) == requests
 
         def on_step_end(pipeline, step: int, _timestep, tensors: dict) -> dict:
+            if faults is not None:
+                faults.after_step([spec.prompt for _, spec, _ in chunk], requests)
             latents = tensors["latents"]
             for spec, spec_rows in rows.values():
                 if not spec.observer.cancelled:
@@ -256,6 +283,70 @@ class ZImageEngine:
             return {}
 
         return on_step_end
+
+    def recovering(self, run: Callable[[list[SpecT]], list[Any]]) -> Callable[[list[SpecT]], list[Any]]:
+        """`run` (specs -> results per spec), made to survive running out of memory.
+
+        When a call of several requests runs out of memory, free what the allocator caches and run
+        the requests one by one, so the ones that fit still get their images. A request that runs
+        out of memory alone gets an OutOfMemoryForRequest as its result (the batcher fails only its
+        job). A lone request is not retried: PyTorch already frees its cache and retries once
+        before raising, so the same call would fail the same way.
+        """
+
+        def run_recovering(specs: list[SpecT]) -> list[Any]:
+            try:
+                return run(specs)
+            except OUT_OF_MEMORY_ERRORS as exc:
+                # Only the message survives the except block: the traceback's frames hold the
+                # call's tensors, and they must be unreachable before the cache is freed.
+                reason = f"{type(exc).__name__}: {exc}"
+            self.free_memory()
+            if len(specs) == 1:
+                log.warning("out of memory for a lone request (%s)", reason)
+                return [self._too_large(specs[0])]
+            log.warning("out of memory in a call of %d requests (%s); retrying them one by one", len(specs), reason)
+            results: list[Any] = []
+            for spec in specs:
+                observer = getattr(spec, "observer", None)
+                if observer is not None and observer.cancelled:
+                    results.append(GenerationCancelled("the client left"))
+                    continue
+                try:
+                    results.extend(run([spec]))
+                    continue
+                except GenerationCancelled as exc:
+                    results.append(exc.with_traceback(None))
+                    continue
+                except OUT_OF_MEMORY_ERRORS as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                self.free_memory()
+                log.warning("out of memory for a request even alone (%s)", reason)
+                results.append(self._too_large(spec))
+            return results
+
+        return run_recovering
+
+    @staticmethod
+    def _too_large(spec: Any) -> OutOfMemoryForRequest:
+        seeds: Sequence[int] = getattr(spec, "seeds", (0,))
+        return OutOfMemoryForRequest(len(seeds), spec.width, spec.height)
+
+    def free_memory(self) -> None:
+        """Drop garbage and, on CUDA, the allocator's cached blocks, after running out of memory."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_stats(self) -> dict[str, int] | None:
+        """GPU memory in bytes (in use by tensors, reserved by the allocator, peak in use); None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        return {
+            "allocated": torch.cuda.memory_allocated(self.device),
+            "reserved": torch.cuda.memory_reserved(self.device),
+            "peak": torch.cuda.max_memory_allocated(self.device),
+        }
 
     def warm_up(self) -> float:
         """One tiny generation and one tiny edit, so lazy initialisation is not paid by the first user."""
