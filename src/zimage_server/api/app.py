@@ -10,15 +10,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
 from .. import __version__
 from ..batcher import Batcher
-from ..pipelines import ZImageEngine, load_engine
+from ..pipelines import GenerationCancelled, ZImageEngine, load_engine
 from ..settings import Settings
+from .auth import require_api_key
 from .edits import edits_router
 from .errors import EXCEPTION_HANDLERS
+from .observability import ServerMetrics, http_metrics_config, install_request_log, metrics_endpoint
 from .page import PAGE_ROUTES
 from .routes import ROUTES
 
@@ -36,10 +39,12 @@ async def start_serving(state: State) -> None:
         state.engine = await asyncio.to_thread(load_engine, settings)
     engine: ZImageEngine = state.engine
     batcher = Batcher(
-        engine.generate,
+        engine.recovering(engine.generate),
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         batch_wait_s=settings.batch_wait_ms / 1000,
+        quiet_errors=(GenerationCancelled,),
+        on_batch=state.metrics.record_batch,
     )
     batcher.start()
     state.batcher = batcher
@@ -71,13 +76,25 @@ async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # Usually already drained by the signal handler (api/shutdown.py); if not, drain here.
         state.ready = False
         if starting is not None:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
         if state.get("batcher") is not None:
-            await state.batcher.stop()
+            await state.batcher.stop(state.settings.drain_timeout_s)
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    if not settings.cors_origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=["X-Request-ID", "X-Seed", "Retry-After"],
+    )
 
 
 def create_app(
@@ -89,20 +106,28 @@ def create_app(
     loaded /health answers and /ready and the generation routes answer 503. If it fails, the app
     records `fatal_error` and calls `state.stop_server`, which the CLI points at uvicorn.
     """
-    return Litestar(
-        route_handlers=[*ROUTES, edits_router(settings), *PAGE_ROUTES],
+    state = State(
+        {
+            "settings": settings,
+            "engine": engine,
+            "fetch_model": fetch_model,
+            "stop_server": None,
+            "fatal_error": None,
+            "ready": False,
+            "draining": False,
+            "started_at": time.time(),
+        }
+    )
+    state.metrics = ServerMetrics(state)
+    app = Litestar(
+        route_handlers=[*ROUTES, edits_router(settings), *PAGE_ROUTES, metrics_endpoint],
         lifespan=[model_lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        state=State(
-            {
-                "settings": settings,
-                "engine": engine,
-                "fetch_model": fetch_model,
-                "stop_server": None,
-                "fatal_error": None,
-                "ready": False,
-                "started_at": time.time(),
-            }
-        ),
+        guards=[require_api_key],
+        middleware=[http_metrics_config().middleware],
+        cors_config=cors_config(settings),
+        state=state,
         openapi_config=OpenAPIConfig(title="zimage-server", version=__version__),
     )
+    install_request_log(app, state.metrics)
+    return app

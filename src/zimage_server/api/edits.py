@@ -249,7 +249,9 @@ async def create_edit(request: Request, state: State) -> Response:
     # Decoding and resizing take a while for big photos: off the event loop.
     spec, options, key = await asyncio.to_thread(prepare_edit, data, mode, image_bytes, mask_bytes, engine, settings)
     if data.stream:
-        return stream_images(state, key, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS)
+        return stream_images(
+            state, key, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS, request=request
+        )
     images = await run_job(request, state, key, len(spec.seeds), spec)
     return await images_response(request, engine, spec, options, images)
 

@@ -7,37 +7,88 @@ both answer a full queue, a failed batch or a timeout with the same status and m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
+from litestar import Request
 from litestar.datastructures import State
 from PIL import Image
 
 from ..batcher import BatcherClosedError, QueueFullError
 from ..images import ImageParameters, encode_image
-from ..pipelines import EditSpec, GenerationSpec, ZImageEngine
+from ..pipelines import EditSpec, GenerationSpec, OutOfMemoryForRequest, StepObserver, ZImageEngine
 from ..settings import Settings
 from .errors import ApiError
+from .observability import remember_job, request_id_of
 
 RETRY_AFTER_S = "2"
 
 
-def submit_job(state: State, key: Any, n: int, payload: Any) -> asyncio.Future:
-    """Queue a job of n images, or fail at once with 429 (queue full) or 503 (shutting down)."""
+def shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        "The server is shutting down and takes no new work; retry shortly (or on another replica).",
+        code="shutting_down",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
+class JobObserver:
+    """The step observer every queued job carries: its run stops once nobody waits for its future.
+
+    The future is done before its batch ends only when the client left, the request timed out, or a
+    drain ran out of time; then the engine stops the call at its next step if every job in it is
+    done. It wraps the route's own observer (stream progress), if the payload came with one.
+    """
+
+    def __init__(self, inner: StepObserver | None = None):
+        self.inner = inner
+        self.future: asyncio.Future | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        # Read from the worker thread; a future's done() is a plain state read.
+        return (self.future is not None and self.future.done()) or bool(self.inner and self.inner.cancelled)
+
+    def on_step(self, step: int, total: int, latents: Any) -> None:
+        if self.inner is not None:
+            self.inner.on_step(step, total, latents)
+
+
+def observed(payload: Any) -> tuple[Any, JobObserver | None]:
+    """The payload with a JobObserver attached, for payloads that carry one (engine specs)."""
+    if not (dataclasses.is_dataclass(payload) and hasattr(payload, "observer")):
+        return payload, None
+    observer = JobObserver(payload.observer)
+    return dataclasses.replace(payload, observer=observer), observer
+
+
+def submit_job(state: State, key: Any, n: int, payload: Any, request: Request | None = None) -> asyncio.Future:
+    """Queue a job of n images, or fail at once with 429 (queue full) or 503 (shutting down).
+
+    With the request, the job is tagged with its id and its timings reach the request log."""
+    payload, observer = observed(payload)
     try:
-        return state.batcher.submit(key, n, payload)
+        job = state.batcher.enqueue(key, n, payload, tag=request_id_of(request.scope) if request else None)
     except QueueFullError as exc:
         message = f"The server is busy ({exc}); retry shortly."
         raise ApiError(429, message, code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
     except BatcherClosedError:
-        raise ApiError(
-            503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": RETRY_AFTER_S}
-        ) from None
+        raise shutting_down() from None
+    if observer is not None:
+        observer.future = job.future
+    if request is not None:
+        remember_job(request, job)
+    return job.future
 
 
 def job_failure(exc: BaseException) -> ApiError:
     """The client-facing error for a job whose future raised."""
     if isinstance(exc, BatcherClosedError):
-        return ApiError(503, "The server is shutting down.", code="shutting_down")
+        return shutting_down()
+    if isinstance(exc, OutOfMemoryForRequest):
+        # Retrying the same request would run out of memory again; tell the SDKs not to.
+        return ApiError(500, str(exc), code="out_of_memory", headers={"x-should-retry": "false"})
     # A BatchFailedError: the details (device errors, addresses) stay in the log.
     return ApiError(500, "Image generation failed; the server is still running, retry the request.")
 

@@ -15,7 +15,7 @@ from litestar.handlers.base import BaseRouteHandler
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES
 from ..pipelines import GenerationSpec, ZImageEngine
 from .errors import ApiError, ClientGoneError
-from .jobs import RETRY_AFTER_S, encode_outputs, job_failure, job_timeout, submit_job
+from .jobs import RETRY_AFTER_S, encode_outputs, job_failure, job_timeout, shutting_down, submit_job
 from .requests import OutputOptions, batch_key, generation_spec, served_model_ids
 from .schemas import GenerationRequest, ImageData, ImagesResponse, ModelCard, ModelList
 from .streaming import GENERATION_EVENTS, stream_images
@@ -24,6 +24,8 @@ JSON_BODY_LIMIT = 1024 * 1024
 
 
 def require_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    if connection.app.state.get("draining"):
+        raise shutting_down()
     if not connection.app.state.get("ready"):
         raise ApiError(
             503, "The model is still loading; retry shortly.", code="not_ready", headers={"Retry-After": RETRY_AFTER_S}
@@ -48,12 +50,15 @@ async def wait_for_disconnect(request: Request) -> None:
 
 async def run_job(request: Request, state: State, key: Any, n: int, payload: Any) -> Any:
     """Queue a job and wait for its result, its timeout, or its client leaving, whichever comes first."""
-    future = submit_job(state, key, n, payload)
+    future = submit_job(state, key, n, payload, request=request)
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait(
             {future, watcher}, timeout=state.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
         )
+    except asyncio.CancelledError:
+        future.cancel()  # the server is going away under us: do not compute for nobody
+        raise
     finally:
         watcher.cancel()
     if future in done:
@@ -107,7 +112,13 @@ async def create_images(request: Request, data: GenerationRequest, state: State)
     spec, options = generation_spec(data, engine, state.settings)
     if data.stream:
         return stream_images(
-            state, batch_key(spec), spec, options, partial_images=data.partial_images or 0, events=GENERATION_EVENTS
+            state,
+            batch_key(spec),
+            spec,
+            options,
+            partial_images=data.partial_images or 0,
+            events=GENERATION_EVENTS,
+            request=request,
         )
     if wants_raw_image(request) and len(spec.seeds) > 1:
         raise ApiError(400, "A raw image response holds one image: send n=1, or Accept: application/json.", param="n")
@@ -128,6 +139,8 @@ async def health() -> dict[str, str]:
 
 @get("/ready", summary="200 once the model is loaded and warmed up, 503 before.")
 async def ready(state: State) -> Response[dict[str, str]]:
+    if state.get("draining"):
+        return Response({"status": "draining"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
     if state.get("ready"):
         return Response({"status": "ready", "model": f"z-image-{state.settings.variant}"})
     return Response({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S})

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 
 import msgspec
+from litestar import Request
 from litestar.datastructures import State
 from litestar.response import Stream
 from PIL import Image
@@ -106,11 +107,12 @@ def stream_images(
     *,
     partial_images: int,
     events: str,
+    request: Request | None = None,
 ) -> Stream:
     """Queue the job now (so a full queue is a plain 429) and answer with its event stream."""
     observer = StreamObserver(asyncio.get_running_loop(), partial_images)
     spec = dataclasses.replace(spec, observer=observer)
-    future = submit_job(state, key, len(spec.seeds), spec)
+    future = submit_job(state, key, len(spec.seeds), spec, request=request)
     # Runs on the loop after every report the worker queued before the job finished.
     future.add_done_callback(lambda _: observer.reports.put_nowait(None))
     return Stream(
