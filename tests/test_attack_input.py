@@ -18,10 +18,13 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from attack_support import GENERATIONS, ServerProcess, assert_envelope
+from test_edits import encoded, gif_bomb, picture, png_claiming
 
 pytestmark = pytest.mark.attack
 
 FUZZ_EXAMPLES = 60
+EDITS = "/v1/images/edits"
+UPLOAD_LIMIT = 256 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,11 @@ def server(models_dir, tmp_path_factory):
     process = ServerProcess(
         models_dir,
         tmp_path_factory.mktemp("input") / "server.log",
-        env={"Z_IMAGE_MAX_PIXELS": str(128 * 128), "Z_IMAGE_REQUEST_TIMEOUT_S": "30"},
+        env={
+            "Z_IMAGE_MAX_PIXELS": str(128 * 128),
+            "Z_IMAGE_REQUEST_TIMEOUT_S": "30",
+            "Z_IMAGE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+        },
     )
     try:
         yield process.start()
@@ -136,6 +143,71 @@ def test_hostile_generation_requests_get_a_4xx_envelope(server, name):
     assert_envelope(response)
 
 
+PNG = encoded(picture())
+
+
+def multipart(image: bytes | None = PNG, filename: str = "image.png", **fields) -> dict:
+    """httpx multipart arguments as the OpenAI SDK sends them, with `fields` overriding the defaults."""
+    values = {"prompt": "a cat", "num_inference_steps": "2"} | fields
+    parts = [(key, (None, value)) for key, value in values.items() if value is not None]
+    if image is not None:
+        parts.append(("image", (filename, image, "image/png")))
+    return {"files": parts}
+
+
+def multipart_raw(body: bytes, content_type: str = "multipart/form-data; boundary=b") -> dict:
+    return raw(body, content_type)
+
+
+PART = b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+
+HOSTILE_EDITS = {
+    # content types and framing
+    "JSON to the multipart route": as_json({"prompt": "a", "image": "aGVsbG8="}),
+    "no content type": raw(b"prompt=a", None),
+    "multipart without a boundary": multipart_raw(PART % (b"prompt", b"a") + b"--b--\r\n", "multipart/form-data"),
+    "truncated multipart": multipart_raw(
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + PNG[:100]
+    ),
+    "garbage multipart": multipart_raw(b"\x00\x01\x02 not a form at all \xff" * 50),
+    "empty multipart": multipart_raw(b"--b--\r\n"),
+    "invalid UTF-8 in a field name": multipart_raw(PART % (b"\xff\xfe", b"a") + b"--b--\r\n"),
+    "invalid UTF-8 in the prompt": multipart_raw(
+        PART % (b"prompt", b"\xff\xfe\xfa")
+        + b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        + PNG
+        + b"\r\n--b--\r\n"
+    ),
+    "oversized body": multipart(image=b"\x89PNG" + b"\x00" * (UPLOAD_LIMIT + 1024)),
+    # missing or hostile parts
+    "no image": multipart(image=None),
+    "no prompt": multipart(prompt=None),
+    "empty prompt": multipart(prompt=""),
+    "huge prompt": multipart(prompt="x" * 40_000),
+    "a text file as the image": multipart(image=b"hello, I am not a picture", filename="notes.txt"),
+    "a zero-byte image": multipart(image=b""),
+    "a truncated PNG": multipart(image=PNG[: len(PNG) // 2]),
+    "a PNG claiming 50000x50000": multipart(image=png_claiming(50_000, 50_000)),
+    "a GIF bomb": multipart(image=gif_bomb(), filename="bomb.gif"),
+    # wrong values, as form strings
+    "n is not a number": multipart(n="two"),
+    "absurd n": multipart(n="1000000"),
+    "n beyond 64 bits": multipart(n="1" + "0" * 40),
+    "absurd size": multipart(size="99999999x99999999"),
+    "strength out of range": multipart(strength="2"),
+    "strength is NaN": multipart(strength="nan"),
+    "negative seed": multipart(seed="-1"),
+    "steps is a word": multipart(num_inference_steps="many"),
+    "unknown output format": multipart(output_format="bmp"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_EDITS))
+def test_hostile_edit_requests_get_a_4xx_envelope(server, name):
+    response = httpx.post(server.url + EDITS, timeout=60, **HOSTILE_EDITS[name])
+    assert_envelope(response)
+
+
 def test_hostile_methods_paths_and_headers(server):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         assert_envelope(client.get(GENERATIONS), 405)
@@ -154,4 +226,6 @@ def test_the_server_is_still_ready_and_serving_after_the_attacks(server):
         server.url + GENERATIONS, json={"prompt": "still here", "size": "64x64", "num_inference_steps": 2}, timeout=60
     )
     assert response.status_code == 200
+    edit = httpx.post(server.url + EDITS, timeout=60, **multipart())
+    assert edit.status_code == 200, edit.text[:300]
     assert "Traceback" not in server.log()

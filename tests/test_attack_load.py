@@ -1,4 +1,5 @@
-"""Load against a real server process: 32 clients for 20 s on a small queue.
+"""Load against a real server process: 32 clients for 20 s on a small queue, a quarter of the
+requests edits (multipart uploads), the rest generations.
 
 Every request is answered with 200 or 429 (never a 5xx), each 200 carries the images asked for,
 the queue (scraped from /metrics) never holds more than its bound, and resident memory shows no
@@ -17,12 +18,14 @@ import httpx
 import pytest
 
 from attack_support import GENERATIONS, ServerProcess, assert_envelope, assert_valid_images
+from test_edits import encoded, picture
 
 pytestmark = pytest.mark.attack
 
 CLIENTS = 32
 DURATION_S = 20.0
 MAX_QUEUE = 6
+EDITS = "/v1/images/edits"
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,18 @@ def server(models_dir, tmp_path_factory):
 
 async def client_loop(index: int, base: str, deadline: float, statuses: Counter, failures: list) -> None:
     rng = random.Random(index)
+    upload = encoded(picture(seed=index))
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         while time.monotonic() < deadline:
             n = rng.choice((1, 1, 2))
             size = rng.choice(("64x64", "64x64", "128x64"))
-            payload = {"prompt": f"client {index} {rng.random()}", "n": n, "size": size, "num_inference_steps": 2}
+            fields = {"prompt": f"client {index} {rng.random()}", "n": n, "size": size, "num_inference_steps": 2}
             try:
-                response = await client.post(GENERATIONS, json=payload)
+                if rng.random() < 0.25:  # one request in four edits an upload
+                    form = [(key, (None, str(value))) for key, value in fields.items()]
+                    response = await client.post(EDITS, files=[*form, ("image", ("in.png", upload, "image/png"))])
+                else:
+                    response = await client.post(GENERATIONS, json=fields)
             except httpx.HTTPError as exc:  # every request must be answered
                 failures.append(f"client {index}: {exc!r}")
                 continue

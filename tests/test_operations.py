@@ -13,6 +13,7 @@ import torch
 from litestar.testing import TestClient
 
 from conftest import serving
+from test_edits import encoded, picture
 from zimage_server.api import create_app
 from zimage_server.api.shutdown import drain
 from zimage_server.cli import build_parser
@@ -21,6 +22,7 @@ from zimage_server.pipelines import GenerationCancelled, GenerationSpec, OutOfMe
 from zimage_server.settings import SettingsError, load_settings
 
 URL = "/v1/images/generations"
+EDITS = "/v1/images/edits"
 SMALL = {"size": "64x64", "num_inference_steps": 2}
 KEY = "sk-test-0123456789"
 
@@ -84,6 +86,14 @@ def test_serve_help_masks_the_api_key_from_the_environment(monkeypatch, capsys):
     assert "Z_IMAGE_API_KEY" in out and KEY not in out
 
 
+def edit_form() -> list:
+    return [
+        ("prompt", (None, "a cat")),
+        ("num_inference_steps", (None, "2")),
+        ("image", ("image.png", encoded(picture()), "image/png")),
+    ]
+
+
 # --- API key and CORS --------------------------------------------------------------------------
 
 
@@ -94,9 +104,11 @@ def test_api_key_guards_v1_routes_and_leaves_probes_and_metrics_open(settings, e
             assert error["code"] == "invalid_api_key" and KEY not in str(error)
         # Refused before the body is read or validated.
         assert_envelope(client.post(URL, content=b"not json", headers={"content-type": "text/plain"}), 401)
+        assert_envelope(client.post(EDITS, files=edit_form()), 401)
         authorised = {"Authorization": f"Bearer {KEY}"}
         assert client.get("/v1/models", headers=authorised).status_code == 200
         assert client.post(URL, json={"prompt": "a", **SMALL}, headers=authorised).status_code == 200
+        assert client.post(EDITS, files=edit_form(), headers=authorised).status_code == 200
         for open_path in ("/health", "/ready", "/metrics", "/schema/openapi.json"):
             assert client.get(open_path).status_code == 200, open_path
 
@@ -177,6 +189,7 @@ def sample(text: str, name: str) -> float:
 def test_metrics_report_queue_batches_images_and_http_and_apps_do_not_collide(settings, engine):
     with serving(settings, engine) as first, serving(settings, engine, max_queue=7) as second:
         assert first.post(URL, json={"prompt": "a", "n": 2, **SMALL}).status_code == 200
+        assert first.post(EDITS, files=edit_form()).status_code == 200
         text = first.get("/metrics").text
         assert first.get("/metrics").headers["content-type"].startswith("text/plain")
         for name in (
@@ -184,10 +197,12 @@ def test_metrics_report_queue_batches_images_and_http_and_apps_do_not_collide(se
             "zimage_pipeline_seconds_count", "zimage_images_generated_total", "zimage_queue_wait_seconds_count",
         ):
             assert name in text, name
-        assert sample(text, "zimage_images_generated_total") == 2
-        assert sample(text, "zimage_batch_size_images_sum") == 2
+        assert sample(text, "zimage_images_generated_total") == 3
+        assert sample(text, "zimage_batch_size_images_sum") == 3
+        assert sample(text, "zimage_batch_size_images_count") == 2
         assert sample(text, "zimage_queue_capacity_images") == settings.max_queue
         assert 'path="/v1/images/generations"' in text  # Litestar's HTTP metrics, by route
+        assert 'path="/v1/images/edits"' in text
         assert 'path="/health"' not in text
         other = second.get("/metrics").text
         assert sample(other, "zimage_images_generated_total") == 0
