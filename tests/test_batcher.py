@@ -135,13 +135,19 @@ async def test_batch_wait_holds_a_lone_job_for_companions():
     await batcher.stop()
 
 
-@pytest.mark.anyio
-async def test_stop_drains_queued_jobs_and_refuses_new_ones():
+async def busy_batcher() -> tuple[FakeModel, Batcher, asyncio.Future]:
+    """A batcher whose worker is stuck in a call (until model.gate is set), and that call's future."""
     model = FakeModel()
     batcher = make_batcher(model)
     model.gate.clear()
     running = batcher.submit("k", 1, "running")
     await wait_until(lambda: batcher.queued_jobs == 0)
+    return model, batcher, running
+
+
+@pytest.mark.anyio
+async def test_stop_drains_queued_jobs_and_refuses_new_ones():
+    model, batcher, running = await busy_batcher()
     queued = [batcher.submit("k", 1, "queued-1"), batcher.submit("other", 1, "queued-2")]
     stopping = asyncio.ensure_future(batcher.stop(timeout=10))
     await asyncio.sleep(0.05)
@@ -155,11 +161,7 @@ async def test_stop_drains_queued_jobs_and_refuses_new_ones():
 
 @pytest.mark.anyio
 async def test_stop_fails_what_is_left_when_the_drain_times_out():
-    model = FakeModel()
-    batcher = make_batcher(model)
-    model.gate.clear()
-    running = batcher.submit("k", 1, "running")
-    await wait_until(lambda: batcher.queued_jobs == 0)
+    model, batcher, running = await busy_batcher()
     queued = batcher.submit("other", 1, "queued")
     await batcher.stop(timeout=0.2)
     for future in (running, queued):
