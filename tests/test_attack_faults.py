@@ -222,3 +222,24 @@ def test_sigterm_under_load_finishes_every_accepted_request_and_exits_0(models_d
     served = [line for line in log.splitlines() if "route=/v1/images/generations status=200" in line]
     assert len(served) == statuses[200], context
     assert ready_seen[(503, "draining")] > 0, context
+
+
+def test_a_drain_that_runs_out_of_time_answers_503_stops_the_run_and_still_exits_0(models_dir, tmp_path):
+    env = {**FAULTS_ON, "Z_IMAGE_DRAIN_TIMEOUT_S": "1"}
+    server = ServerProcess(models_dir, tmp_path / "server.log", env=env).start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # 40 steps of 0.5 s: 20 s, far past the 1 s drain.
+            stuck = pool.submit(post, server, "endless [[fault:slow=0.5]]", num_inference_steps=40)
+            wait_for(lambda: metric(server, "zimage_running_images") > 0, what="the run to start")
+            signalled = time.monotonic()
+            server.signal(signal.SIGINT)
+            response = stuck.result(timeout=30)
+            exit_code = server.wait(timeout=30)
+            took = time.monotonic() - signalled
+    finally:
+        server.stop()
+    assert assert_envelope(response, 503)["code"] == "shutting_down"
+    assert exit_code == 0, server.log()[-3000:]
+    assert took < 10, took  # the run stopped at its next step instead of finishing its 20 s
+    assert "drain timed out" in server.log() and "stopped early" in server.log()

@@ -163,11 +163,13 @@ async def test_stop_drains_queued_jobs_and_refuses_new_ones():
 async def test_stop_fails_what_is_left_when_the_drain_times_out():
     model, batcher, running = await busy_batcher()
     queued = batcher.submit("other", 1, "queued")
-    await batcher.stop(timeout=0.2)
+    stopping = asyncio.ensure_future(batcher.stop(timeout=0.2))
     for future in (running, queued):
         with pytest.raises(BatcherClosedError):
             await future
     model.gate.set()  # the stuck call ends; nobody is left to answer
+    await stopping
+    assert model.calls == [["running"]]  # the queued job was failed, not run
 
 
 @pytest.mark.anyio

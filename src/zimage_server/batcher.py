@@ -21,6 +21,8 @@ from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("zimage_server.batcher")
 
+WIND_DOWN_S = 10.0  # after a drain times out: how long a running call may take to notice
+
 P = TypeVar("P")
 R = TypeVar("R")
 
@@ -155,7 +157,11 @@ class Batcher(Generic[P, R]):
         except TimeoutError:
             left = self._fail_unanswered()
             log.warning("drain timed out after %g s; failed %d unfinished jobs", timeout, left)
-            self._worker.cancel()
+            # With its jobs gone the running call stops at its next step; give it that long to
+            # wind down (and say so in the log) before abandoning it.
+            _, running = await asyncio.wait({self._worker}, timeout=WIND_DOWN_S)
+            for worker in running:
+                worker.cancel()
 
     def _fail_unanswered(self) -> int:
         failed = 0
