@@ -109,7 +109,7 @@ def test_api_key_guards_v1_routes_and_leaves_probes_and_metrics_open(settings, e
         assert client.get("/v1/models", headers=authorised).status_code == 200
         assert client.post(URL, json={"prompt": "a", **SMALL}, headers=authorised).status_code == 200
         assert client.post(EDITS, files=edit_form(), headers=authorised).status_code == 200
-        for open_path in ("/health", "/ready", "/metrics", "/schema/openapi.json"):
+        for open_path in ("/", "/health", "/ready", "/metrics", "/schema/openapi.json"):
             assert client.get(open_path).status_code == 200, open_path
 
 
@@ -345,7 +345,7 @@ def test_a_cancelled_request_is_skipped_in_the_one_by_one_retry(engine):
 
 
 def test_the_job_observer_follows_its_future():
-    from zimage_server.api.routes import JobObserver, observed
+    from zimage_server.api.jobs import JobObserver, observed
 
     async def check():
         payload, observer = observed(spec("a"))
