@@ -210,7 +210,8 @@ class RequestLog:
             self.metrics.record_response(scope["path"], status)
             job: Job | None = scope["state"].get(JOB_KEY)
             access_log.info(
-                "request_id=%s method=%s route=%s status=%d queue_wait_ms=%s batch_size=%s pipeline_ms=%s total_ms=%.1f",
+                "request_id=%s method=%s route=%s status=%d "
+                "queue_wait_ms=%s batch_size=%s pipeline_ms=%s total_ms=%.1f",
                 request_id,
                 scope.get("method", "-"),
                 scope.get("path_template") or _short(scope["path"]),
