@@ -95,6 +95,13 @@ def serve(args: argparse.Namespace) -> None:
             fail(str(no_repo), EXIT_NO_MODEL)
         fetch_model = fetch_in_subprocess
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
+    from .pipelines import preflight
+
+    try:
+        preflight(settings)  # the device exists and the attention backend runs on it, before any weights load
+    except SettingsError as exc:
+        fail(str(exc), EXIT_BAD_SETTING)
+
     from .api import create_app
     from .api.shutdown import draining_server
 

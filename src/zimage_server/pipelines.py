@@ -1,4 +1,4 @@
-"""The only module that imports torch and diffusers: load the pipeline, warm it up, run batches.
+"""Load the pipeline, warm it up, run batches. With acceleration.py, the only modules that import torch and diffusers.
 
 All pipeline calls go through `ZImageEngine.lock`: a diffusers pipeline keeps per-call state on
 the object (and pipelines made with `from_pipe` share modules and the scheduler), so two calls
@@ -18,9 +18,11 @@ from typing import Any, Protocol, TypeVar
 import torch
 from PIL import Image
 
+from .acceleration import Acceleration, AttentionPlan, captions_need_mask, prepare_pipeline, resolve_attention
 from .faults import FaultInjector
 from .model_layout import verify_model_dir
-from .settings import Settings
+from .prompt_cache import PromptEmbeddingCache
+from .settings import Settings, SettingsError
 
 log = logging.getLogger("zimage_server.pipelines")
 
@@ -29,6 +31,11 @@ DEFAULT_STEPS = {"turbo": 8, "base": 50, "edit": 28}
 DEFAULT_GUIDANCE = {"turbo": 0.0, "base": 4.0, "edit": 4.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PIXELS_PER_TOKEN = 16  # VAE downsamples 8x and the transformer patches 2x2 latents.
+# With torch.compile, warm-up runs these (width, height, prompts): the default size first, so its
+# kernels specialise on it, then a second size and a two-prompt batch of unequal lengths, so the
+# compiled blocks turn dynamic in sequence length and batch and the masked path exists too. Other
+# sizes then reuse the dynamic kernels instead of compiling on a user's request.
+COMPILE_WARM_UP = ((1024, 1024, ("warm-up",)), (512, 512, ("warm-up", "a longer warm-up prompt " * 8)))
 
 # Z-Image decodes with the FLUX VAE (16 latent channels, same scaling and shift), so the linear fit
 # from FLUX latents to RGB that ComfyUI publishes for its previews (comfy/latent_formats.py, Flux)
@@ -161,7 +168,16 @@ class EditSpec(GenerationSpec):
 class ZImageEngine:
     """A loaded pipeline on its device, and the lock every call takes."""
 
-    def __init__(self, pipeline, settings: Settings, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        pipeline,
+        settings: Settings,
+        device: torch.device,
+        dtype: torch.dtype,
+        acceleration: Acceleration | None = None,
+    ):
+        from diffusers import ZImagePipeline
+
         self.pipeline = pipeline
         self.settings = settings
         self.variant = settings.variant
@@ -179,6 +195,15 @@ class ZImageEngine:
         # Omni takes images itself; turbo and base edit through pipelines that share their modules.
         edit_pipelines = (None, None) if self.variant == "edit" else self._edit_pipelines()
         self.img2img_pipeline, self.inpaint_pipeline = edit_pipelines
+        self.acceleration = acceleration or Acceleration(
+            offload="none", offload_reason="placed by the caller", attention=AttentionPlan("native", True), compile="off"
+        )
+        # The text-to-image pipeline takes per-prompt embeddings, so prompts go through the cache;
+        # the Omni (edit) pipeline's embeddings depend on its condition images, so it encodes itself.
+        self.caches_prompts = isinstance(pipeline, ZImagePipeline)
+        self.prompt_cache: PromptEmbeddingCache[torch.Tensor] = PromptEmbeddingCache(settings.prompt_cache)
+        # Where embeddings and latents must live; with model offload this is the GPU while weights rest on the CPU.
+        self.execution_device = pipeline._execution_device
 
     @property
     def default_steps(self) -> int:
@@ -239,24 +264,61 @@ class ZImageEngine:
             for start in range(0, len(flat), step):
                 chunk = flat[start : start + step]
                 self.pipeline_calls += 1
-                output = self._pipeline_for(first)(
-                    prompt=[spec.prompt for _, spec, _ in chunk],
-                    negative_prompt=[spec.negative_prompt or "" for _, spec, _ in chunk],
-                    generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in chunk],
-                    width=first.width,
-                    height=first.height,
-                    num_inference_steps=first.num_inference_steps,
-                    guidance_scale=first.guidance_scale,
-                    cfg_normalization=first.cfg_normalization,
-                    cfg_truncation=first.cfg_truncation,
-                    max_sequence_length=first.max_sequence_length,
-                    output_type="pil",
-                    callback_on_step_end=self._step_callback(chunk, self.faults),
-                    **self._image_inputs(first, chunk),
+                prompts, needs_mask = self._prompt_inputs(
+                    [spec.prompt for _, spec, _ in chunk],
+                    [spec.negative_prompt or "" for _, spec, _ in chunk],
+                    first.guidance_scale,
+                    first.max_sequence_length,
                 )
+                with self.acceleration.attention.applied(needs_mask):
+                    output = self._pipeline_for(first)(
+                        **prompts,
+                        generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in chunk],
+                        width=first.width,
+                        height=first.height,
+                        num_inference_steps=first.num_inference_steps,
+                        guidance_scale=first.guidance_scale,
+                        cfg_normalization=first.cfg_normalization,
+                        cfg_truncation=first.cfg_truncation,
+                        max_sequence_length=first.max_sequence_length,
+                        output_type="pil",
+                        callback_on_step_end=self._step_callback(chunk, self.faults),
+                        **self._image_inputs(first, chunk),
+                    )
                 for (index, _, _), image in zip(chunk, output.images, strict=True):
                     results[index].append(image)
         return results
+
+    def encode_prompts(self, texts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
+        """Per-text embeddings on the execution device, through the prompt cache. Call under the lock."""
+        return self.prompt_cache.encode(texts, max_sequence_length, self._encode_batch)
+
+    def _encode_batch(self, texts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
+        # The pipeline's own encoder: same chat template, padding and hidden layer as an uncached call.
+        # Without no_grad the cached tensors would keep the text encoder's autograd graph alive.
+        with torch.no_grad():
+            embeddings, _ = self.pipeline.encode_prompt(
+                prompt=texts,
+                device=self.execution_device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
+            )
+        return [embedding.to(self.execution_device) for embedding in embeddings]
+
+    def _prompt_inputs(
+        self, prompts: list[str], negatives: list[str], guidance_scale: float, max_sequence_length: int
+    ) -> tuple[dict, bool]:
+        """Pipeline keyword arguments for these prompts, and whether the call will need an attention mask."""
+        if not self.caches_prompts:
+            return {"prompt": prompts, "negative_prompt": negatives}, True
+        # Negative prompts only matter with classifier-free guidance (guidance_scale > 0).
+        cfg = guidance_scale > 0
+        embeddings = self.encode_prompts(prompts + negatives if cfg else prompts, max_sequence_length)
+        positive, negative = embeddings[: len(prompts)], embeddings[len(prompts) :]
+        from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+        needs_mask = captions_need_mask([len(e) for e in embeddings], SEQ_MULTI_OF)
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative if cfg else None}, needs_mask
 
     @staticmethod
     def _step_callback(chunk: list[tuple[int, GenerationSpec, int]], faults: FaultInjector | None = None):
@@ -348,24 +410,30 @@ class ZImageEngine:
             "peak": torch.cuda.max_memory_allocated(self.device),
         }
 
-    def warm_up(self) -> float:
-        """One tiny generation and one tiny edit, so lazy initialisation is not paid by the first user."""
-        started = time.perf_counter()
-        spec = GenerationSpec(
-            prompt="warm-up",
+    def _warm_up_spec(self, prompt: str, seed: int, width: int, height: int) -> GenerationSpec:
+        return GenerationSpec(
+            prompt=prompt,
             negative_prompt=None,
-            seeds=(0,),
-            width=64,
-            height=64,
+            seeds=(seed,),
+            width=width,
+            height=height,
             num_inference_steps=1,
             guidance_scale=self.default_guidance,
             cfg_normalization=False,
             cfg_truncation=1.0,
             max_sequence_length=64,
         )
-        self.generate([spec])
+
+    def warm_up(self, compile_shapes: tuple = COMPILE_WARM_UP) -> float:
+        """Generations (at the sizes users send, when compiling) and one tiny edit, so that lazy
+        initialisation and compilation are not paid by the first user."""
+        started = time.perf_counter()
+        shapes = compile_shapes if self.acceleration.compile != "off" else ((64, 64, ("warm-up",)),)
+        for width, height, prompts in shapes:
+            self.generate([self._warm_up_spec(prompt, index, width, height) for index, prompt in enumerate(prompts)])
         # The first edit would otherwise pay for the VAE encoder's (and Omni's SigLIP's) first run.
         gray = Image.new("RGB", (64, 64), (128, 128, 128))
+        spec = self._warm_up_spec("warm-up", 0, 64, 64)
         self.generate([EditSpec.from_generation(spec, images=(gray,), strength=None if self.variant == "edit" else 1.0)])
         return time.perf_counter() - started
 
@@ -381,12 +449,30 @@ def load_engine(settings: Settings) -> ZImageEngine:
     pipeline_class = ZImageOmniPipeline if settings.variant == "edit" else ZImagePipeline
     started = time.perf_counter()
     pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=True)
     log.info(
-        "loaded %s from %s on %s in %s (%.1f s)", pipeline_class.__name__, model_dir, device, dtype,
-        time.perf_counter() - started,
+        "loaded %s from %s in %s (%.1f s)", pipeline_class.__name__, model_dir, dtype, time.perf_counter() - started
     )
-    engine = ZImageEngine(pipeline, settings, device, dtype)
-    log.info("warm-up generation took %.2f s", engine.warm_up())
+    return start_engine(pipeline, settings, device, dtype)
+
+
+def start_engine(pipeline, settings: Settings, device: torch.device, dtype: torch.dtype) -> ZImageEngine:
+    """Place a loaded pipeline (offload, attention, compile as settings say) and warm it up."""
+    pipeline.set_progress_bar_config(disable=True)
+    acceleration = prepare_pipeline(
+        pipeline, device, dtype, offload=settings.offload, attention=settings.attention, compile=settings.compile
+    )
+    engine = ZImageEngine(pipeline, settings, device, dtype, acceleration)
+    log.info("warm-up took %.2f s", engine.warm_up())
     return engine
+
+
+def preflight(settings: Settings) -> None:
+    """Checks that need torch but no weights: the device exists and the attention backend runs on it.
+
+    Raises SettingsError, so `zimage-server serve` fails with one line before loading anything.
+    """
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError as exc:
+        raise SettingsError(f"invalid Z_IMAGE_DEVICE={settings.device!r}: {exc}") from None
+    resolve_attention(settings.attention, device, resolve_dtype(settings.dtype, device, settings.variant))

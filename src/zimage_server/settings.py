@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,10 @@ class Settings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     drain_timeout_s: float = 120.0
+    offload: str = "auto"
+    attention: str = "auto"
+    compile: str = "off"
+    prompt_cache: int = 64
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -103,6 +108,15 @@ def _float_min(low: float, *, strict: bool = False) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _backend_name(raw: str) -> str:
+    # Only the spelling is checked here (no torch import before start-up); whether the backend
+    # runs on the chosen device is checked by pipelines.preflight before anything loads.
+    value = raw.strip().lower()
+    if not re.fullmatch(r"[a-z0-9_]+", value):
+        raise ValueError("must be auto or a diffusers attention backend name such as native, _native_cudnn, flash")
+    return value
 
 
 def _optional_str(raw: str) -> str | None:
@@ -210,6 +224,31 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Z_IMAGE_DRAIN_TIMEOUT_S",
         _float_min(0),
         "on SIGTERM/SIGINT, seconds to let accepted work finish before exiting",
+    ),
+    SettingSpec(
+        "offload",
+        "Z_IMAGE_OFFLOAD",
+        _choice("auto", "none", "text_encoder", "model"),
+        "GPU memory mode: none (all resident), text_encoder (streamed in to encode), model (each component "
+        "moved in turn); auto picks none when everything fits, else the lightest mode that does",
+    ),
+    SettingSpec(
+        "attention",
+        "Z_IMAGE_ATTENTION",
+        _backend_name,
+        "diffusers attention backend (native, _native_cudnn, flash, _flash_3, ...); auto picks the fastest that works",
+    ),
+    SettingSpec(
+        "compile",
+        "Z_IMAGE_COMPILE",
+        _choice("off", "regional", "full"),
+        "torch.compile the transformer's repeated blocks (regional) or all of it (full), during warm-up",
+    ),
+    SettingSpec(
+        "prompt_cache",
+        "Z_IMAGE_PROMPT_CACHE",
+        _int_range(0, 100_000),
+        "prompt embeddings kept in an LRU cache so repeated prompts skip the text encoder (0 disables)",
     ),
 )
 

@@ -1,0 +1,266 @@
+"""Where the weights live (offload modes), which attention kernel runs, and what gets compiled.
+
+`prepare_pipeline` is the one entry point the loader calls: it places a loaded pipeline on its
+device in the chosen offload mode, picks and checks the attention backend, and compiles the
+transformer if asked. Compilation itself happens lazily on the first call, which is why the
+engine's warm-up runs at the sizes users send (see `ZImageEngine.warm_up`).
+
+The choice of offload mode is a pure function of free GPU memory and component sizes
+(`choose_offload`), so it is unit-tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .settings import SettingsError
+
+log = logging.getLogger("zimage_server.acceleration")
+
+GIB = 1024**3
+# Activations of one 1024x1024 call with VAE slicing, plus allocator slack. A first estimate:
+# benchmark 3 records the real peak per mode (docs/benchmarks.md) and this should follow it.
+WORKING_MEMORY_BYTES = 3 * GIB
+# Tried in order when Z_IMAGE_ATTENTION=auto on CUDA; the first that runs and agrees with a
+# float32 reference wins. FA3 and cuDNN beat PyTorch's built-in flash kernel on Hopper; benchmark 3
+# times each one available so this order can follow measurements.
+AUTO_ATTENTION_CUDA = ("_flash_3", "_native_cudnn", "flash", "native")
+# Batches whose prompts pad to different lengths need an attention mask; backends that refuse
+# masks run those calls with this one instead.
+MASKED_FALLBACK_ATTENTION = "native"
+TEXT_ENCODER_BLOCKS_ON_DEVICE = 2  # the block being run and the one prefetched by the copy stream
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """Bytes of weights per component at the loaded dtype; `text_encoder_streamed` is what the text
+    encoder holds on the device while it encodes block by block (embeddings, norms, two blocks)."""
+
+    text_encoder: int
+    text_encoder_streamed: int
+    transformer: int
+    vae: int
+
+
+def choose_offload(free_bytes: int, sizes: ComponentSizes, working_bytes: int = WORKING_MEMORY_BYTES) -> tuple[str, str]:
+    """The lightest offload mode whose peak fits in `free_bytes`, and why, in words for the log."""
+    everything = sizes.text_encoder + sizes.transformer + sizes.vae + working_bytes
+    if everything <= free_bytes:
+        return "none", f"all components need ~{everything / GIB:.1f} GiB and {free_bytes / GIB:.1f} GiB is free"
+    # Streamed, the text encoder's blocks are on the device only while it encodes, when the
+    # denoising activations are not, so the two share the same room.
+    streamed = sizes.transformer + sizes.vae + max(sizes.text_encoder_streamed, working_bytes)
+    if streamed <= free_bytes:
+        return "text_encoder", (
+            f"all components need ~{everything / GIB:.1f} GiB but {free_bytes / GIB:.1f} GiB is free; "
+            f"with the text encoder streamed in to encode, ~{streamed / GIB:.1f} GiB"
+        )
+    largest = max(sizes.text_encoder, sizes.transformer, sizes.vae) + working_bytes
+    fits = "fits" if largest <= free_bytes else "may not fit either"
+    return "model", (
+        f"with the text encoder streamed in, ~{streamed / GIB:.1f} GiB is needed but {free_bytes / GIB:.1f} GiB is free; "
+        f"one component at a time needs ~{largest / GIB:.1f} GiB, which {fits}"
+    )
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def component_sizes(pipeline) -> ComponentSizes:
+    text_encoder = module_bytes(pipeline.text_encoder)
+    blocks = [module_bytes(block) for block in _block_list(pipeline.text_encoder)]
+    resident = text_encoder - sum(blocks) + TEXT_ENCODER_BLOCKS_ON_DEVICE * max(blocks, default=0)
+    return ComponentSizes(
+        text_encoder=text_encoder,
+        text_encoder_streamed=resident,
+        transformer=module_bytes(pipeline.transformer),
+        vae=module_bytes(pipeline.vae),
+    )
+
+
+def _block_list(module: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """The longest ModuleList inside a module: the repeated layers block-level offloading streams."""
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len, default=[])
+
+
+def resolve_offload(setting: str, pipeline, device: torch.device) -> tuple[str, str]:
+    """The offload mode to use and the reason, for Z_IMAGE_OFFLOAD=`setting` on `device`."""
+    if setting != "auto":
+        return setting, f"Z_IMAGE_OFFLOAD={setting}"
+    if device.type != "cuda":
+        return "none", f"the device is {device.type}; offloading only saves accelerator memory"
+    free, _total = torch.cuda.mem_get_info(device)
+    # Weights already on this GPU (a pipeline built there) count as room they already take.
+    on_device = sum(
+        t.numel() * t.element_size()
+        for name in ("text_encoder", "transformer", "vae")
+        for t in getattr(pipeline, name).parameters()
+        if t.device.type == "cuda"
+    )
+    return choose_offload(free + on_device, component_sizes(pipeline))
+
+
+def place_pipeline(pipeline, device: torch.device, mode: str) -> None:
+    """Put the components where `mode` wants them. Works whether the pipeline starts on the CPU or the device."""
+    if mode == "none":
+        pipeline.to(device)
+        return
+    # Offload modes are the memory-tight ones: decode batched images one at a time, since a
+    # batched VAE decode at 1024x1024 needs several GiB per image of activations at once.
+    pipeline.vae.enable_slicing()
+    if mode == "model":
+        pipeline.to("cpu")
+        pipeline.enable_model_cpu_offload(device=device)
+        return
+    if mode != "text_encoder":
+        raise ValueError(f"unknown offload mode {mode!r}")
+    from diffusers.hooks import apply_group_offloading
+
+    pipeline.transformer.to(device)
+    pipeline.vae.to(device)
+    pipeline.text_encoder.to("cpu")
+    # Block by block from pinned CPU memory on a side stream, so copying block i+1 overlaps
+    # computing block i, and offloading is a pointer swap back to the pinned copy (no copy out).
+    streams = device.type == "cuda"
+    apply_group_offloading(
+        pipeline.text_encoder,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=streams,
+    )
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The attention backend every call uses, and whether it takes the padding masks mixed-length batches need."""
+
+    backend: str
+    handles_masks: bool
+
+    def backend_for(self, needs_mask: bool) -> str:
+        return self.backend if self.handles_masks or not needs_mask else MASKED_FALLBACK_ATTENTION
+
+    @contextlib.contextmanager
+    def applied(self, needs_mask: bool) -> Iterator[str]:
+        """Run the enclosed pipeline call with this plan's backend (the fallback when a mask is needed)."""
+        from diffusers.models.attention_dispatch import attention_backend
+
+        name = self.backend_for(needs_mask)
+        with attention_backend(name):
+            yield name
+
+
+def probe_attention(name: str, device: torch.device, dtype: torch.dtype) -> tuple[str | None, bool]:
+    """Run `name` on small Z-Image-shaped tensors: (why it is unusable or None, whether it takes masks)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend, dispatch_attention_fn
+
+    known = sorted(b.value for b in AttentionBackendName)
+    if name not in known:
+        return f"unknown backend; diffusers offers {', '.join(known)}", False
+    generator = torch.Generator("cpu").manual_seed(0)
+    # (batch, sequence, heads, head_dim) as diffusers lays them out; head_dim 128 as in Z-Image.
+    q, k, v = (torch.randn(2, 96, 2, 128, generator=generator).to(device, dtype) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 96, dtype=torch.bool, device=device)
+    mask[1, :, :, 64:] = False  # the second item is shorter: the padding mask a mixed batch carries
+
+    def reference(attn_mask):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            *(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=attn_mask
+        )
+        return out.transpose(1, 2)
+
+    def run(attn_mask):
+        with attention_backend(name):
+            return dispatch_attention_fn(q, k, v, attn_mask=attn_mask).float()
+
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    try:
+        if (run(None) - reference(None)).abs().max().item() > tolerance:
+            return f"its output disagrees with a float32 reference on {device.type}", False
+    except Exception as exc:  # noqa: BLE001 - any failure means this backend cannot serve here
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'failed'}", False
+    try:
+        ok = (run(mask) - reference(mask)).abs().max().item() <= tolerance
+    except Exception:  # noqa: BLE001 - refusing masks is fine: such calls use the fallback
+        ok = False
+    return None, ok
+
+
+def resolve_attention(setting: str, device: torch.device, dtype: torch.dtype) -> AttentionPlan:
+    """The backend for Z_IMAGE_ATTENTION=`setting` on this device; SettingsError if it cannot run here."""
+    if setting != "auto":
+        problem, handles_masks = probe_attention(setting, device, dtype)
+        if problem:
+            raise SettingsError(f"invalid Z_IMAGE_ATTENTION={setting!r}: not usable on {device.type}: {problem}")
+        return AttentionPlan(setting, handles_masks)
+    candidates = AUTO_ATTENTION_CUDA if device.type == "cuda" else ("native",)
+    for name in candidates:
+        problem, handles_masks = probe_attention(name, device, dtype)
+        if problem is None:
+            return AttentionPlan(name, handles_masks)
+        log.info("attention backend %s skipped: %s", name, problem)
+    raise SettingsError(f"no attention backend works on {device.type}: tried {', '.join(candidates)}")
+
+
+def apply_compile(transformer: torch.nn.Module, mode: str, backend: str = "inductor") -> None:
+    """Mark the transformer for torch.compile; the compiling itself happens on its first calls (the warm-up)."""
+    if mode == "off":
+        return
+    if mode == "regional":
+        # The 30 identical blocks compile once and share the code: seconds, not minutes, and
+        # nearly all of the speed of compiling the whole model.
+        transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+    elif mode == "full":
+        # The forward pass builds Python lists of per-image tensors, so it cannot be one graph.
+        transformer.compile(backend=backend)
+    else:
+        raise ValueError(f"unknown compile mode {mode!r}")
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """What `prepare_pipeline` chose, for logs, metrics and the benchmark JSON."""
+
+    offload: str
+    offload_reason: str
+    attention: AttentionPlan
+    compile: str
+
+
+def prepare_pipeline(
+    pipeline,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    offload: str,
+    attention: str,
+    compile: str,
+    compile_backend: str = "inductor",
+) -> Acceleration:
+    """Place the pipeline, choose attention, mark compilation. Raises SettingsError for an unusable backend."""
+    plan = resolve_attention(attention, device, dtype)
+    mode, reason = resolve_offload(offload, pipeline, device)
+    place_pipeline(pipeline, device, mode)
+    apply_compile(pipeline.transformer, compile, compile_backend)
+    log.info("offload: %s (%s)", mode, reason)
+    log.info(
+        "attention: %s%s; compile: %s",
+        plan.backend,
+        "" if plan.handles_masks else f" ({MASKED_FALLBACK_ATTENTION} for mixed-length batches, which need masks)",
+        compile,
+    )
+    return Acceleration(offload=mode, offload_reason=reason, attention=plan, compile=compile)
+
+
+def captions_need_mask(lengths: Sequence[int], multiple: int) -> bool:
+    """Whether the transformer will build an attention mask: caption lengths padded to `multiple` differ."""
+    return len({-(-length // multiple) for length in lengths}) > 1

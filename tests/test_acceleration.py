@@ -1,0 +1,102 @@
+"""Offload choice, attention backends and compile modes, on the CPU and with the tiny pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_settings_and_cli import run_cli
+from zimage_server.acceleration import (
+    GIB,
+    AttentionPlan,
+    ComponentSizes,
+    captions_need_mask,
+    choose_offload,
+    component_sizes,
+    resolve_attention,
+)
+from zimage_server.settings import SettingsError, load_settings
+
+# The real Z-Image-Turbo in bf16 (REFERENCE.md): text encoder 7.5 GiB, transformer 11.5 GiB, VAE 0.16 GiB.
+REAL = ComponentSizes(
+    text_encoder=int(7.5 * GIB), text_encoder_streamed=int(1.2 * GIB), transformer=int(11.5 * GIB), vae=int(0.16 * GIB)
+)
+
+
+@pytest.mark.parametrize(
+    "free_gib, mode",
+    [(79, "none"), (23, "none"), (21, "text_encoder"), (15.5, "text_encoder"), (14.6, "model"), (8, "model")],
+)
+def test_offload_is_the_lightest_mode_that_fits(free_gib, mode):
+    chosen, reason = choose_offload(int(free_gib * GIB), REAL, working_bytes=3 * GIB)
+    assert chosen == mode
+    assert f"{free_gib:.1f} GiB" in reason
+
+
+def test_offload_reason_says_when_even_model_offload_may_not_fit():
+    chosen, reason = choose_offload(4 * GIB, REAL, working_bytes=3 * GIB)
+    assert chosen == "model" and "may not fit" in reason
+
+
+def test_component_sizes_of_the_tiny_pipeline(engine):
+    sizes = component_sizes(engine.pipeline)
+    # Two text-encoder blocks stay on the device while streaming; the tiny encoder only has two.
+    assert 0 < sizes.text_encoder_streamed <= sizes.text_encoder
+    assert sizes.transformer > 0 and sizes.vae > 0
+
+
+def test_new_settings_parse_and_default():
+    settings = load_settings(env={})
+    assert (settings.offload, settings.attention, settings.compile, settings.prompt_cache) == ("auto", "auto", "off", 64)
+    env = {"Z_IMAGE_OFFLOAD": "text_encoder", "Z_IMAGE_ATTENTION": "_native_cudnn", "Z_IMAGE_COMPILE": "Regional"}
+    settings = load_settings(env=env, overrides={"prompt_cache": "0"})
+    assert (settings.offload, settings.attention, settings.compile, settings.prompt_cache) == (
+        "text_encoder",
+        "_native_cudnn",
+        "regional",
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"Z_IMAGE_OFFLOAD": "sequential"}, "Z_IMAGE_OFFLOAD"),
+        ({"Z_IMAGE_COMPILE": "max"}, "Z_IMAGE_COMPILE"),
+        ({"Z_IMAGE_PROMPT_CACHE": "-1"}, "Z_IMAGE_PROMPT_CACHE"),
+        ({"Z_IMAGE_ATTENTION": "flash attn"}, "Z_IMAGE_ATTENTION"),
+    ],
+)
+def test_bad_acceleration_settings_name_the_setting(env, name):
+    with pytest.raises(SettingsError, match=name):
+        load_settings(env=env)
+
+
+def test_auto_attention_on_cpu_is_native_and_takes_masks():
+    assert resolve_attention("auto", torch.device("cpu"), torch.float32) == AttentionPlan("native", True)
+
+
+@pytest.mark.parametrize("name", ["flash", "_flash_3", "no_such_backend"])
+def test_an_unusable_attention_backend_is_a_settings_error(name):
+    with pytest.raises(SettingsError, match=f"Z_IMAGE_ATTENTION='{name}'"):
+        resolve_attention(name, torch.device("cpu"), torch.float32)
+
+
+def test_serve_with_an_unusable_attention_backend_fails_in_one_line(models_dir):
+    result = run_cli("serve", "--attention", "flash", env={"MODELS_DIR": str(models_dir), "Z_IMAGE_DEVICE": "cpu"})
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "Z_IMAGE_ATTENTION='flash'" in line and "not usable on cpu" in line
+
+
+def test_a_maskless_backend_hands_mixed_length_batches_to_the_fallback():
+    plan = AttentionPlan("_flash_3", handles_masks=False)
+    assert plan.backend_for(needs_mask=False) == "_flash_3"
+    assert plan.backend_for(needs_mask=True) == "native"
+    assert AttentionPlan("native", True).backend_for(needs_mask=True) == "native"
+
+
+def test_captions_need_a_mask_only_when_their_padded_lengths_differ():
+    assert not captions_need_mask([5, 17, 32], 32)
+    assert captions_need_mask([32, 33], 32)
+    assert not captions_need_mask([40], 32)
