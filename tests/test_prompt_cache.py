@@ -86,5 +86,9 @@ def test_a_hit_does_not_call_the_text_encoder(engine, settings):
 
 def test_embeddings_are_the_pipelines_own(engine):
     [embedding] = engine.encode_prompts(["a cat"], 64)
-    expected, _ = engine.pipeline.encode_prompt(["a cat"], device="cpu", do_classifier_free_guidance=False, max_sequence_length=64)
+    expected, _ = engine.pipeline.encode_prompt(
+        ["a cat"], device="cpu", do_classifier_free_guidance=False, max_sequence_length=64
+    )
     assert torch.equal(embedding, expected[0])
+    # Cached tensors must not hold the text encoder's autograd graph (on a GPU, its activations).
+    assert not embedding.requires_grad and embedding.grad_fn is None

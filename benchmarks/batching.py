@@ -1,0 +1,190 @@
+"""Benchmark 2: what batching buys under concurrent load (CPU, tiny model).
+
+    PYTHONPATH=src python benchmarks/batching.py [--rounds 3] [--out benchmarks/results]
+
+Two real `zimage-server serve` child processes, Z_IMAGE_MAX_BATCH_SIZE=1 and =8, loaded side by
+side; only one is driven at a time, alternating, round after round. Each phase runs C clients
+(threads, one connection each) that send requests back to back, every one with its own prompt.
+Reports images/s and p50/p95 latency at 1, 4 and 16 clients, and as the ceiling the pipeline alone
+at batch 1 vs batch 8, interleaved in this process. Target: at 16 clients, batched >= 2.0x images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from common import (
+    add_threads_option,
+    DEFAULT_OUT,
+    generate_over_http,
+    median,
+    percentile,
+    print_table,
+    running_server,
+    set_threads,
+    tiny_models_dir,
+    write_record,
+)
+
+TARGET_RATIO = 2.0
+BATCH_SIZES = (1, 8)
+
+
+def drive(base_url: str, clients: int, requests_per_client: int, size: int, steps: int, tag: str) -> tuple[float, list[float]]:
+    """C clients, each sending its requests back to back; (wall seconds, per-request latencies)."""
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client_loop(index: int) -> None:
+        try:
+            with httpx.Client(timeout=300) as client:
+                barrier.wait()
+                for j in range(requests_per_client):
+                    body = {
+                        "prompt": f"a lighthouse at dawn, {tag}, client {index}, request {j}",
+                        "size": f"{size}x{size}",
+                        "num_inference_steps": steps,
+                        "seed": j,
+                    }
+                    started = time.perf_counter()
+                    generate_over_http(client, base_url, body)
+                    with lock:
+                        latencies.append(time.perf_counter() - started)
+        except BaseException as exc:  # noqa: BLE001 - reported after the phase
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join(timeout=600)
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"a client failed: {errors[0]!r}")
+    return wall, latencies
+
+
+def pipeline_ceiling(models_dir: Path, size: int, steps: int, rounds: int) -> dict:
+    """The pipeline alone: images/s at batch 1 and batch 8, interleaved."""
+    import torch
+    from diffusers import ZImagePipeline
+
+    pipeline = ZImagePipeline.from_pretrained(models_dir / "z-image-turbo")
+    pipeline.set_progress_bar_config(disable=True)
+
+    def call(batch: int, tag: int) -> float:
+        started = time.perf_counter()
+        pipeline(
+            [f"a lighthouse at dawn, {tag}, {i}" for i in range(batch)],
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)],
+        )
+        return batch / (time.perf_counter() - started)
+
+    rates: dict[int, list[float]] = {1: [], 8: []}
+    for r in range(-1, rounds * 3):
+        for batch in (1, 8) if r % 2 else (8, 1):
+            rate = call(batch, r)
+            if r >= 0:
+                rates[batch].append(rate)
+    return {f"batch_{b}_images_per_s": median(v) for b, v in rates.items()} | {
+        "ratio": median(rates[8]) / median(rates[1])
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=48, help="requests per phase (split across the clients)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    add_threads_option(parser)
+    parser.add_argument("--smoke", action="store_true", help="one short round, to check the script runs")
+    args = parser.parse_args()
+    rounds, requests = (1, 8) if args.smoke else (args.rounds, args.requests)
+    clients_list = [1, 4] if args.smoke else args.clients
+
+    set_threads(args.threads)
+    models_dir = tiny_models_dir()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "batching.server.log"
+    rates: dict[tuple[int, int], list[float]] = {}
+    latencies: dict[tuple[int, int], list[float]] = {}
+    with (
+        running_server(models_dir, log, args.threads, device="cpu", max_batch_size="1", max_queue="64") as unbatched,
+        running_server(models_dir, log, args.threads, device="cpu", max_batch_size="8", max_queue="64") as batched,
+    ):
+        servers = {1: unbatched, 8: batched}
+        for batch_size, url in servers.items():  # warm both (connection set-up, first-request paths)
+            drive(url, 2, 2, args.size, args.steps, f"warm {batch_size}")
+        for r in range(rounds):
+            for clients in clients_list:
+                order = BATCH_SIZES if (r + clients) % 2 else BATCH_SIZES[::-1]
+                for batch_size in order:
+                    per_client = max(1, requests // clients)
+                    wall, lat = drive(servers[batch_size], clients, per_client, args.size, args.steps, f"r{r}")
+                    rates.setdefault((clients, batch_size), []).append(clients * per_client / wall)
+                    latencies.setdefault((clients, batch_size), []).extend(lat)
+    ceiling = pipeline_ceiling(models_dir, args.size, args.steps, 1 if args.smoke else args.rounds)
+
+    results: dict = {"phases": []}
+    table = [["clients", "max batch", "images/s", "p50 ms", "p95 ms", "x unbatched"]]
+    for clients in clients_list:
+        base = median(rates[(clients, 1)])
+        for batch_size in BATCH_SIZES:
+            key = (clients, batch_size)
+            row = {
+                "clients": clients,
+                "max_batch_size": batch_size,
+                "images_per_s": median(rates[key]),
+                "images_per_s_rounds": rates[key],
+                "p50_s": percentile(latencies[key], 50),
+                "p95_s": percentile(latencies[key], 95),
+                "ratio_to_unbatched": median(rates[key]) / base,
+            }
+            results["phases"].append(row)
+            table.append(
+                [clients, batch_size, row["images_per_s"], row["p50_s"] * 1000, row["p95_s"] * 1000, row["ratio_to_unbatched"]]
+            )
+    table.append(["pipeline alone", "1 -> 8", ceiling["batch_8_images_per_s"], "", "", ceiling["ratio"]])
+    top = max(clients_list)
+    ratio = median(rates[(top, 8)]) / median(rates[(top, 1)])
+    results |= {
+        "pipeline_alone": ceiling,
+        "ratio_at_most_clients": ratio,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+    }
+    config = {
+        "size": args.size,
+        "steps": args.steps,
+        "rounds": rounds,
+        "clients": clients_list,
+        "requests_per_phase": requests,
+        "threads": args.threads,
+        "smoke": args.smoke,
+        "device": "cpu",
+    }
+    path = write_record(args.out, "batching", config, results, table)
+    print(f"wrote {path}")
+    print(f"batched / unbatched at {top} clients = {ratio:.2f}x (target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'missed'})")
+    print_table(table)
+
+
+if __name__ == "__main__":
+    main()

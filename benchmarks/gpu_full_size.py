@@ -1,0 +1,600 @@
+"""Benchmark 3: the full-size Z-Image architecture with random weights, on one GPU.
+
+    PYTHONPATH=src python benchmarks/gpu_full_size.py --out $OUT [--budget-s 400]
+    PYTHONPATH=src python benchmarks/gpu_full_size.py --smoke --out /tmp/bench   # same code, CPU, tiny config
+
+Needs only torch, diffusers, transformers and this package (plus litestar/uvicorn/httpx for the
+HTTP section). The models are built directly on the GPU in bf16 from the real configs
+(REFERENCE.md), so no weights are downloaded and no 10B-parameter init runs on the CPU; speed
+does not depend on the weights' values. Sections, each timed with the GPU synchronised:
+
+  startup     build the three models on the GPU, then place, probe attention and warm up as `serve` does
+  stages      at 512 and 1024, 8 steps: text encoding, every denoising step, VAE decode, the whole call
+  throughput  images/s at batch 1, 2 and 4 (distinct prompts), at 512 and 1024
+  attention   the whole 1024 call with each attention backend that runs here, interleaved
+  compile     off vs regional (repeated blocks), interleaved after a timed compiling warm-up
+  http        the same 1024 request direct and over HTTP (in-process uvicorn), interleaved
+  offload     peak memory (allocated and reserved) and latency at 1024 in each offload mode
+
+The JSON under --out is rewritten after every section, so a run cut short keeps what it measured;
+a section that would start past --budget-s is recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from common import DEFAULT_OUT, free_port, median, print_table, write_record
+from zimage_server.pipelines import COMPILE_WARM_UP
+
+# The real Z-Image-Turbo architecture (REFERENCE.md): Qwen3-4B text encoder, the 6.15B
+# single-stream transformer, the FLUX-style VAE.
+FULL = {
+    "transformer": dict(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=3840,
+        n_layers=30,
+        n_refiner_layers=2,
+        n_heads=30,
+        n_kv_heads=30,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=2560,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[32, 48, 48],
+        axes_lens=[1536, 512, 512],
+    ),
+    "text_encoder": dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "vae": dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+}
+# The same shapes scaled down (the tiny test pipeline's), for --smoke on a CPU.
+SMOKE = {
+    "transformer": FULL["transformer"]
+    | dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4]),
+    "text_encoder": FULL["text_encoder"]
+    | dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=384,
+        max_position_embeddings=1024,
+    ),
+    "vae": FULL["vae"] | dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8),
+}
+# Never timed: they need hub downloads or other hardware; flex is only fast compiled.
+SKIPPED_BACKENDS = ("_native_npu", "_native_xla", "flex")
+
+
+@dataclasses.dataclass
+class Plan:
+    device: torch.device
+    dtype: torch.dtype
+    config: dict
+    sizes: tuple[int, ...]
+    steps: int
+    reps: int
+    batches: tuple[int, ...]
+    compile_backend: str
+    compile_warm_up: tuple  # (width, height, prompts) the compiling warm-up runs; the server's own for full size
+    smoke: bool
+
+
+class Clock:
+    """Wall time with the device synchronised at both ends, so GPU work is inside the measurement."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def timed(self, into: list[float]) -> Iterator[None]:
+        self.sync()
+        started = time.perf_counter()
+        yield
+        self.sync()
+        into.append(time.perf_counter() - started)
+
+
+def build_pipeline(plan: Plan):
+    """ZImagePipeline with random weights, every tensor created on the target device in the target dtype."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage_server.testing import build_tokenizer
+
+    tokenizer = build_tokenizer()  # a small offline vocabulary; every id is valid for the real embedding table
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        # Allocated and initialised in place: on a GPU, no 10B-parameter pass through the CPU.
+        torch.set_default_dtype(plan.dtype)
+        with torch.device(plan.device):
+            text_encoder = Qwen3Model(Qwen3Config(**plan.config["text_encoder"], pad_token_id=tokenizer.pad_token_id))
+            transformer = ZImageTransformer2DModel(**plan.config["transformer"])
+            vae = AutoencoderKL(**plan.config["vae"])
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for token in (transformer.x_pad_token, transformer.cap_pad_token):
+            token.fill_(1.0)
+    # Random weights make activations grow layer by layer; scaling the output projections keeps
+    # them finite in bf16 (values never change the speed, but NaNs would make the images meaningless).
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if name.endswith(("to_out.0.weight", "w2.weight")):
+                parameter.mul_(0.1)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipeline = ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    return pipeline
+
+
+def prompt(tag: str) -> str:
+    # Unique per call, so the prompt cache never answers unless a section means it to.
+    return f"a lighthouse at dawn on a rocky coast, watercolor, soft light, {tag} {time.perf_counter_ns()}"
+
+
+class Bench:
+    def __init__(self, plan: Plan, out: Path, budget_s: float):
+        self.plan = plan
+        self.out = out
+        self.budget_s = budget_s
+        self.started = time.perf_counter()
+        self.clock = Clock(plan.device)
+        self.results: dict = {"sections": {}}
+        self.engine = None
+        self.settings = None
+        self.table: list[list] = [["measure", "value"]]
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def section(self, name: str, run: Callable[[], dict]) -> None:
+        if self.elapsed() > self.budget_s:
+            self.results["sections"][name] = {"skipped": f"budget of {self.budget_s:.0f} s spent"}
+        else:
+            began = time.perf_counter()
+            try:
+                outcome = run()
+            except Exception as exc:  # noqa: BLE001 - one failed section must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                outcome = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            outcome["section_s"] = time.perf_counter() - began
+            self.results["sections"][name] = outcome
+        self.save()
+
+    def save(self) -> None:
+        plan = self.plan
+        config = {
+            "device": str(plan.device),
+            "dtype": str(plan.dtype),
+            "sizes": plan.sizes,
+            "steps": plan.steps,
+            "reps": plan.reps,
+            "batches": plan.batches,
+            "smoke": plan.smoke,
+            "budget_s": self.budget_s,
+            "architecture": "smoke (scaled down)" if plan.smoke else "full size (REFERENCE.md)",
+        }
+        self.results["elapsed_s"] = self.elapsed()
+        write_record(self.out, "gpu_full_size", config, self.results, self.table)
+
+    def memory(self) -> dict:
+        if self.plan.device.type != "cuda":
+            return {"max_allocated_gib": None, "max_reserved_gib": None}
+        return {
+            "max_allocated_gib": torch.cuda.max_memory_allocated(self.plan.device) / 1024**3,
+            "max_reserved_gib": torch.cuda.max_memory_reserved(self.plan.device) / 1024**3,
+        }
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        if self.plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.plan.device)
+
+    def spec(self, size: int, tag: str, n: int = 1):
+        from zimage_server.pipelines import GenerationSpec
+
+        return [
+            GenerationSpec(
+                prompt=prompt(f"{tag} {i}"),
+                negative_prompt=None,
+                seeds=(i,),
+                width=size,
+                height=size,
+                num_inference_steps=self.plan.steps,
+                guidance_scale=0.0,
+                cfg_normalization=False,
+                cfg_truncation=1.0,
+                max_sequence_length=512,
+            )
+            for i in range(n)
+        ]
+
+    def whole_call(self, size: int, tag: str, n: int = 1) -> float:
+        samples: list[float] = []
+        specs = self.spec(size, tag, n)
+        with self.clock.timed(samples):
+            self.engine.generate(specs)
+        return samples[0]
+
+    # --- sections ------------------------------------------------------------------------------
+
+    def startup(self) -> dict:
+        from zimage_server.pipelines import start_engine
+        from zimage_server.settings import Settings
+
+        build: list[float] = []
+        with self.clock.timed(build):
+            pipeline = build_pipeline(self.plan)
+        self.settings = Settings(device=self.plan.device.type, offload="none", attention="auto", compile="off")
+        start: list[float] = []
+        with self.clock.timed(start):
+            self.engine = start_engine(pipeline, self.settings, self.plan.device, self.plan.dtype)
+        acceleration = self.engine.acceleration
+        weights = {
+            name: sum(p.numel() for p in getattr(pipeline, name).parameters()) / 1e9
+            for name in ("text_encoder", "transformer", "vae")
+        }
+        self.table += [["build models (s)", build[0]], ["place, probe, warm up (s)", start[0]]]
+        self.table.append(["attention (auto)", acceleration.attention.backend])
+        return {
+            "build_s": build[0],
+            "start_engine_s": start[0],
+            "ready_s": build[0] + start[0],
+            "params_billions": weights,
+            "attention_auto": dataclasses.asdict(acceleration.attention),
+            "weights_gib": (
+                torch.cuda.memory_allocated(self.plan.device) / 1024**3 if self.plan.device.type == "cuda" else None
+            ),
+            "note": "random weights built on the device; loading real weights from disk adds their read time",
+        }
+
+    def stages(self) -> dict:
+        engine, plan = self.engine, self.plan
+        out: dict = {}
+        for size in plan.sizes:
+            encode: list[float] = []
+            steps: list[list[float]] = []
+            decode: list[float] = []
+            whole: list[float] = []
+            for rep in range(plan.reps + 1):  # the first rep warms this size up and is dropped
+                with engine.lock:
+                    encoded: list[float] = []
+                    with self.clock.timed(encoded):
+                        [embedding] = engine._encode_batch([prompt(f"stage {rep}")], 512)
+                    marks: list[float] = []
+
+                    def on_step(_pipeline, _i, _t, _tensors, marks=marks):
+                        self.clock.sync()
+                        marks.append(time.perf_counter())
+                        return {}
+
+                    self.clock.sync()
+                    began = time.perf_counter()
+                    with engine.acceleration.attention.applied(False):
+                        engine.pipeline(
+                            prompt_embeds=[embedding],
+                            width=size,
+                            height=size,
+                            num_inference_steps=plan.steps,
+                            guidance_scale=0.0,
+                            generator=torch.Generator("cpu").manual_seed(rep),
+                            callback_on_step_end=on_step,
+                        )
+                    self.clock.sync()
+                    ended = time.perf_counter()
+                whole_s = self.whole_call(size, f"whole {rep}")
+                if rep == 0:
+                    continue
+                encode.append(encoded[0])
+                points = [began, *marks]
+                steps.append([b - a for a, b in zip(points, points[1:])])
+                decode.append(ended - marks[-1])
+                whole.append(whole_s)
+            per_step = [median([s[i] for s in steps]) for i in range(len(steps[0]))]
+            out[str(size)] = {
+                "text_encode_s": median(encode),
+                "step_s": per_step,
+                "denoise_s": sum(per_step),
+                "vae_decode_and_postprocess_s": median(decode),
+                "whole_call_s": median(whole),
+                "whole_call_samples_s": whole,
+            }
+            self.table += [
+                [f"{size}: text encode (s)", median(encode)],
+                [f"{size}: denoise step, median (s)", median(per_step)],
+                [f"{size}: VAE decode + to PIL (s)", median(decode)],
+                [f"{size}: whole call, {plan.steps} steps (s)", median(whole)],
+            ]
+        return out
+
+    def throughput(self) -> dict:
+        out: dict = {}
+        for size in self.plan.sizes:
+            rates: dict[int, list[float]] = {b: [] for b in self.plan.batches}
+            for rep in range(self.plan.reps):
+                order = self.plan.batches if rep % 2 == 0 else self.plan.batches[::-1]
+                for batch in order:
+                    rates[batch].append(batch / self.whole_call(size, f"batch {rep}", batch))
+            out[str(size)] = {f"batch_{b}_images_per_s": median(v) for b, v in rates.items()}
+            for batch in self.plan.batches:
+                self.table.append([f"{size}: images/s at batch {batch}", median(rates[batch])])
+        return out
+
+    def attention(self) -> dict:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        from zimage_server.acceleration import AttentionPlan, probe_attention
+
+        engine, plan = self.engine, self.plan
+        original = engine.acceleration
+        usable: dict[str, AttentionPlan] = {}
+        refused: dict[str, str] = {}
+        for backend in sorted(b.value for b in AttentionBackendName):
+            if backend.endswith("_hub") or backend in SKIPPED_BACKENDS:
+                continue
+            problem, handles_masks = probe_attention(backend, plan.device, plan.dtype)
+            if problem:
+                refused[backend] = problem
+            else:
+                usable[backend] = AttentionPlan(backend, handles_masks)
+        size = max(plan.sizes)
+        times: dict[str, list[float]] = {name: [] for name in usable}
+        try:
+            for rep in range(plan.reps + 1):
+                for name, attention_plan in usable.items():
+                    engine.acceleration = dataclasses.replace(original, attention=attention_plan)
+                    elapsed = self.whole_call(size, f"attention {name} {rep}")
+                    if rep > 0:  # the first round warms each backend up
+                        times[name].append(elapsed)
+        finally:
+            engine.acceleration = original
+        out = {
+            "size": size,
+            "whole_call_s": {name: median(v) for name, v in times.items()},
+            "handles_masks": {name: p.handles_masks for name, p in usable.items()},
+            "unusable": refused,
+        }
+        if times:
+            fastest = min(out["whole_call_s"], key=out["whole_call_s"].get)
+            out["fastest"] = fastest
+            for name in usable:
+                self.table.append([f"{size}: attention {name} (s)", out["whole_call_s"][name]])
+        return out
+
+    def compile(self) -> dict:
+        from zimage_server.acceleration import apply_compile
+
+        engine, plan = self.engine, self.plan
+        transformer = engine.pipeline.transformer
+        blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
+        apply_compile(transformer, "regional", plan.compile_backend)
+        engine.acceleration = dataclasses.replace(engine.acceleration, compile="regional")
+        warm: list[float] = []
+        with self.clock.timed(warm):
+            engine.warm_up(plan.compile_warm_up)
+        compiled = [block._compiled_call_impl for block in blocks]
+
+        def use_compiled(on: bool) -> None:
+            for block, impl in zip(blocks, compiled):
+                block._compiled_call_impl = impl if on else None
+
+        out: dict = {"warm_up_with_compile_s": warm[0], "backend": plan.compile_backend}
+        for size in plan.sizes:
+            times: dict[str, list[float]] = {"off": [], "regional": []}
+            for rep in range(plan.reps):
+                for mode in ("off", "regional") if rep % 2 == 0 else ("regional", "off"):
+                    use_compiled(mode == "regional")
+                    times[mode].append(self.whole_call(size, f"compile {mode} {rep}"))
+            use_compiled(True)
+            out[str(size)] = {mode: median(v) for mode, v in times.items()}
+            out[str(size)]["speedup"] = out[str(size)]["off"] / out[str(size)]["regional"]
+            self.table.append([f"{size}: compile off / regional (s)", f"{out[str(size)]['off']:.3f} / {out[str(size)]['regional']:.3f}"])
+        self.table.append(["compiling warm-up (s)", warm[0]])
+        self.use_compiled = use_compiled
+        return out
+
+    def http(self) -> dict:
+        import httpx
+        import uvicorn
+
+        from zimage_server.api import create_app
+
+        engine, plan = self.engine, self.plan
+        size = max(plan.sizes)
+        port = free_port()
+        app = create_app(self.settings.replace(max_batch_size=4), engine)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{port}/v1/images/generations"
+        sizes_b: dict[str, int] = {}
+
+        def direct(tag: str) -> float:
+            samples: list[float] = []
+            with self.clock.timed(samples):
+                engine.pipeline(
+                    prompt(tag),
+                    width=size,
+                    height=size,
+                    num_inference_steps=plan.steps,
+                    guidance_scale=0.0,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                ).images[0]
+            return samples[0]
+
+        def over_http(client: httpx.Client, arm: str, body: dict) -> float:
+            started = time.perf_counter()
+            response = client.post(url, json=body)
+            response.raise_for_status()
+            response.json()
+            sizes_b[arm] = len(response.content)
+            return time.perf_counter() - started
+
+        base = {"size": f"{size}x{size}", "num_inference_steps": plan.steps, "seed": 0}
+        times: dict[str, list[float]] = {"direct": [], "http_png": [], "http_jpeg": [], "http_repeated_prompt": []}
+        try:
+            with httpx.Client(timeout=300) as client:
+                arms = {
+                    "direct": lambda tag: direct(tag),
+                    "http_png": lambda tag: over_http(client, "http_png", base | {"prompt": prompt(tag)}),
+                    "http_jpeg": lambda tag: over_http(
+                        client, "http_jpeg", base | {"prompt": prompt(tag), "output_format": "jpeg"}
+                    ),
+                    "http_repeated_prompt": lambda tag: over_http(
+                        client, "http_repeated_prompt", base | {"prompt": "a lighthouse at dawn", "output_format": "jpeg"}
+                    ),
+                }
+                for rep in range(-1, plan.reps + 1):
+                    names = list(arms)
+                    names = names[rep % len(names) :] + names[: rep % len(names)]
+                    for name in names:
+                        elapsed = arms[name](f"http {name} {rep}")
+                        if rep >= 0:
+                            times[name].append(elapsed)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=60)
+        direct_s = median(times["direct"])
+        out = {
+            "size": size,
+            "compile": engine.acceleration.compile,
+            "attention": engine.acceleration.attention.backend,
+            "median_s": {name: median(v) for name, v in times.items()},
+            "ratio_to_direct": {name: median(v) / direct_s for name, v in times.items()},
+            "response_bytes": sizes_b,
+        }
+        for name in times:
+            self.table.append([f"{size}: {name} (s, x direct)", f"{out['median_s'][name]:.3f} ({out['ratio_to_direct'][name]:.3f}x)"])
+        return out
+
+    def offload(self) -> dict:
+        from zimage_server.acceleration import place_pipeline
+
+        engine, plan = self.engine, self.plan
+        size = max(plan.sizes)
+        if hasattr(self, "use_compiled"):
+            self.use_compiled(False)  # compare memory modes on the same uncompiled transformer
+        out: dict = {"size": size}
+        # none first (everything already resident), then model offload, then the streamed text encoder:
+        # diffusers refuses model offload on top of group offloading, so that order needs no undoing.
+        for mode in ("none", "model", "text_encoder"):
+            if mode != "none":
+                engine.pipeline.remove_all_hooks()
+                placed: list[float] = []
+                with self.clock.timed(placed):
+                    place_pipeline(engine.pipeline, plan.device, mode)
+                engine.execution_device = engine.pipeline._execution_device
+            else:
+                placed = [0.0]
+            self.whole_call(size, f"offload warm {mode}")
+            self.reset_peak()
+            times = [self.whole_call(size, f"offload {mode} {rep}") for rep in range(max(2, plan.reps))]
+            out[mode] = {"whole_call_s": median(times), "placing_s": placed[0]} | self.memory()
+            peak = out[mode]["max_allocated_gib"]
+            self.table.append(
+                [f"{size}: offload {mode}: call (s) / peak alloc (GiB)", f"{median(times):.3f} / {peak:.2f}" if peak else f"{median(times):.3f} / n/a"]
+            )
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--budget-s", type=float, default=400, help="start no section after this many seconds")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="CPU, scaled-down config: checks the code, not the speed")
+    args = parser.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.smoke:
+        plan = Plan(
+            device=torch.device("cpu"),
+            dtype=torch.float32,  # CPU bf16 kernels are slow to first use; the smoke checks code, not speed
+            config=SMOKE,
+            sizes=(64, 128),
+            steps=2,
+            reps=1,
+            batches=(1, 2),
+            compile_backend="eager",  # traces with dynamo (fullgraph errors show) without a C++ toolchain
+            compile_warm_up=((128, 128, ("warm-up",)), (64, 64, ("warm-up", "a longer warm-up prompt " * 8))),
+            smoke=True,
+        )
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmark 3 needs a CUDA GPU; use --smoke to check it on a CPU")
+        plan = Plan(
+            device=torch.device("cuda"),
+            dtype=torch.bfloat16,
+            config=FULL,
+            sizes=(512, 1024),
+            steps=8,
+            reps=args.reps,
+            batches=(1, 2, 4),
+            compile_backend="inductor",
+            compile_warm_up=COMPILE_WARM_UP,
+            smoke=False,
+        )
+    bench = Bench(plan, args.out, args.budget_s)
+    for name in ("startup", "stages", "throughput", "attention", "compile", "http", "offload"):
+        bench.section(name, getattr(bench, name))
+        print(f"[{bench.elapsed():6.1f} s] {name}: {'done' if 'error' not in bench.results['sections'][name] else 'failed'}", flush=True)
+    print(f"wrote {args.out / 'gpu_full_size.json'}")
+    print_table(bench.table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Every benchmark script still runs (smoke mode) and writes the JSON record the docs are built from.
+
+No timing is asserted: the machines are shared and only the scripts' shape is checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RECORD_KEYS = {"benchmark", "date", "command", "machine", "config", "results", "table"}
+
+
+def run_smoke(script: str, out: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("Z_IMAGE_") or k == "MODELS_DIR")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--smoke", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [record_path] = [p for p in out.glob("*.json")]
+    record = json.loads(record_path.read_text())
+    assert set(record) == RECORD_KEYS and record["config"]["smoke"] is True
+    assert record["machine"].get("cpu") or record["machine"].get("gpu")
+    # The table printed last is the one recorded: header plus at least one row.
+    assert len(record["table"]) >= 2
+    assert record["table"][0][0] in result.stdout.splitlines()[-len(record["table"]) - 1]
+    return record["results"]
+
+
+def test_server_overhead(tmp_path):
+    results = run_smoke("server_overhead", tmp_path)
+    for arm in ("direct", "http", "http_repeated_prompt"):
+        assert results[arm]["median_s"] > 0 and len(results[arm]["samples_s"]) == 3
+    assert results["target_ratio"] == 1.10 and isinstance(results["meets_target"], bool)
+
+
+def test_batching(tmp_path):
+    results = run_smoke("batching", tmp_path)
+    phases = {(row["clients"], row["max_batch_size"]) for row in results["phases"]}
+    assert phases == {(1, 1), (1, 8), (4, 1), (4, 8)}
+    assert all(row["images_per_s"] > 0 and row["p95_s"] >= row["p50_s"] for row in results["phases"])
+    assert results["pipeline_alone"]["ratio"] > 0 and isinstance(results["meets_target"], bool)
+
+
+def test_startup(tmp_path):
+    results = run_smoke("startup", tmp_path)
+    assert results["ready_s"] > 0 and len(results["runs"]) == 1
+    assert results["load_s"] is not None and results["warm_up_s"] is not None
+
+
+def test_gpu_full_size_runs_every_section_on_cpu(tmp_path):
+    sections = run_smoke("gpu_full_size", tmp_path)["sections"]
+    assert list(sections) == ["startup", "stages", "throughput", "attention", "compile", "http", "offload"]
+    failed = {name: s["error"] for name, s in sections.items() if "error" in s or "skipped" in s}
+    assert not failed
+    assert sections["startup"]["attention_auto"]["backend"] == "native"
+    for size in ("64", "128"):
+        stage = sections["stages"][size]
+        assert len(stage["step_s"]) == 2 and stage["text_encode_s"] > 0 and stage["whole_call_s"] > 0
+    assert "native" in sections["attention"]["whole_call_s"] and "flash" in sections["attention"]["unusable"]
+    assert set(sections["compile"]["128"]) == {"off", "regional", "speedup"}
+    assert set(sections["http"]["median_s"]) == {"direct", "http_png", "http_jpeg", "http_repeated_prompt"}
+    assert {"none", "model", "text_encoder"} <= set(sections["offload"])
+
+
+@pytest.mark.parametrize("script", ["server_overhead", "batching", "startup", "gpu_full_size"])
+def test_help_names_the_command(script):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--help"],
+        env=os.environ | {"PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "--smoke" in result.stdout and "--out" in result.stdout
