@@ -15,7 +15,7 @@ from litestar.handlers.base import BaseRouteHandler
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES
 from ..pipelines import GenerationSpec, ZImageEngine
 from .errors import ApiError, ClientGoneError
-from .jobs import RETRY_AFTER_S, encode_outputs, job_failure, job_timeout, shutting_down, submit_job
+from .jobs import RETRY_AFTER_S, encode_for_response, job_failure, job_timeout, shutting_down, submit_job
 from .requests import OutputOptions, batch_key, generation_spec, served_model_ids
 from .schemas import GenerationRequest, ImageData, ImagesResponse, ModelCard, ModelList
 from .streaming import GENERATION_EVENTS, stream_images
@@ -88,7 +88,7 @@ async def images_response(
     raw_type = wants_raw_image(request)
     output_format = FORMAT_FOR_MEDIA_TYPE[raw_type] if raw_type else options.output_format
 
-    encoded = await asyncio.to_thread(encode_outputs, engine, spec, images, output_format, options.compression)
+    encoded = await encode_for_response(engine, spec, images, output_format, options.compression)
     if raw_type:
         return Response(encoded[0], media_type=raw_type, headers={"X-Seed": str(spec.seeds[0])})
     body = ImagesResponse(
