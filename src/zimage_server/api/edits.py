@@ -50,7 +50,7 @@ class EditRequest(GenerationRequest, kw_only=True, forbid_unknown_fields=False):
     input_fidelity: Any = None  # OpenAI's, accepted and ignored
 
 
-def require_multipart(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def require_multipart(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # async: see routes.require_ready
     media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "multipart/form-data":
         raise ApiError(
