@@ -100,3 +100,23 @@ def test_captions_need_a_mask_only_when_their_padded_lengths_differ():
     assert not captions_need_mask([5, 17, 32], 32)
     assert captions_need_mask([32, 33], 32)
     assert not captions_need_mask([40], 32)
+
+
+@pytest.mark.parametrize("mode", ["text_encoder", "model"])
+def test_offload_modes_give_the_same_images_for_generations_and_edits(engine, settings, mode):
+    # On a CPU the modes save nothing, but the placement code, the hooks, the edit pipelines built
+    # over offloaded modules and the cached-embedding path all run as they would on a GPU.
+    from PIL import Image
+
+    from test_pipelines import pixels, spec
+    from zimage_server.pipelines import EditSpec, load_engine
+
+    offloaded = load_engine(settings.replace(offload=mode))
+    assert offloaded.acceleration.offload == mode
+    request = spec("a red chair", (3,), negative_prompt="blurry")
+    [[expected]], [[image]] = engine.generate([request]), offloaded.generate([request])
+    assert abs(pixels(image) - pixels(expected)).max() <= 1
+    gray = Image.new("RGB", (64, 64), (128, 128, 128))
+    edit = EditSpec.from_generation(spec("a red chair", (4,)), images=(gray,), strength=0.6)
+    [[expected]], [[image]] = engine.generate([edit]), offloaded.generate([edit])
+    assert abs(pixels(image) - pixels(expected)).max() <= 1
