@@ -19,8 +19,7 @@ from pathlib import Path
 import httpx
 
 from common import (
-    add_threads_option,
-    DEFAULT_OUT,
+    add_standard_options,
     generate_over_http,
     median,
     percentile,
@@ -112,9 +111,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per phase (split across the clients)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    add_threads_option(parser)
-    parser.add_argument("--smoke", action="store_true", help="one short round, to check the script runs")
+    add_standard_options(parser, "one short round, to check the script runs")
     args = parser.parse_args()
     rounds, requests = (1, 8) if args.smoke else (args.rounds, args.requests)
     clients_list = [1, 4] if args.smoke else args.clients

@@ -120,14 +120,18 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
-def add_threads_option(parser) -> None:
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads, here and in each server (default 1: on shared cores, OpenMP teams of 2+ "
-        "stall whenever a neighbour takes a core, which swamps the differences measured)",
-    )
+def add_standard_options(parser, smoke_help: str, threads: bool = True) -> None:
+    """--out, --smoke and (for the CPU scripts) --threads, the same in every script."""
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON record")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    if threads:
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=1,
+            help="torch CPU threads, here and in each server (default 1: on shared cores, OpenMP teams of 2+ "
+            "stall whenever a neighbour takes a core, which swamps the differences measured)",
+        )
 
 
 def set_threads(threads: int) -> None:

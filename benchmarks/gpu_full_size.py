@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_OUT, free_port, median, print_table, write_record
+from common import add_standard_options, free_port, median, print_table, write_record
 from zimage_server.pipelines import COMPILE_WARM_UP
+from zimage_server.testing import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE, build_tokenizer
 
 # The real Z-Image-Turbo architecture (REFERENCE.md): Qwen3-4B text encoder, the 6.15B
 # single-stream transformer, the FLUX-style VAE.
@@ -85,23 +86,8 @@ FULL = {
         use_post_quant_conv=False,
     ),
 }
-# The same shapes scaled down (the tiny test pipeline's), for --smoke on a CPU.
-SMOKE = {
-    "transformer": FULL["transformer"]
-    | dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4]),
-    "text_encoder": FULL["text_encoder"]
-    | dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=384,
-        max_position_embeddings=1024,
-    ),
-    "vae": FULL["vae"] | dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8),
-}
+# The tiny test pipeline's configs, for --smoke on a CPU.
+SMOKE = {"transformer": TINY_TRANSFORMER, "text_encoder": TINY_TEXT_ENCODER, "vae": TINY_VAE}
 # Never timed: they need hub downloads or other hardware; flex is only fast compiled.
 SKIPPED_BACKENDS = ("_native_npu", "_native_xla", "flex")
 
@@ -144,8 +130,6 @@ def build_pipeline(plan: Plan):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from zimage_server.testing import build_tokenizer
-
     tokenizer = build_tokenizer()  # a small offline vocabulary; every id is valid for the real embedding table
     previous = torch.get_default_dtype()
     torch.manual_seed(0)
@@ -153,7 +137,8 @@ def build_pipeline(plan: Plan):
         # Allocated and initialised in place: on a GPU, no 10B-parameter pass through the CPU.
         torch.set_default_dtype(plan.dtype)
         with torch.device(plan.device):
-            text_encoder = Qwen3Model(Qwen3Config(**plan.config["text_encoder"], pad_token_id=tokenizer.pad_token_id))
+            text_config = {"vocab_size": len(tokenizer)} | plan.config["text_encoder"]
+            text_encoder = Qwen3Model(Qwen3Config(**text_config, pad_token_id=tokenizer.pad_token_id))
             transformer = ZImageTransformer2DModel(**plan.config["transformer"])
             vae = AutoencoderKL(**plan.config["vae"])
     finally:
@@ -419,16 +404,24 @@ class Bench:
         engine, plan = self.engine, self.plan
         transformer = engine.pipeline.transformer
         blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
+        uncompiled = engine.acceleration
         apply_compile(transformer, "regional", plan.compile_backend)
-        engine.acceleration = dataclasses.replace(engine.acceleration, compile="regional")
-        warm: list[float] = []
-        with self.clock.timed(warm):
-            engine.warm_up(plan.compile_warm_up)
         compiled = [block._compiled_call_impl for block in blocks]
 
         def use_compiled(on: bool) -> None:
             for block, impl in zip(blocks, compiled):
                 block._compiled_call_impl = impl if on else None
+
+        engine.acceleration = dataclasses.replace(uncompiled, compile="regional")
+        warm: list[float] = []
+        try:
+            with self.clock.timed(warm):
+                engine.warm_up(plan.compile_warm_up)
+        except Exception:
+            # Leave the later sections an uncompiled transformer rather than one that fails every call.
+            use_compiled(False)
+            engine.acceleration = uncompiled
+            raise
 
         out: dict = {"warm_up_with_compile_s": warm[0], "backend": plan.compile_backend}
         for size in plan.sizes:
@@ -554,10 +547,9 @@ class Bench:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--budget-s", type=float, default=400, help="start no section after this many seconds")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="CPU, scaled-down config: checks the code, not the speed")
+    add_standard_options(parser, "CPU, scaled-down config: checks the code, not the speed", threads=False)
     args = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.smoke:

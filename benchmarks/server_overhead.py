@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import base64
 import time
-from pathlib import Path
 
 import httpx
 
 from common import (
-    add_threads_option,
-    DEFAULT_OUT,
+    add_standard_options,
     generate_over_http,
     median,
     percentile,
@@ -38,9 +36,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    add_threads_option(parser)
-    parser.add_argument("--smoke", action="store_true", help="a few iterations, to check the script runs")
+    add_standard_options(parser, "a few iterations, to check the script runs")
     args = parser.parse_args()
     iterations = 3 if args.smoke else args.iterations
 

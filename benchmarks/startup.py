@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from common import (
-    DEFAULT_OUT,
-    add_threads_option,
+    add_standard_options,
     free_port,
     median,
     print_table,
@@ -59,9 +58,7 @@ def one_start(models_dir: Path, log_path: Path, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    add_threads_option(parser)
-    parser.add_argument("--smoke", action="store_true", help="one run, to check the script runs")
+    add_standard_options(parser, "one run, to check the script runs")
     args = parser.parse_args()
     runs = 1 if args.smoke else args.runs
     models_dir = tiny_models_dir()

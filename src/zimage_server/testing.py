@@ -31,6 +31,48 @@ CORPUS = [
 
 VARIANT_DEFAULTS = {"turbo": 0.0, "base": 4.0, "edit": 0.0}
 
+# The tiny models' configs (the real ones are in ../shared/REFERENCE.md); benchmark 3's --smoke
+# builds the same shapes. The text encoder's vocab_size and pad token come from the tokenizer.
+TINY_TEXT_ENCODER = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+)
+TINY_TRANSFORMER = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=32,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=16,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[8, 4, 4],
+    axes_lens=[1024, 256, 256],
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[8, 8, 16, 16],
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+)
+
 
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -64,36 +106,11 @@ def build_components(variant: str = "turbo", seed: int = 0) -> dict:
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     text_encoder = Qwen3Model(
-        Qwen3Config(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        Qwen3Config(**TINY_TEXT_ENCODER, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     )
     siglip_dim = 16
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=32,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=16,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[8, 4, 4],
-        axes_lens=[1024, 256, 256],
-        **({"siglip_feat_dim": siglip_dim} if variant == "edit" else {}),
+        **TINY_TRANSFORMER, **({"siglip_feat_dim": siglip_dim} if variant == "edit" else {})
     )
     # Older diffusers create these with torch.empty; fixed values keep the tiny model deterministic.
     with torch.no_grad():
@@ -101,19 +118,7 @@ def build_components(variant: str = "turbo", seed: int = 0) -> dict:
             token = getattr(transformer, name, None)
             if token is not None:
                 token.fill_(1.0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 16, 16],
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
+    vae = AutoencoderKL(**TINY_VAE)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     components = {
         "transformer": transformer,
