@@ -10,11 +10,11 @@ does not depend on the weights' values. Sections, each timed with the GPU synchr
 
   startup     build the three models on the GPU, then place, probe attention and warm up as `serve` does
   stages      at 512 and 1024, 8 steps: text encoding, every denoising step, VAE decode, the whole call
-  throughput  images/s at batch 1, 2 and 4 (distinct prompts), at 512 and 1024
-  attention   the whole 1024 call with each attention backend that runs here, interleaved
+  offload     peak memory (allocated and reserved) and latency at 1024 in each offload mode, then back to none
   compile     off vs regional (repeated blocks), interleaved after a timed compiling warm-up
-  http        the same 1024 request direct and over HTTP (in-process uvicorn), interleaved
-  offload     peak memory (allocated and reserved) and latency at 1024 in each offload mode
+  http        the same 1024 request direct and over HTTP (in-process uvicorn), interleaved, compiled
+  attention   the whole 1024 call with each attention backend that runs here, interleaved, uncompiled
+  throughput  images/s at batch 1, 2 and 4 (distinct prompts), at 512 and 1024, compiled
 
 The JSON under --out is rewritten after every section, so a run cut short keeps what it measured;
 a section that would start past --budget-s is recorded as skipped.
@@ -88,6 +88,7 @@ FULL = {
 }
 # The tiny test pipeline's configs, for --smoke on a CPU.
 SMOKE = {"transformer": TINY_TRANSFORMER, "text_encoder": TINY_TEXT_ENCODER, "vae": TINY_VAE}
+SECTIONS = ("startup", "stages", "offload", "compile", "http", "attention", "throughput")
 # Never timed: they need hub downloads or other hardware; flex is only fast compiled.
 SKIPPED_BACKENDS = ("_native_npu", "_native_xla", "flex")
 
@@ -175,6 +176,7 @@ class Bench:
         self.engine = None
         self.settings = None
         self.table: list[list] = [["measure", "value"]]
+        self.set_compiled: Callable[[bool], None] = lambda on: None  # set once the compile section ran
 
     # --- bookkeeping ---------------------------------------------------------------------------
 
@@ -348,11 +350,16 @@ class Bench:
         out: dict = {}
         for size in self.plan.sizes:
             rates: dict[int, list[float]] = {b: [] for b in self.plan.batches}
-            for rep in range(self.plan.reps):
+            # Compiled blocks may meet a batch size for the first time here: one untimed round first.
+            first = -1 if self.engine.acceleration.compile != "off" else 0
+            for rep in range(first, max(1, self.plan.reps - 1)):
                 order = self.plan.batches if rep % 2 == 0 else self.plan.batches[::-1]
                 for batch in order:
-                    rates[batch].append(batch / self.whole_call(size, f"batch {rep}", batch))
+                    rate = batch / self.whole_call(size, f"batch {rep}", batch)
+                    if rep >= 0:
+                        rates[batch].append(rate)
             out[str(size)] = {f"batch_{b}_images_per_s": median(v) for b, v in rates.items()}
+            out["compile"] = self.engine.acceleration.compile
             for batch in self.plan.batches:
                 self.table.append([f"{size}: images/s at batch {batch}", median(rates[batch])])
         return out
@@ -376,8 +383,10 @@ class Bench:
                 usable[backend] = AttentionPlan(backend, handles_masks)
         size = max(plan.sizes)
         times: dict[str, list[float]] = {name: [] for name in usable}
+        # Uncompiled, so that switching backends does not recompile the blocks for each one.
+        self.set_compiled(False)
         try:
-            for rep in range(plan.reps + 1):
+            for rep in range(max(1, plan.reps - 1) + 1):
                 for name, attention_plan in usable.items():
                     engine.acceleration = dataclasses.replace(original, attention=attention_plan)
                     elapsed = self.whole_call(size, f"attention {name} {rep}")
@@ -385,8 +394,10 @@ class Bench:
                         times[name].append(elapsed)
         finally:
             engine.acceleration = original
+            self.set_compiled(True)
         out = {
             "size": size,
+            "compile": "off",
             "whole_call_s": {name: median(v) for name, v in times.items()},
             "handles_masks": {name: p.handles_masks for name, p in usable.items()},
             "unusable": refused,
@@ -423,6 +434,7 @@ class Bench:
             engine.acceleration = uncompiled
             raise
 
+        self.set_compiled = use_compiled
         out: dict = {"warm_up_with_compile_s": warm[0], "backend": plan.compile_backend}
         for size in plan.sizes:
             times: dict[str, list[float]] = {"off": [], "regional": []}
@@ -435,7 +447,6 @@ class Bench:
             out[str(size)]["speedup"] = out[str(size)]["off"] / out[str(size)]["regional"]
             self.table.append([f"{size}: compile off / regional (s)", f"{out[str(size)]['off']:.3f} / {out[str(size)]['regional']:.3f}"])
         self.table.append(["compiling warm-up (s)", warm[0]])
-        self.use_compiled = use_compiled
         return out
 
     def http(self) -> dict:
@@ -520,29 +531,51 @@ class Bench:
 
         engine, plan = self.engine, self.plan
         size = max(plan.sizes)
-        if hasattr(self, "use_compiled"):
-            self.use_compiled(False)  # compare memory modes on the same uncompiled transformer
         out: dict = {"size": size}
-        # none first (everything already resident), then model offload, then the streamed text encoder:
-        # diffusers refuses model offload on top of group offloading, so that order needs no undoing.
-        for mode in ("none", "model", "text_encoder"):
+        # none first (everything already resident), then model offload, then the streamed text
+        # encoder (diffusers refuses model offload on top of group offloading), then back to none
+        # for the sections after this one.
+        for mode in ("none", "model", "text_encoder", "restored"):
+            placed: list[float] = [0.0]
             if mode != "none":
-                engine.pipeline.remove_all_hooks()
-                placed: list[float] = []
+                remove_offload(engine.pipeline)
                 with self.clock.timed(placed):
-                    place_pipeline(engine.pipeline, plan.device, mode)
+                    place_pipeline(engine.pipeline, plan.device, "none" if mode == "restored" else mode)
+                if mode == "restored":
+                    engine.pipeline.vae.disable_slicing()
                 engine.execution_device = engine.pipeline._execution_device
-            else:
-                placed = [0.0]
+            if mode == "restored":
+                out[mode] = {"placing_s": placed[0]}
+                break
             self.whole_call(size, f"offload warm {mode}")
             self.reset_peak()
             times = [self.whole_call(size, f"offload {mode} {rep}") for rep in range(max(2, plan.reps))]
             out[mode] = {"whole_call_s": median(times), "placing_s": placed[0]} | self.memory()
             peak = out[mode]["max_allocated_gib"]
-            self.table.append(
-                [f"{size}: offload {mode}: call (s) / peak alloc (GiB)", f"{median(times):.3f} / {peak:.2f}" if peak else f"{median(times):.3f} / n/a"]
-            )
+            shown = f"{median(times):.3f} / " + (f"{peak:.2f}" if peak is not None else "n/a")
+            self.table.append([f"{size}: offload {mode}: call (s) / peak alloc (GiB)", shown])
         return out
+
+
+def remove_offload(pipeline) -> None:
+    """Undo `place_pipeline`'s hooks (model offload's, and the text encoder's group offloading); weights stay put.
+
+    Only the benchmark switches modes in one process; the server places its pipeline once.
+    """
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    pipeline.remove_all_hooks()
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module) and hasattr(component, "_diffusers_hook"):
+            registry = HookRegistry.check_if_exists_or_initialize(component)
+            # The same three hooks diffusers removes before re-applying group offloading.
+            for hook in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+                registry.remove_hook(hook, recurse=True)
 
 
 def main() -> None:
@@ -581,7 +614,9 @@ def main() -> None:
             smoke=False,
         )
     bench = Bench(plan, args.out, args.budget_s)
-    for name in ("startup", "stages", "throughput", "attention", "compile", "http", "offload"):
+    # Most wanted first, so a run cut short by the budget loses the least: per-stage costs, memory
+    # per mode (which ends back in mode none), then the fastest setting (compiled) over HTTP.
+    for name in SECTIONS:
         bench.section(name, getattr(bench, name))
         print(f"[{bench.elapsed():6.1f} s] {name}: {'done' if 'error' not in bench.results['sections'][name] else 'failed'}", flush=True)
     print(f"wrote {args.out / 'gpu_full_size.json'}")

@@ -62,7 +62,7 @@ def test_startup(tmp_path):
 
 def test_gpu_full_size_runs_every_section_on_cpu(tmp_path):
     sections = run_smoke("gpu_full_size", tmp_path)["sections"]
-    assert list(sections) == ["startup", "stages", "throughput", "attention", "compile", "http", "offload"]
+    assert list(sections) == ["startup", "stages", "offload", "compile", "http", "attention", "throughput"]
     failed = {name: s["error"] for name, s in sections.items() if "error" in s or "skipped" in s}
     assert not failed
     assert sections["startup"]["attention_auto"]["backend"] == "native"
@@ -72,7 +72,7 @@ def test_gpu_full_size_runs_every_section_on_cpu(tmp_path):
     assert "native" in sections["attention"]["whole_call_s"] and "flash" in sections["attention"]["unusable"]
     assert set(sections["compile"]["128"]) == {"off", "regional", "speedup"}
     assert set(sections["http"]["median_s"]) == {"direct", "http_png", "http_jpeg", "http_repeated_prompt"}
-    assert {"none", "model", "text_encoder"} <= set(sections["offload"])
+    assert {"none", "model", "text_encoder", "restored"} <= set(sections["offload"])
 
 
 @pytest.mark.parametrize("script", ["server_overhead", "batching", "startup", "gpu_full_size"])
