@@ -120,3 +120,38 @@ def test_offload_modes_give_the_same_images_for_generations_and_edits(engine, se
     edit = EditSpec.from_generation(spec("a red chair", (4,)), images=(gray,), strength=0.6)
     [[expected]], [[image]] = engine.generate([edit]), offloaded.generate([edit])
     assert abs(pixels(image) - pixels(expected)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_compiled_transformers_give_the_same_images(engine, settings, mode):
+    # The eager backend runs dynamo's tracing (where fullgraph breaks would show) without inductor's
+    # C++ compile, so this stays fast on a CPU; the GPU benchmark compiles with inductor.
+    from test_pipelines import pixels, spec
+    from zimage_server.acceleration import apply_compile
+    from zimage_server.pipelines import load_engine
+
+    compiled = load_engine(settings)
+    apply_compile(compiled.pipeline.transformer, mode, backend="eager")
+    requests = [spec("a red chair", (3,)), spec("a much longer prompt about a lighthouse at dawn", (4,))]
+    for expected, image in zip(sum(engine.generate(requests), []), sum(compiled.generate(requests), [])):
+        assert abs(pixels(image) - pixels(expected)).max() <= 1
+
+
+def test_a_mixed_length_batch_on_a_maskless_backend_runs_on_the_fallback(engine, settings):
+    # On a CPU, PyTorch's own flash kernel runs but refuses masks: the case of flash/_flash_3 on a GPU.
+    import dataclasses
+
+    from test_pipelines import pixels, spec
+    from zimage_server.pipelines import ZImageEngine
+
+    plan = resolve_attention("_native_flash", torch.device("cpu"), torch.float32)
+    assert plan == AttentionPlan("_native_flash", handles_masks=False)
+    flash = ZImageEngine(engine.pipeline, settings, engine.device, engine.dtype)
+    flash.acceleration = dataclasses.replace(flash.acceleration, attention=plan)
+    mixed = [spec("a cat", (1,)), spec("a very long prompt about a lighthouse on a rocky coast at dawn " * 3, (2,))]
+    for expected, image in zip(sum(engine.generate(mixed), []), sum(flash.generate(mixed), [])):
+        assert abs(pixels(image) - pixels(expected)).max() <= 1
+    # Without the fallback the same batch fails, so it really needed a mask.
+    flash.acceleration = dataclasses.replace(flash.acceleration, attention=AttentionPlan("_native_flash", True))
+    with pytest.raises(ValueError, match="attn_mask"):
+        flash.generate(mixed)
