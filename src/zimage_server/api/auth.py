@@ -21,8 +21,10 @@ def bearer_token(authorization: str) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """An app-wide guard: it runs before the body is read, so an unauthorised upload costs nothing."""
+async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """An app-wide guard: it runs before the body is read, so an unauthorised upload costs nothing.
+
+    Async, as every guard here: Litestar would run a sync one in a worker thread on each request."""
     key: str | None = connection.app.state.settings.api_key
     if key is None or not connection.scope["path"].startswith(PROTECTED_PREFIX):
         return
