@@ -109,3 +109,19 @@ def test_a_call_whose_every_request_was_cancelled_stops_at_the_next_step(engine)
     with pytest.raises(GenerationCancelled):
         engine.generate([spec("a", (1,), observer=first, num_inference_steps=50), spec("b", (2,), observer=second)])
     assert len(first.steps) == 1 and len(second.steps) == 1
+
+
+def test_the_tiny_builder_never_writes_over_a_real_model(tmp_path, models_dir):
+    import shutil
+
+    from zimage_server.testing import WouldOverwriteRealModel, write_tiny_pipeline
+
+    real = tmp_path / "z-image-turbo"
+    shutil.copytree(models_dir / "z-image-turbo", real)
+    (real / "TINY_RANDOM_MODEL.json").unlink()  # now it looks like real weights
+    before = (real / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(WouldOverwriteRealModel):
+        write_tiny_pipeline(real)
+    assert (real / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    write_tiny_pipeline(tmp_path / "fresh")
+    write_tiny_pipeline(tmp_path / "fresh")  # a tiny model is rewritten freely

@@ -152,15 +152,26 @@ def build_siglip(hidden: int) -> dict:
     return {"siglip": Siglip2VisionModel(config), "siglip_processor": Siglip2ImageProcessor(patch_size=16)}
 
 
+MARKER = "TINY_RANDOM_MODEL.json"
+
+
+class WouldOverwriteRealModel(Exception):
+    """PATH already holds a pipeline that this builder did not write: real weights, probably."""
+
+
 def write_tiny_pipeline(path: str | Path, variant: str = "turbo") -> Path:
     from diffusers import ZImageOmniPipeline, ZImagePipeline
 
     path = Path(path)
+    # Writing over real weights (tens of GB to fetch again) must never happen by accident; a tiny
+    # model written here before carries the marker and is rewritten freely.
+    if (path / "model_index.json").exists() and not (path / MARKER).exists():
+        raise WouldOverwriteRealModel(f"{path} already holds a model that is not a tiny test model; choose another path")
     pipeline_class = ZImageOmniPipeline if variant == "edit" else ZImagePipeline
     pipeline = pipeline_class(**build_components(variant))
     pipeline.save_pretrained(path, safe_serialization=True)
     # A marker so people (and logs) can tell a tiny random model from real weights.
-    (path / "TINY_RANDOM_MODEL.json").write_text(json.dumps({"variant": variant, "random_weights": True}) + "\n")
+    (path / MARKER).write_text(json.dumps({"variant": variant, "random_weights": True}) + "\n")
     return path
 
 
@@ -172,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", help="folder to write, e.g. models/z-image-turbo")
     parser.add_argument("--variant", choices=["turbo", "base", "edit"], default="turbo")
     args = parser.parse_args(argv)
-    out = write_tiny_pipeline(args.path, args.variant)
+    try:
+        out = write_tiny_pipeline(args.path, args.variant)
+    except WouldOverwriteRealModel as exc:
+        raise SystemExit(f"python -m zimage_server.testing: {exc}") from None
     print(f"wrote a tiny random-weight {args.variant} pipeline to {out}")
 
 
