@@ -40,6 +40,16 @@ async def wait_until(condition, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def busy_batcher(payload: str = "running", **options) -> tuple[FakeModel, Batcher, asyncio.Future]:
+    """A batcher whose worker is stuck in a call of `payload` (until model.gate is set), and that call's future."""
+    model = FakeModel()
+    batcher = make_batcher(model, **options)
+    model.gate.clear()
+    running = batcher.submit("k", 1, payload)
+    await wait_until(lambda: batcher.queued_jobs == 0)
+    return model, batcher, running
+
+
 @pytest.mark.anyio
 async def test_lone_request_starts_at_once_and_queued_compatible_jobs_share_a_call():
     model = FakeModel()
@@ -59,11 +69,7 @@ async def test_lone_request_starts_at_once_and_queued_compatible_jobs_share_a_ca
 
 @pytest.mark.anyio
 async def test_batches_never_exceed_max_batch_size_in_images():
-    model = FakeModel()
-    batcher = make_batcher(model, max_batch_size=3, max_queue=20)
-    model.gate.clear()
-    blocker = batcher.submit("k", 1, "blocker")
-    await wait_until(lambda: batcher.queued_jobs == 0)
+    model, batcher, blocker = await busy_batcher("blocker", max_batch_size=3, max_queue=20)
     futures = [batcher.submit("k", 2, "two-1"), batcher.submit("k", 2, "two-2"), batcher.submit("k", 1, "one")]
     model.gate.set()
     await asyncio.gather(blocker, *futures)
@@ -73,11 +79,7 @@ async def test_batches_never_exceed_max_batch_size_in_images():
 
 @pytest.mark.anyio
 async def test_full_queue_refuses_at_once():
-    model = FakeModel()
-    batcher = make_batcher(model, max_queue=3)
-    model.gate.clear()
-    running = batcher.submit("k", 1, "running")
-    await wait_until(lambda: batcher.queued_jobs == 0)
+    model, batcher, running = await busy_batcher(max_queue=3)
     queued = batcher.submit("k", 3, "three")
     with pytest.raises(QueueFullError):
         batcher.submit("k", 1, "one too many")
@@ -89,11 +91,7 @@ async def test_full_queue_refuses_at_once():
 
 @pytest.mark.anyio
 async def test_jobs_whose_client_left_are_dropped_not_computed():
-    model = FakeModel()
-    batcher = make_batcher(model)
-    model.gate.clear()
-    running = batcher.submit("k", 1, "running")
-    await wait_until(lambda: batcher.queued_jobs == 0)
+    model, batcher, running = await busy_batcher()
     gone = batcher.submit("k", 1, "gone")
     kept = batcher.submit("k", 1, "kept")
     gone.cancel()  # what the route does when the client disconnects
@@ -107,11 +105,7 @@ async def test_jobs_whose_client_left_are_dropped_not_computed():
 
 @pytest.mark.anyio
 async def test_a_failed_batch_fails_each_of_its_jobs_and_the_worker_keeps_going():
-    model = FakeModel()
-    batcher = make_batcher(model)
-    model.gate.clear()
-    blocker = batcher.submit("k", 1, "blocker")
-    await wait_until(lambda: batcher.queued_jobs == 0)
+    model, batcher, blocker = await busy_batcher("blocker")
     doomed = [batcher.submit("k", 1, "boom-x"), batcher.submit("k", 1, "y")]
     model.gate.set()
     assert await blocker == "done:blocker"
@@ -135,14 +129,6 @@ async def test_batch_wait_holds_a_lone_job_for_companions():
     await batcher.stop()
 
 
-async def busy_batcher() -> tuple[FakeModel, Batcher, asyncio.Future]:
-    """A batcher whose worker is stuck in a call (until model.gate is set), and that call's future."""
-    model = FakeModel()
-    batcher = make_batcher(model)
-    model.gate.clear()
-    running = batcher.submit("k", 1, "running")
-    await wait_until(lambda: batcher.queued_jobs == 0)
-    return model, batcher, running
 
 
 @pytest.mark.anyio

@@ -7,19 +7,14 @@ CI installs the browser with .ci/install-browser; where it is missing these test
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from attack_support import ServerProcess
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -46,48 +41,27 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--window-size=1280,900",
 )
-HAS_EDIT_ROUTE = importlib.util.find_spec("zimage_server.api.edits") is not None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def server(models_dir: Path) -> Iterator[str]:
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`zimage-server serve` in its own process, on an ephemeral loopback port, until the module ends."""
-    port = free_port()
-    env = {**os.environ, "MODELS_DIR": str(models_dir), "Z_IMAGE_DEVICE": "cpu"}
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "zimage_server.cli", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
+    process = ServerProcess(models_dir, tmp_path_factory.mktemp("browser") / "server.log").start()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield base
+        yield process.url
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same, with an API key: every /v1/* request needs `Authorization: Bearer sk-test`."""
+    log_path = tmp_path_factory.mktemp("browser-keyed") / "server.log"
+    process = ServerProcess(models_dir, log_path, env={"Z_IMAGE_API_KEY": "sk-test"}).start()
+    try:
+        yield process.url
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +80,20 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
         driver.quit()
 
 
-@pytest.fixture
-def page(server: str, browser):
+def open_page(browser, base: str, *, wait_for_model: bool = True):
     """A fresh page load: no stored key, the model badge filled in, the default (laptop) viewport."""
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    browser.get(server + "/")
+    browser.get(base + "/")
     browser.execute_script("localStorage.clear()")
     browser.refresh()
-    wait(browser).until(lambda d: d.find_element(By.ID, "model").text == "z-image-turbo")
+    if wait_for_model:
+        wait(browser).until(lambda d: d.find_element(By.ID, "model").text == "z-image-turbo")
     return browser
+
+
+@pytest.fixture
+def page(server: str, browser):
+    return open_page(browser, server)
 
 
 def wait(driver, timeout: float = 30) -> WebDriverWait:
@@ -230,28 +209,29 @@ def test_an_invalid_size_shows_the_servers_message_next_to_the_form(page):
     screenshot(page, "browser-invalid-size")
 
 
-def test_the_page_asks_for_an_api_key_on_401_and_keeps_it(page, server):
-    # A stand-in for a server with an API key: every request without the right bearer token gets 401.
-    page.execute_script(
-        """
-        const realFetch = window.fetch;
-        window.__authHeaders = [];
-        window.fetch = async (url, init = {}) => {
-          const auth = new Headers(init.headers || {}).get('Authorization');
-          window.__authHeaders.push(auth);
-          if (auth === 'Bearer sk-test') return realFetch(url, init);
-          const error = { message: 'Missing API key', type: 'authentication_error', code: 'invalid_api_key' };
-          return new Response(JSON.stringify({ error }), { status: 401 });
-        };
-        """
-    )
-    start_generation(page, "a cat", 64, 64)
+def test_the_page_asks_for_an_api_key_on_401_and_keeps_it(keyed_server, browser):
+    # A real server with Z_IMAGE_API_KEY: the page's first /v1 request (the model list) gets 401.
+    page = open_page(browser, keyed_server, wait_for_model=False)
     key_form = css(page, "#key-form")
     wait(page).until(lambda d: key_form.is_displayed())
     screenshot(page, "browser-api-key")
     fill(css(page, "#api-key"), "sk-test")
     css(page, "#key-form button[type=submit]").click()
-    wait(page).until(lambda d: len(finished_cards(d)) == 1)  # the request was retried with the key
+    # The refused request is retried with the key: the model badge fills in.
+    wait(page).until(lambda d: d.find_element(By.ID, "model").text == "z-image-turbo")
+    # Record the Authorization header of every later request the page makes.
+    page.execute_script(
+        """
+        const realFetch = window.fetch;
+        window.__authHeaders = [];
+        window.fetch = async (url, init = {}) => {
+          window.__authHeaders.push(new Headers(init.headers || {}).get('Authorization'));
+          return realFetch(url, init);
+        };
+        """
+    )
+    start_generation(page, "a cat", 64, 64)
+    wait(page).until(lambda d: len(finished_cards(d)) == 1)
     assert page.execute_script("return localStorage.getItem('zimage.apiKey')") == "sk-test"
     assert page.execute_script("return window.__authHeaders")[-1] == "Bearer sk-test"
 
@@ -284,7 +264,6 @@ window.fetch = async (url, init = {}) => {
 """
 
 
-@pytest.mark.skipif(not HAS_EDIT_ROUTE, reason="POST /v1/images/edits has not landed on this branch yet (issue 3)")
 def test_edit_an_uploaded_image_with_a_painted_mask(page, tmp_path):
     photo = make_photo(tmp_path / "photo.png", (160, 128))
     css(page, "#tab-edit").click()

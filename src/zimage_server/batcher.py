@@ -88,11 +88,7 @@ class BatchReport:
 
 @dataclass
 class BatcherStats:
-    batches: int = 0
-    jobs: int = 0
-    images: int = 0
-    dropped: int = 0
-    last_batch_sizes: list[int] = field(default_factory=list)
+    dropped: int = 0  # jobs taken off the queue unrun because their client had left
 
 
 class Batcher(Generic[P, R]):
@@ -194,20 +190,20 @@ class Batcher(Generic[P, R]):
             self.stats.dropped += 1
         if not self._queue:
             return []
-        first = self._queue.popleft()
-        batch, images = [first], first.n
+        return self._add_companions([self._queue.popleft()])
+
+    def _add_companions(self, batch: list[Job[P, R]]) -> list[Job[P, R]]:
+        """Move queued jobs with the batch's key into it, oldest first, while they fit; drop gone ones."""
+        images = sum(job.n for job in batch)
         for job in list(self._queue):
             if job.gone:
                 self._queue.remove(job)
                 self.stats.dropped += 1
-            elif job.key == first.key and images + job.n <= self.max_batch_size:
+            elif job.key == batch[0].key and images + job.n <= self.max_batch_size:
                 self._queue.remove(job)
                 batch.append(job)
                 images += job.n
         return batch
-
-    def _has_companion(self, key: Hashable) -> bool:
-        return any(job.key == key and not job.gone for job in self._queue)
 
     async def _hold_for_companions(self, batch: list[Job[P, R]]) -> list[Job[P, R]]:
         """With a batch wait set, give a partial batch that long to fill with compatible jobs."""
@@ -222,12 +218,7 @@ class Batcher(Generic[P, R]):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 break
-            images = sum(job.n for job in batch)
-            for job in list(self._queue):
-                if not job.gone and job.key == batch[0].key and images + job.n <= self.max_batch_size:
-                    self._queue.remove(job)
-                    batch.append(job)
-                    images += job.n
+            self._add_companions(batch)
         return batch
 
     async def _work(self) -> None:
@@ -248,10 +239,6 @@ class Batcher(Generic[P, R]):
 
     async def _run(self, batch: list[Job[P, R]]) -> None:
         images = sum(job.n for job in batch)
-        self.stats.batches += 1
-        self.stats.jobs += len(batch)
-        self.stats.images += images
-        self.stats.last_batch_sizes = [job.n for job in batch]
         started = time.monotonic()
         for job in batch:
             job.started_at, job.batch_images = started, images

@@ -14,6 +14,7 @@ from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 EXIT_BAD_SETTING = 2
 EXIT_NO_MODEL = 3
 EXIT_DOWNLOAD_FAILED = 4
+EXIT_START_FAILED = 3  # uvicorn's own code when the lifespan start-up fails
 EXIT_INTERRUPTED = 130
 # The settings `download` takes; the rest are about serving.
 DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source")
@@ -114,7 +115,7 @@ def serve(args: argparse.Namespace) -> None:
     if app.state.get("fatal_error"):
         raise SystemExit(EXIT_DOWNLOAD_FAILED)
     if not server.started:
-        raise SystemExit(3)  # uvicorn's own code for a failed start-up
+        raise SystemExit(EXIT_START_FAILED)
 
 
 def exit_on_signal(signum: int, _frame: object) -> None:

@@ -15,11 +15,9 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, Router, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import FormMultiDict, State, UploadFile
 from litestar.exceptions import ClientException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from litestar.handlers.base import BaseRouteHandler
 from msgspec import Meta
 from PIL import Image
 
@@ -28,7 +26,7 @@ from ..pipelines import EditSpec, ZImageEngine
 from ..settings import Settings
 from .errors import MISSING_FIELD, ApiError, ClientGoneError
 from .requests import MAX_SIDE, MIN_SIDE, OutputOptions, batch_key, generation_spec
-from .routes import images_response, require_ready, run_job, wants_raw_image
+from .routes import check_raw_image_count, images_response, require_media_type, require_ready, run_job
 from .schemas import GenerationRequest
 from .streaming import EDIT_EVENTS, stream_images
 
@@ -43,21 +41,14 @@ FILE_FIELDS = (*IMAGE_FIELDS, "mask")
 Strength = Annotated[float, Meta(gt=0, le=1, description="How much of the input to redraw, 0 < s <= 1.")]
 
 
-class EditRequest(GenerationRequest, kw_only=True, forbid_unknown_fields=False):
+class EditRequest(GenerationRequest, kw_only=True):
     """The form fields of POST /v1/images/edits: the generations fields plus `strength`."""
 
     strength: Strength | None = None
     input_fidelity: Any = None  # OpenAI's, accepted and ignored
 
 
-async def require_multipart(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # async: see routes.require_ready
-    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "multipart/form-data":
-        raise ApiError(
-            415,
-            f"Content-Type must be multipart/form-data, not '{media_type or 'none'}': send the image as a file part.",
-            code="unsupported_media_type",
-        )
+require_multipart = require_media_type("multipart/form-data", ": send the image as a file part")
 
 
 async def read_form(request: Request, settings: Settings) -> FormMultiDict:
@@ -239,9 +230,7 @@ async def create_edit(request: Request, state: State) -> Response:
         data = parse_edit_request(form_values(form))
         image_parts, mask_part = uploads(form)
         mode = edit_mode(engine, len(image_parts), mask_part is not None)
-        if wants_raw_image(request) and data.n > 1:
-            message = "A raw image response holds one image: send n=1, or Accept: application/json."
-            raise ApiError(400, message, param="n")
+        check_raw_image_count(request, data.n)
         image_bytes = [await part.read() for part in image_parts]
         mask_bytes = await mask_part.read() if mask_part is not None else None
     finally:

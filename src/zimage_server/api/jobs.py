@@ -22,7 +22,7 @@ from .errors import ApiError
 from .observability import remember_job, request_id_of
 
 RETRY_AFTER_S = "2"
-INLINE_ENCODE_MAX_PIXELS = 128 * 128  # about 1.4 ms of PNG encoding on our CPUs
+INLINE_ENCODE_MAX_PIXELS = 128 * 128  # responses this small encode on the event loop
 
 
 def shutting_down() -> ApiError:
@@ -102,35 +102,6 @@ def job_timeout(settings: Settings) -> ApiError:
     )
 
 
-def encode_outputs(
-    engine: ZImageEngine,
-    spec: GenerationSpec,
-    images: list[Image.Image],
-    output_format: str,
-    compression: int | None,
-) -> list[bytes]:
-    """Encode one request's images, each with its own seed in the PNG parameters chunk. Blocking: run off the loop."""
-    return [
-        encode_image(
-            image,
-            output_format,
-            compression,
-            ImageParameters(
-                prompt=spec.prompt,
-                negative_prompt=spec.negative_prompt,
-                steps=spec.num_inference_steps,
-                guidance_scale=spec.guidance_scale,
-                seed=seed,
-                width=spec.width,
-                height=spec.height,
-                variant=engine.variant,
-                strength=spec.strength if isinstance(spec, EditSpec) else None,
-            ),
-        )
-        for image, seed in zip(images, spec.seeds, strict=True)
-    ]
-
-
 async def encode_for_response(
     engine: ZImageEngine,
     spec: GenerationSpec,
@@ -138,8 +109,32 @@ async def encode_for_response(
     output_format: str,
     compression: int | None,
 ) -> list[bytes]:
-    """`encode_outputs` off the event loop, except for small images: a 64x64 PNG encodes in 0.3 ms,
-    less than the two thread switches a worker thread costs (measured: -1 ms median a request)."""
+    """One request's images, encoded, each with its own seed in the PNG parameters chunk.
+
+    Off the event loop, except for small images: a 64x64 PNG encodes faster than a round trip to a
+    worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
+
+    def encode_all() -> list[bytes]:
+        return [
+            encode_image(
+                image,
+                output_format,
+                compression,
+                ImageParameters(
+                    prompt=spec.prompt,
+                    negative_prompt=spec.negative_prompt,
+                    steps=spec.num_inference_steps,
+                    guidance_scale=spec.guidance_scale,
+                    seed=seed,
+                    width=spec.width,
+                    height=spec.height,
+                    variant=engine.variant,
+                    strength=spec.strength if isinstance(spec, EditSpec) else None,
+                ),
+            )
+            for image, seed in zip(images, spec.seeds, strict=True)
+        ]
+
     if spec.width * spec.height * len(images) <= INLINE_ENCODE_MAX_PIXELS:
-        return encode_outputs(engine, spec, images, output_format, compression)
-    return await asyncio.to_thread(encode_outputs, engine, spec, images, output_format, compression)
+        return encode_all()
+    return await asyncio.to_thread(encode_all)

@@ -11,6 +11,7 @@ from litestar import Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers.base import BaseRouteHandler
+from litestar.types import Guard
 
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES
 from ..pipelines import GenerationSpec, ZImageEngine
@@ -24,7 +25,7 @@ JSON_BODY_LIMIT = 1024 * 1024
 
 
 # Guards are async on purpose: Litestar runs a sync guard in a worker thread, two thread round
-# trips per request before it is even queued (measured: about 0.4 ms a request on our CPUs).
+# trips per request before it is even queued (the A/B is in docs/benchmarks.md, benchmark 1).
 async def require_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     if connection.app.state.get("draining"):
         raise shutting_down()
@@ -34,12 +35,22 @@ async def require_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None
         )
 
 
-async def require_json(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise ApiError(
-            415, f"Content-Type must be application/json, not '{media_type or 'none'}'.", code="unsupported_media_type"
-        )
+def require_media_type(expected: str, hint: str = "") -> Guard:
+    """A guard that answers 415 unless the body is `expected`; Litestar itself parses whatever it gets."""
+
+    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != expected:
+            raise ApiError(
+                415,
+                f"Content-Type must be {expected}, not '{media_type or 'none'}'{hint}.",
+                code="unsupported_media_type",
+            )
+
+    return guard
+
+
+require_json = require_media_type("application/json")
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -83,6 +94,11 @@ def wants_raw_image(request: Request) -> str | None:
     return best if best in FORMAT_FOR_MEDIA_TYPE else None
 
 
+def check_raw_image_count(request: Request, n: int) -> None:
+    if wants_raw_image(request) and n > 1:
+        raise ApiError(400, "A raw image response holds one image: send n=1, or Accept: application/json.", param="n")
+
+
 async def images_response(
     request: Request, engine: ZImageEngine, spec: GenerationSpec, options: OutputOptions, images: list
 ) -> Response:
@@ -122,8 +138,7 @@ async def create_images(request: Request, data: GenerationRequest, state: State)
             events=GENERATION_EVENTS,
             request=request,
         )
-    if wants_raw_image(request) and len(spec.seeds) > 1:
-        raise ApiError(400, "A raw image response holds one image: send n=1, or Accept: application/json.", param="n")
+    check_raw_image_count(request, len(spec.seeds))
     images = await run_job(request, state, batch_key(spec), len(spec.seeds), spec)
     return await images_response(request, engine, spec, options, images)
 

@@ -24,7 +24,7 @@ PartialImages = Annotated[int, Meta(ge=0, le=3, description="Previews per image 
 Compression = Annotated[int, Meta(ge=0, le=100, description="JPEG/WebP quality, 0-100 (default 90).")]
 
 
-class GenerationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+class GenerationRequest(msgspec.Struct, kw_only=True):
     """POST /v1/images/generations. Unknown fields are ignored, as OpenAI clients send extras."""
 
     prompt: Prompt

@@ -26,22 +26,24 @@ from dataclasses import dataclass
 import msgspec
 from litestar import Request
 from litestar.datastructures import State
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from PIL import Image
 
 from ..images import encode_image
 from ..pipelines import GenerationSpec, latent_previews
 from .errors import ApiError, error_detail
-from .jobs import encode_outputs, job_failure, job_timeout, submit_job
+from .jobs import encode_for_response, job_failure, job_timeout, submit_job
 from .requests import OutputOptions
 
 GENERATION_EVENTS = "image_generation"
 EDIT_EVENTS = "image_edit"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# ServerSentEvent sets Cache-Control; nginx would otherwise buffer the stream until it ends.
+SSE_HEADERS = {"X-Accel-Buffering": "no"}
 # While a job waits in the queue no events flow; a comment line now and then keeps proxies and
 # load balancers from closing the idle connection. SSE clients (the SDK included) skip comments.
 KEEP_ALIVE_S = 15.0
 KEEP_ALIVE = object()
+KEEP_ALIVE_COMMENT = ServerSentEventMessage(comment="keep-alive", data=None, sep="\n")
 
 
 def partial_image_steps(total: int, partial_images: int) -> frozenset[int]:
@@ -90,11 +92,12 @@ def encode_preview(preview: Image.Image, spec: GenerationSpec, options: OutputOp
     return encode_image(scaled, options.output_format, options.compression, parameters=None)
 
 
-def sse(event: str, data: dict) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+def sse(event: str, data: dict) -> ServerSentEventMessage:
+    # "\n" line ends, as the OpenAI API sends them (Litestar's default is "\r\n").
+    return ServerSentEventMessage(event=event, data=msgspec.json.encode(data).decode(), sep="\n")
 
 
-def error_event(error: ApiError) -> bytes:
+def error_event(error: ApiError) -> ServerSentEventMessage:
     detail = error_detail(error.status_code, error.message, param=error.param, code=error.code)
     return sse("error", {"type": "error", "error": msgspec.to_builtins(detail)})
 
@@ -108,18 +111,14 @@ def stream_images(
     partial_images: int,
     events: str,
     request: Request | None = None,
-) -> Stream:
+) -> ServerSentEvent:
     """Queue the job now (so a full queue is a plain 429) and answer with its event stream."""
     observer = StreamObserver(asyncio.get_running_loop(), partial_images)
     spec = dataclasses.replace(spec, observer=observer)
     future = submit_job(state, key, len(spec.seeds), spec, request=request)
     # Runs on the loop after every report the worker queued before the job finished.
     future.add_done_callback(lambda _: observer.reports.put_nowait(None))
-    return Stream(
-        job_events(state, spec, options, events, observer, future),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+    return ServerSentEvent(job_events(state, spec, options, events, observer, future), headers=SSE_HEADERS)
 
 
 async def job_events(
@@ -129,7 +128,7 @@ async def job_events(
     events: str,
     observer: StreamObserver,
     future: asyncio.Future,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[ServerSentEventMessage]:
     engine = state.engine
     size = f"{spec.width}x{spec.height}"
     common = {"size": size, "output_format": options.output_format, "quality": "auto", "background": "opaque"}
@@ -141,7 +140,7 @@ async def job_events(
         while True:
             report = await _next_report(observer, deadline - loop.time())
             if report is KEEP_ALIVE:
-                yield b": keep-alive\n\n"
+                yield KEEP_ALIVE_COMMENT
                 continue
             if report is None:
                 break
@@ -176,8 +175,8 @@ async def job_events(
         if future.exception() is not None:
             yield error_event(job_failure(future.exception()))
             return
-        encoded = await asyncio.to_thread(
-            encode_outputs, engine, spec, future.result(), options.output_format, options.compression
+        encoded = await encode_for_response(
+            engine, spec, future.result(), options.output_format, options.compression
         )
         for index, (blob, seed) in enumerate(zip(encoded, spec.seeds, strict=True)):
             yield sse(
