@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common import add_standard_options, free_port, median, print_table, write_record
-from zimage_server.pipelines import COMPILE_WARM_UP
+from zimage_server.runner import COMPILE_WARM_UP
 from zimage_server.testing import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE, build_tokenizer
 
 # The real Z-Image-Turbo architecture (REFERENCE.md): Qwen3-4B text encoder, the 6.15B
@@ -173,7 +173,7 @@ class Bench:
         self.started = time.perf_counter()
         self.clock = Clock(plan.device)
         self.results: dict = {"sections": {}}
-        self.engine = None
+        self.runner = None
         self.settings = None
         self.table: list[list] = [["measure", "value"]]
         self.set_compiled: Callable[[bool], None] = lambda on: None  # set once the compile section ran
@@ -230,35 +230,26 @@ class Bench:
             torch.cuda.reset_peak_memory_stats(self.plan.device)
 
     def spec(self, size: int, tag: str, n: int = 1):
-        from zimage_server.pipelines import GenerationSpec
+        from zimage_server.specs import CallParams, GenerationSpec
 
-        return [
-            GenerationSpec(
-                prompt=prompt(f"{tag} {i}"),
-                negative_prompt=None,
-                seeds=(i,),
-                width=size,
-                height=size,
-                num_inference_steps=self.plan.steps,
-                guidance_scale=0.0,
-                cfg_normalization=False,
-                cfg_truncation=1.0,
-                max_sequence_length=512,
-            )
-            for i in range(n)
-        ]
+        params = CallParams(
+            mode="generate", width=size, height=size, num_inference_steps=self.plan.steps, guidance_scale=0.0
+        )
+        return [GenerationSpec(prompt(f"{tag} {i}"), None, (i,), params) for i in range(n)]
 
     def whole_call(self, size: int, tag: str, n: int = 1) -> float:
+        from zimage_server.policy import BatchPolicy
+
         samples: list[float] = []
         specs = self.spec(size, tag, n)
         with self.clock.timed(samples):
-            self.engine.generate(specs)
+            BatchPolicy(self.runner, max_batch_size=max(n, 1)).run(specs)
         return samples[0]
 
     # --- sections ------------------------------------------------------------------------------
 
     def startup(self) -> dict:
-        from zimage_server.pipelines import start_engine
+        from zimage_server.runner import start_runner
         from zimage_server.settings import Settings
 
         build: list[float] = []
@@ -267,8 +258,8 @@ class Bench:
         self.settings = Settings(device=self.plan.device.type, offload="none", attention="auto", compile="off")
         start: list[float] = []
         with self.clock.timed(start):
-            self.engine = start_engine(pipeline, self.settings, self.plan.device, self.plan.dtype)
-        acceleration = self.engine.acceleration
+            self.runner = start_runner(pipeline, self.settings, self.plan.device, self.plan.dtype)
+        acceleration = self.runner.acceleration
         weights = {
             name: sum(p.numel() for p in getattr(pipeline, name).parameters()) / 1e9
             for name in ("text_encoder", "transformer", "vae")
@@ -277,7 +268,7 @@ class Bench:
         self.table.append(["attention (auto)", acceleration.attention.backend])
         return {
             "build_s": build[0],
-            "start_engine_s": start[0],
+            "start_runner_s": start[0],
             "ready_s": build[0] + start[0],
             "params_billions": weights,
             "attention_auto": dataclasses.asdict(acceleration.attention),
@@ -288,7 +279,7 @@ class Bench:
         }
 
     def stages(self) -> dict:
-        engine, plan = self.engine, self.plan
+        runner, plan = self.runner, self.plan
         out: dict = {}
         for size in plan.sizes:
             encode: list[float] = []
@@ -296,10 +287,10 @@ class Bench:
             decode: list[float] = []
             whole: list[float] = []
             for rep in range(plan.reps + 1):  # the first rep warms this size up and is dropped
-                with engine.lock:
+                with runner.lock:
                     encoded: list[float] = []
                     with self.clock.timed(encoded):
-                        [embedding] = engine._encode_batch([prompt(f"stage {rep}")], 512)
+                        [embedding] = runner._encode_batch([prompt(f"stage {rep}")], 512)
                     marks: list[float] = []
 
                     def on_step(_pipeline, _i, _t, _tensors, marks=marks):
@@ -309,8 +300,8 @@ class Bench:
 
                     self.clock.sync()
                     began = time.perf_counter()
-                    with engine.acceleration.attention.applied(False):
-                        engine.pipeline(
+                    with runner.acceleration.attention.applied(False):
+                        runner.pipeline(
                             prompt_embeds=[embedding],
                             width=size,
                             height=size,
@@ -351,7 +342,7 @@ class Bench:
         for size in self.plan.sizes:
             rates: dict[int, list[float]] = {b: [] for b in self.plan.batches}
             # Compiled blocks may meet a batch size for the first time here: one untimed round first.
-            first = -1 if self.engine.acceleration.compile != "off" else 0
+            first = -1 if self.runner.acceleration.compile != "off" else 0
             for rep in range(first, max(1, self.plan.reps - 1)):
                 order = self.plan.batches if rep % 2 == 0 else self.plan.batches[::-1]
                 for batch in order:
@@ -359,7 +350,7 @@ class Bench:
                     if rep >= 0:
                         rates[batch].append(rate)
             out[str(size)] = {f"batch_{b}_images_per_s": median(v) for b, v in rates.items()}
-            out["compile"] = self.engine.acceleration.compile
+            out["compile"] = self.runner.acceleration.compile
             for batch in self.plan.batches:
                 self.table.append([f"{size}: images/s at batch {batch}", median(rates[batch])])
         return out
@@ -369,8 +360,8 @@ class Bench:
 
         from zimage_server.acceleration import AttentionPlan, probe_attention
 
-        engine, plan = self.engine, self.plan
-        original = engine.acceleration
+        runner, plan = self.runner, self.plan
+        original = runner.acceleration
         usable: dict[str, AttentionPlan] = {}
         refused: dict[str, str] = {}
         for backend in sorted(b.value for b in AttentionBackendName):
@@ -388,12 +379,12 @@ class Bench:
         try:
             for rep in range(max(1, plan.reps - 1) + 1):
                 for name, attention_plan in usable.items():
-                    engine.acceleration = dataclasses.replace(original, attention=attention_plan)
+                    runner.acceleration = dataclasses.replace(original, attention=attention_plan)
                     elapsed = self.whole_call(size, f"attention {name} {rep}")
                     if rep > 0:  # the first round warms each backend up
                         times[name].append(elapsed)
         finally:
-            engine.acceleration = original
+            runner.acceleration = original
             self.set_compiled(True)
         out = {
             "size": size,
@@ -412,10 +403,10 @@ class Bench:
     def compile(self) -> dict:
         from zimage_server.acceleration import apply_compile
 
-        engine, plan = self.engine, self.plan
-        transformer = engine.pipeline.transformer
+        runner, plan = self.runner, self.plan
+        transformer = runner.pipeline.transformer
         blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
-        uncompiled = engine.acceleration
+        uncompiled = runner.acceleration
         apply_compile(transformer, "regional", plan.compile_backend)
         compiled = [block._compiled_call_impl for block in blocks]
 
@@ -423,15 +414,15 @@ class Bench:
             for block, impl in zip(blocks, compiled):
                 block._compiled_call_impl = impl if on else None
 
-        engine.acceleration = dataclasses.replace(uncompiled, compile="regional")
+        runner.acceleration = dataclasses.replace(uncompiled, compile="regional")
         warm: list[float] = []
         try:
             with self.clock.timed(warm):
-                engine.warm_up(plan.compile_warm_up)
+                runner.warm_up(plan.compile_warm_up)
         except Exception:
             # Leave the later sections an uncompiled transformer rather than one that fails every call.
             use_compiled(False)
-            engine.acceleration = uncompiled
+            runner.acceleration = uncompiled
             raise
 
         self.set_compiled = use_compiled
@@ -455,10 +446,10 @@ class Bench:
 
         from zimage_server.api import create_app
 
-        engine, plan = self.engine, self.plan
+        runner, plan = self.runner, self.plan
         size = max(plan.sizes)
         port = free_port()
-        app = create_app(self.settings.replace(max_batch_size=4), engine)
+        app = create_app(self.settings.replace(max_batch_size=4), runner)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -471,7 +462,7 @@ class Bench:
         def direct(tag: str) -> float:
             samples: list[float] = []
             with self.clock.timed(samples):
-                engine.pipeline(
+                runner.pipeline(
                     prompt(tag),
                     width=size,
                     height=size,
@@ -516,8 +507,8 @@ class Bench:
         direct_s = median(times["direct"])
         out = {
             "size": size,
-            "compile": engine.acceleration.compile,
-            "attention": engine.acceleration.attention.backend,
+            "compile": runner.acceleration.compile,
+            "attention": runner.acceleration.attention.backend,
             "median_s": {name: median(v) for name, v in times.items()},
             "ratio_to_direct": {name: median(v) / direct_s for name, v in times.items()},
             "response_bytes": sizes_b,
@@ -529,7 +520,7 @@ class Bench:
     def offload(self) -> dict:
         from zimage_server.acceleration import place_pipeline
 
-        engine, plan = self.engine, self.plan
+        runner, plan = self.runner, self.plan
         size = max(plan.sizes)
         out: dict = {"size": size}
         # none first (everything already resident), then model offload, then the streamed text
@@ -538,12 +529,12 @@ class Bench:
         for mode in ("none", "model", "text_encoder", "restored"):
             placed: list[float] = [0.0]
             if mode != "none":
-                remove_offload(engine.pipeline)
+                remove_offload(runner.pipeline)
                 with self.clock.timed(placed):
-                    place_pipeline(engine.pipeline, plan.device, "none" if mode == "restored" else mode)
+                    place_pipeline(runner.pipeline, plan.device, "none" if mode == "restored" else mode)
                 if mode == "restored":
-                    engine.pipeline.vae.disable_slicing()
-                engine.execution_device = engine.pipeline._execution_device
+                    runner.pipeline.vae.disable_slicing()
+                runner.execution_device = runner.pipeline._execution_device
             if mode == "restored":
                 out[mode] = {"placing_s": placed[0]}
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 from litestar.testing import TestClient
 
 from zimage_server.api import create_app
-from zimage_server.pipelines import ZImageEngine, load_engine
+from zimage_server.policy import BatchPolicy
+from zimage_server.runner import ModelRunner, load_runner
 from zimage_server.settings import Settings
+from zimage_server.specs import CallMode, CallParams, GenerationSpec
 from zimage_server.testing import write_tiny_pipeline
 
 
@@ -28,21 +31,21 @@ def settings(models_dir: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def engine(settings: Settings) -> ZImageEngine:
-    return load_engine(settings)
+def runner(settings: Settings) -> ModelRunner:
+    return load_runner(settings)
 
 
 @contextlib.contextmanager
-def serving(settings: Settings, engine: ZImageEngine | None = None, **overrides) -> Iterator[TestClient]:
+def serving(settings: Settings, runner: ModelRunner | None = None, **overrides) -> Iterator[TestClient]:
     """A TestClient with the lifespan running, for settings with `overrides` applied."""
-    app = create_app(settings.replace(**overrides), engine)
+    app = create_app(settings.replace(**overrides), runner)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 
 
 @pytest.fixture
-def client(settings: Settings, engine: ZImageEngine) -> Iterator[TestClient]:
-    with serving(settings, engine) as test_client:
+def client(settings: Settings, runner: ModelRunner) -> Iterator[TestClient]:
+    with serving(settings, runner) as test_client:
         yield test_client
 
 
@@ -52,7 +55,7 @@ def anyio_backend() -> str:
 
 
 @contextlib.contextmanager
-def live_server(settings: Settings, engine: ZImageEngine | None = None, **overrides) -> Iterator[str]:
+def live_server(settings: Settings, runner: ModelRunner | None = None, **overrides) -> Iterator[str]:
     """The app under a real uvicorn server on an ephemeral loopback port; yields its base URL."""
     import socket
     import threading
@@ -63,7 +66,7 @@ def live_server(settings: Settings, engine: ZImageEngine | None = None, **overri
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = create_app(settings.replace(**overrides), engine)
+    app = create_app(settings.replace(**overrides), runner)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -86,8 +89,16 @@ def edit_settings(models_dir: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def edit_engine(edit_settings: Settings) -> ZImageEngine:
-    return load_engine(edit_settings)
+def edit_runner(edit_settings: Settings) -> ModelRunner:
+    return load_runner(edit_settings)
+
+
+def metric(base: str, name: str) -> float:
+    """One sample of a live server's /metrics, by its exact name (labels included)."""
+    import httpx
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 def wait_for(condition, timeout: float = 10) -> None:
@@ -98,3 +109,62 @@ def wait_for(condition, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.01)
+
+
+def make_spec(
+    prompt: str,
+    seeds: tuple[int, ...] = (0,),
+    *,
+    mode: CallMode = "generate",
+    negative_prompt: str | None = None,
+    images: tuple = (),
+    mask=None,
+    observer=None,
+    **params,
+) -> GenerationSpec:
+    """A request as the API would build it: 64x64, 3 steps, no guidance, 64 tokens, unless told otherwise."""
+    call = dict(width=64, height=64, num_inference_steps=3, guidance_scale=0.0, max_sequence_length=64) | params
+    return GenerationSpec(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seeds=tuple(seeds),
+        params=CallParams(mode=mode, **call),
+        images=images,
+        mask=mask,
+        observer=observer,
+    )
+
+
+def generate(runner: ModelRunner, specs: list[GenerationSpec]) -> list[list]:
+    """The images per spec, as the batcher's policy makes them (without its out-of-memory retries)."""
+    return BatchPolicy(runner, runner.settings.max_batch_size).run(specs)
+
+
+class Captured(logging.Handler):
+    """Records of one logger, captured directly: Litestar's logging set-up replaces the root
+    handlers (caplog's among them) whenever an app is created inside a test."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> Captured:
+        self.logger.addHandler(self)
+        self.old_level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.old_level)
+
+
+def assert_envelope(response, status: int) -> dict:
+    assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_settings_and_cli import run_cli
+from conftest import generate
+from test_settings import run_cli
 from zimage_server.acceleration import (
     GIB,
     AttentionPlan,
@@ -15,7 +16,7 @@ from zimage_server.acceleration import (
     component_sizes,
     resolve_attention,
 )
-from zimage_server.settings import SettingsError, load_settings
+from zimage_server.settings import SettingsError
 
 # The real Z-Image-Turbo in bf16 (REFERENCE.md): text encoder 7.5 GiB, transformer 11.5 GiB, VAE 0.16 GiB.
 REAL = ComponentSizes(
@@ -38,38 +39,22 @@ def test_offload_reason_says_when_even_model_offload_may_not_fit():
     assert chosen == "model" and "may not fit" in reason
 
 
-def test_component_sizes_of_the_tiny_pipeline(engine):
-    sizes = component_sizes(engine.pipeline)
-    # Two text-encoder blocks stay on the device while streaming; the tiny encoder only has two.
-    assert 0 < sizes.text_encoder_streamed <= sizes.text_encoder
-    assert sizes.transformer > 0 and sizes.vae > 0
+def test_component_sizes_count_two_streamed_text_encoder_blocks(runner):
+    from types import SimpleNamespace
 
+    from transformers import Qwen3Config, Qwen3Model
 
-def test_new_settings_parse_and_default():
-    settings = load_settings(env={})
-    assert (settings.offload, settings.attention, settings.compile, settings.prompt_cache) == ("auto", "auto", "off", 64)
-    env = {"Z_IMAGE_OFFLOAD": "text_encoder", "Z_IMAGE_ATTENTION": "_native_cudnn", "Z_IMAGE_COMPILE": "Regional"}
-    settings = load_settings(env=env, overrides={"prompt_cache": "0"})
-    assert (settings.offload, settings.attention, settings.compile, settings.prompt_cache) == (
-        "text_encoder",
-        "_native_cudnn",
-        "regional",
-        0,
-    )
+    from zimage_server.acceleration import module_bytes
+    from zimage_server.testing import TINY_TEXT_ENCODER
 
-
-@pytest.mark.parametrize(
-    "env, name",
-    [
-        ({"Z_IMAGE_OFFLOAD": "sequential"}, "Z_IMAGE_OFFLOAD"),
-        ({"Z_IMAGE_COMPILE": "max"}, "Z_IMAGE_COMPILE"),
-        ({"Z_IMAGE_PROMPT_CACHE": "-1"}, "Z_IMAGE_PROMPT_CACHE"),
-        ({"Z_IMAGE_ATTENTION": "flash attn"}, "Z_IMAGE_ATTENTION"),
-    ],
-)
-def test_bad_acceleration_settings_name_the_setting(env, name):
-    with pytest.raises(SettingsError, match=name):
-        load_settings(env=env)
+    # Four blocks, so streaming (two on the device at a time) really holds less than all of them.
+    encoder = Qwen3Model(Qwen3Config(**(TINY_TEXT_ENCODER | {"num_hidden_layers": 4}), vocab_size=64))
+    pipeline = SimpleNamespace(text_encoder=encoder, transformer=runner.pipeline.transformer, vae=runner.pipeline.vae)
+    sizes = component_sizes(pipeline)
+    block = module_bytes(encoder.layers[0])
+    assert sizes.text_encoder == module_bytes(encoder)
+    assert sizes.text_encoder_streamed == sizes.text_encoder - 2 * block
+    assert sizes.transformer == module_bytes(runner.pipeline.transformer) and sizes.vae > 0
 
 
 def test_auto_attention_on_cpu_is_native_and_takes_masks():
@@ -103,55 +88,55 @@ def test_captions_need_a_mask_only_when_their_padded_lengths_differ():
 
 
 @pytest.mark.parametrize("mode", ["text_encoder", "model"])
-def test_offload_modes_give_the_same_images_for_generations_and_edits(engine, settings, mode):
+def test_offload_modes_give_the_same_images_for_generations_and_edits(runner, settings, mode):
     # On a CPU the modes save nothing, but the placement code, the hooks, the edit pipelines built
     # over offloaded modules and the cached-embedding path all run as they would on a GPU.
     from PIL import Image
 
-    from test_pipelines import pixels, spec
-    from zimage_server.pipelines import EditSpec, load_engine
+    from test_runner import pixels, spec
+    from zimage_server.runner import load_runner
 
-    offloaded = load_engine(settings.replace(offload=mode))
+    offloaded = load_runner(settings.replace(offload=mode))
     assert offloaded.acceleration.offload == mode
     request = spec("a red chair", (3,), negative_prompt="blurry")
-    [[expected]], [[image]] = engine.generate([request]), offloaded.generate([request])
+    [[expected]], [[image]] = generate(runner, [request]), generate(offloaded, [request])
     assert abs(pixels(image) - pixels(expected)).max() <= 1
     gray = Image.new("RGB", (64, 64), (128, 128, 128))
-    edit = EditSpec.from_generation(spec("a red chair", (4,)), images=(gray,), strength=0.6)
-    [[expected]], [[image]] = engine.generate([edit]), offloaded.generate([edit])
+    edit = spec("a red chair", (4,), mode="img2img", images=(gray,), strength=0.6)
+    [[expected]], [[image]] = generate(runner, [edit]), generate(offloaded, [edit])
     assert abs(pixels(image) - pixels(expected)).max() <= 1
 
 
 @pytest.mark.parametrize("mode", ["regional", "full"])
-def test_compiled_transformers_give_the_same_images(engine, settings, mode):
+def test_compiled_transformers_give_the_same_images(runner, settings, mode):
     # The eager backend runs dynamo's tracing (where fullgraph breaks would show) without inductor's
     # C++ compile, so this stays fast on a CPU; the GPU benchmark compiles with inductor.
-    from test_pipelines import pixels, spec
+    from test_runner import pixels, spec
     from zimage_server.acceleration import apply_compile
-    from zimage_server.pipelines import load_engine
+    from zimage_server.runner import load_runner
 
-    compiled = load_engine(settings)
+    compiled = load_runner(settings)
     apply_compile(compiled.pipeline.transformer, mode, backend="eager")
     requests = [spec("a red chair", (3,)), spec("a much longer prompt about a lighthouse at dawn", (4,))]
-    for expected, image in zip(sum(engine.generate(requests), []), sum(compiled.generate(requests), [])):
+    for expected, image in zip(sum(generate(runner, requests), []), sum(generate(compiled, requests), [])):
         assert abs(pixels(image) - pixels(expected)).max() <= 1
 
 
-def test_a_mixed_length_batch_on_a_maskless_backend_runs_on_the_fallback(engine, settings):
+def test_a_mixed_length_batch_on_a_maskless_backend_runs_on_the_fallback(runner, settings):
     # On a CPU, PyTorch's own flash kernel runs but refuses masks: the case of flash/_flash_3 on a GPU.
     import dataclasses
 
-    from test_pipelines import pixels, spec
-    from zimage_server.pipelines import ZImageEngine
+    from test_runner import pixels, spec
+    from zimage_server.runner import ModelRunner
 
     plan = resolve_attention("_native_flash", torch.device("cpu"), torch.float32)
     assert plan == AttentionPlan("_native_flash", handles_masks=False)
-    flash = ZImageEngine(engine.pipeline, settings, engine.device, engine.dtype)
+    flash = ModelRunner(runner.pipeline, settings, runner.device, runner.dtype)
     flash.acceleration = dataclasses.replace(flash.acceleration, attention=plan)
     mixed = [spec("a cat", (1,)), spec("a very long prompt about a lighthouse on a rocky coast at dawn " * 3, (2,))]
-    for expected, image in zip(sum(engine.generate(mixed), []), sum(flash.generate(mixed), [])):
+    for expected, image in zip(sum(generate(runner, mixed), []), sum(generate(flash, mixed), [])):
         assert abs(pixels(image) - pixels(expected)).max() <= 1
     # Without the fallback the same batch fails, so it really needed a mask.
     flash.acceleration = dataclasses.replace(flash.acceleration, attention=AttentionPlan("_native_flash", True))
     with pytest.raises(ValueError, match="attn_mask"):
-        flash.generate(mixed)
+        generate(flash, mixed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
@@ -9,12 +10,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import live_server, serving, wait_for
-from zimage_server.pipelines import ZImageEngine
+from conftest import live_server, metric, serving, wait_for
+from zimage_server.api.requests import generation_spec
+from zimage_server.api.schemas import GenerationRequest
+from zimage_server.runner import ModelRunner
 
 URL = "/v1/images/generations"
 
@@ -121,9 +125,13 @@ def test_ignored_openai_fields_and_model_names_are_accepted(client):
     ],
 )
 def test_invalid_values_get_400_naming_the_field(client, payload, param):
+    server = client.app.state.server
     if param is None:
-        # The largest accepted size passes validation; a small max_pixels server refuses it with 400.
-        with serving(client.app.state.settings, client.app.state.engine, max_pixels=1024 * 1024) as small:
+        # The largest size passes the default server's validation (checked without the seconds a
+        # 2048x2048 generation takes here); a small max_pixels server refuses it with 400.
+        spec, _ = generation_spec(msgspec.convert(payload, GenerationRequest), server)
+        assert (spec.params.width, spec.params.height) == (2048, 2048)
+        with serving(server.settings, server.runner, max_pixels=1024 * 1024) as small:
             assert_error(small.post(URL, json=payload), 400, "size")
         return
     assert_error(client.post(URL, json=payload), 400, param)
@@ -170,19 +178,19 @@ def post_json(base: str, payload: dict, timeout: float = 60) -> httpx.Response:
     return httpx.post(base + URL, json=payload, timeout=timeout)
 
 
-def test_concurrent_compatible_requests_share_one_pipeline_call_with_their_own_images(settings, engine):
+def test_concurrent_compatible_requests_share_one_pipeline_call_with_their_own_images(settings, runner):
     prompts = ["a cat", "a watercolor of mountains", "an astronaut portrait"]
     solo = {}
-    with live_server(settings, engine) as base:
+    with live_server(settings, runner) as base:
         for index, prompt in enumerate(prompts):
             body = post_json(base, {"prompt": prompt, "size": "64x64", "seed": index}).json()
             solo[prompt] = np.asarray(decode(body["data"][0]["b64_json"]), dtype=np.int16)
-        calls_before = engine.pipeline_calls
+        calls_before = runner.calls
         with ThreadPoolExecutor(4) as pool:
-            engine.lock.acquire()  # the GPU is busy: requests queue up behind it
+            runner.lock.acquire()  # the GPU is busy: requests queue up behind it
             try:
                 blocker = pool.submit(post_json, base, {"prompt": "blocker", "size": "64x64", "seed": 9})
-                wait_for(lambda: engine.lock.locked() and engine.pipeline_calls == calls_before)
+                wait_for(lambda: runner.lock.locked() and runner.calls == calls_before)
                 time.sleep(0.2)
                 futures = [
                     pool.submit(post_json, base, {"prompt": prompt, "size": "64x64", "seed": index})
@@ -190,18 +198,18 @@ def test_concurrent_compatible_requests_share_one_pipeline_call_with_their_own_i
                 ]
                 time.sleep(0.5)  # all three are queued while the GPU is held
             finally:
-                engine.lock.release()
+                runner.lock.release()
             assert blocker.result().status_code == 200
             responses = [future.result() for future in futures]
-    assert engine.pipeline_calls - calls_before == 2  # the blocker, then one call for all three
+    assert runner.calls - calls_before == 2  # the blocker, then one call for all three
     for prompt, response in zip(prompts, responses):
         image = np.asarray(decode(response.json()["data"][0]["b64_json"]), dtype=np.int16)
         assert np.abs(image - solo[prompt]).max() <= 1
 
 
-def test_full_queue_answers_429_with_retry_after(settings, engine):
-    with live_server(settings, engine, max_queue=2) as base, ThreadPoolExecutor(4) as pool:
-        engine.lock.acquire()
+def test_full_queue_answers_429_with_retry_after(settings, runner):
+    with live_server(settings, runner, max_queue=2) as base, ThreadPoolExecutor(4) as pool:
+        runner.lock.acquire()
         try:
             running = pool.submit(post_json, base, {"prompt": "running", "size": "64x64"})
             time.sleep(0.3)
@@ -209,56 +217,56 @@ def test_full_queue_answers_429_with_retry_after(settings, engine):
             time.sleep(0.3)
             refused = post_json(base, {"prompt": "refused", "size": "64x64"})
         finally:
-            engine.lock.release()
+            runner.lock.release()
         error = assert_error(refused, 429)
         assert error["code"] == "queue_full" and refused.headers["retry-after"]
         assert running.result().status_code == 200 and queued.result().status_code == 200
 
 
-def test_request_waiting_past_its_timeout_gets_504_and_the_server_recovers(settings, engine):
-    with live_server(settings, engine, request_timeout_s=0.5) as base:
-        engine.lock.acquire()
+def test_request_waiting_past_its_timeout_gets_504_and_the_server_recovers(settings, runner):
+    with live_server(settings, runner, request_timeout_s=0.5) as base:
+        runner.lock.acquire()
         try:
             error = assert_error(post_json(base, {"prompt": "slow", "size": "64x64"}), 504)
         finally:
-            engine.lock.release()
+            runner.lock.release()
         assert error["code"] == "timeout"
         assert post_json(base, {"prompt": "fine", "size": "64x64"}).status_code == 200
 
 
-def test_a_client_that_leaves_while_queued_is_dropped_not_computed(settings, engine):
-    with live_server(settings, engine) as base:
-        engine.lock.acquire()
+def test_a_client_that_leaves_while_queued_is_dropped_not_computed(settings, runner):
+    with live_server(settings, runner) as base:
+        runner.lock.acquire()
         try:
-            calls_before = engine.pipeline_calls
+            calls_before = runner.calls
             running = threading.Thread(target=post_json, args=(base, {"prompt": "running", "size": "64x64"}))
             running.start()
-            time.sleep(0.3)
+            wait_for(lambda: metric(base, "zimage_running_images") == 1)
             with pytest.raises(httpx.ReadTimeout):
                 post_json(base, {"prompt": "impatient", "size": "64x64"}, timeout=0.5)
-            time.sleep(0.3)  # let the server notice the hang-up
+            # The server noticed the hang-up: the queue no longer counts the job.
+            wait_for(lambda: metric(base, "zimage_queue_requests") == 0)
         finally:
-            engine.lock.release()
+            runner.lock.release()
         running.join(timeout=30)
-        wait_for(lambda: engine.pipeline_calls == calls_before + 1)
-        time.sleep(0.3)
-        assert engine.pipeline_calls == calls_before + 1  # "impatient" never ran
+        wait_for(lambda: metric(base, "zimage_requests_dropped") == 1)  # the worker took it off, unrun
+        assert runner.calls == calls_before + 1  # "impatient" never ran
 
 
-class FailingEngine(ZImageEngine):
-    """The real engine, with a device error injected into its next call."""
+class FailingRunner(ModelRunner):
+    """The real runner, with a device error injected into its next call."""
 
     fail_next = True
 
-    def generate(self, specs):
+    def run_call(self, params, rows):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("CUDA error: an illegal memory access at 0xdeadbeef")
-        return super().generate(specs)
+        return super().run_call(params, rows)
 
 
-def test_a_failing_batch_is_a_generic_500_and_the_server_stays_up(settings, engine):
-    failing = FailingEngine(engine.pipeline, settings, engine.device, engine.dtype)
+def test_a_failing_batch_is_a_generic_500_and_the_server_stays_up(settings, runner):
+    failing = FailingRunner(runner.pipeline, settings, runner.device, runner.dtype)
     with serving(settings, failing) as client:
         error = assert_error(client.post(URL, json={"prompt": "a", "size": "64x64"}), 500)
         assert "0xdeadbeef" not in error["message"] and "CUDA" not in error["message"]
@@ -266,13 +274,42 @@ def test_a_failing_batch_is_a_generic_500_and_the_server_stays_up(settings, engi
         assert client.post(URL, json={"prompt": "a", "size": "64x64"}).status_code == 200
 
 
-def test_openai_sdk_generates_images(settings, engine):
+def test_openai_sdk_generates_images(settings, runner):
     from openai import OpenAI
 
-    with live_server(settings, engine) as base:
+    with live_server(settings, runner) as base:
         sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         result = sdk.images.generate(
             prompt="a lighthouse", size="64x64", n=2, extra_body={"seed": 3, "num_inference_steps": 2}
         )
     assert len(result.data) == 2
     assert decode(result.data[0].b64_json).size == (64, 64)
+
+
+def test_a_model_call_that_returns_too_few_images_is_a_500_and_the_next_request_succeeds(settings, runner):
+    from zimage_server.faults import FaultInjector
+
+    faulty = ModelRunner(runner.pipeline, settings, runner.device, runner.dtype, faults=FaultInjector())
+    with serving(settings, faulty) as client:
+        error = assert_error(client.post(URL, json={"prompt": "short [[fault:short]]", "size": "64x64", "n": 2}), 500)
+        assert error["type"] == "server_error" and "request id" in error["message"]
+        assert client.get("/ready").status_code == 200
+        assert len(client.post(URL, json={"prompt": "fine", "size": "64x64", "n": 2}).json()["data"]) == 2
+
+
+def test_a_dead_batcher_worker_turns_ready_503_and_stops_the_server(settings, runner):
+    stopped = threading.Event()
+    with serving(settings, runner) as client:
+        server = client.app.state.server
+        server.stop_server = stopped.set  # what the CLI points at uvicorn (exits with EXIT_WORKER_DIED)
+        client.blocking_portal.call(kill_worker, server.batcher)
+        assert stopped.wait(5)
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "broken"
+        assert assert_error(client.post(URL, json={"prompt": "a", "size": "64x64"}), 503)["code"] == "shutting_down"
+        assert "zimage_ready 0.0" in client.get("/metrics").text
+
+
+async def kill_worker(batcher) -> None:
+    batcher._worker.cancel()  # what a bug in the worker loop itself would do
+    await asyncio.sleep(0.01)

@@ -2,7 +2,7 @@
 clients that leave while queued or while their batch runs, and SIGTERM in the middle of load.
 
 The server runs with Z_IMAGE_FAULT_INJECTION=1 (see zimage_server/faults.py): a prompt marker
-like [[fault:oom]] makes the engine fail inside its call, as a GPU would.
+like [[fault:oom]] makes the runner fail inside its call, as a GPU would.
 """
 
 from __future__ import annotations

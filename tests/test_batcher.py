@@ -194,3 +194,40 @@ async def test_jobs_carry_their_timings_and_quiet_errors_are_not_logged_as_error
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
     assert any("req-1" in record.getMessage() and "stopped early" in record.getMessage() for record in caplog.records)
     await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_call_that_returns_too_few_results_fails_its_batch_and_the_worker_goes_on():
+    reports = []
+
+    def model(payloads):
+        results = [f"done:{payload}" for payload in payloads]
+        return results[:-1] if "short" in payloads else results
+
+    batcher = Batcher(model, max_batch_size=4, max_queue=8, batch_wait_s=0.05, on_batch=reports.append)
+    batcher.start()
+    outcomes = await asyncio.gather(
+        batcher.submit("k", 1, "short"), batcher.submit("k", 1, "mate"), return_exceptions=True
+    )
+    assert all(isinstance(outcome, BatchFailedError) for outcome in outcomes)
+    assert "mismatch" in str(outcomes[0]) and isinstance(reports[0].error, RuntimeError)
+    assert await batcher.submit("k", 1, "next") == "done:next"
+    assert batcher.alive
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_dies_fails_its_jobs_refuses_new_ones_and_tells_its_owner():
+    died = asyncio.Event()
+    model, batcher, running = await busy_batcher()
+    batcher.on_worker_died = lambda error: died.set()
+    queued = batcher.submit("k", 1, "queued")
+    batcher._worker.cancel()  # what an unexpected bug in the loop itself would do
+    await asyncio.wait_for(died.wait(), 5)
+    assert not batcher.alive
+    with pytest.raises(BatchFailedError):
+        await queued
+    with pytest.raises(BatcherClosedError):
+        batcher.submit("k", 1, "after")
+    model.gate.set()
+    await batcher.stop()

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 
 from conftest import live_server, serving
 from test_api import assert_error, decode, wait_for
-from test_pipelines import pixels, spec
+from conftest import generate, make_spec
+from test_runner import pixels, spec
 from zimage_server.images import (
     MAX_DECODED_PIXELS,
     ImageInputError,
@@ -31,8 +32,7 @@ from zimage_server.images import (
     fit_size,
     to_rgb,
 )
-from zimage_server.pipelines import EditSpec
-from zimage_server.settings import SettingsError, load_settings
+from zimage_server.specs import GenerationSpec
 
 URL = "/v1/images/edits"
 
@@ -194,74 +194,68 @@ class LastLatents:
         self.total = 0
         self.latents: torch.Tensor | None = None
 
-    def on_step(self, step, total, latents) -> None:
+    def wants_previews(self, step, total) -> bool:
+        return False
+
+    def on_step(self, step, total, latents, previews) -> None:
         self.total, self.latents = total, latents.clone()
 
 
-def edit_spec(prompt: str, image: Image.Image, seeds=(0,), mask=None, strength=0.6, **overrides) -> EditSpec:
-    values = dict(
-        prompt=prompt,
-        negative_prompt=None,
-        seeds=tuple(seeds),
-        width=image.width,
-        height=image.height,
-        num_inference_steps=4,
-        guidance_scale=0.0,
-        cfg_normalization=False,
-        cfg_truncation=1.0,
-        max_sequence_length=64,
-        images=(image,),
-        mask=mask,
-        strength=strength,
-    )
-    return EditSpec(**(values | overrides))
+def edit_spec(
+    prompt: str, image: Image.Image, seeds=(0,), mask=None, strength=0.6, images=None, mode=None, **overrides
+) -> GenerationSpec:
+    """An img2img (inpaint with a mask) request at the image's size, 4 steps; Omni with strength None."""
+    if mode is None:
+        mode = "omni" if strength is None else "inpaint" if mask is not None else "img2img"
+    params = dict(width=image.width, height=image.height, num_inference_steps=4, strength=strength) | overrides
+    return make_spec(prompt, seeds, mode=mode, images=images or (image,), mask=mask, **params)
 
 
-def input_latents(engine, image: Image.Image, seed: int) -> torch.Tensor:
+def input_latents(runner, image: Image.Image, seed: int) -> torch.Tensor:
     """The input as the edit pipelines encode it: VAE latents sampled with the request's own generator."""
-    pipeline = engine.img2img_pipeline
-    tensor = pipeline.image_processor.preprocess(image).to(engine.dtype)
+    pipeline = runner.mode_pipelines["img2img"]
+    tensor = pipeline.image_processor.preprocess(image).to(runner.dtype)
     with torch.no_grad():
         latents = pipeline.vae.encode(tensor).latent_dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
     return (latents - pipeline.vae.config.shift_factor) * pipeline.vae.config.scaling_factor
 
 
-def final_latents(engine, image: Image.Image, strength: float) -> tuple[int, torch.Tensor]:
+def final_latents(runner, image: Image.Image, strength: float) -> tuple[int, torch.Tensor]:
     observer = LastLatents()
-    engine.generate([edit_spec("a cat", image, (3,), strength=strength, observer=observer, num_inference_steps=8)])
+    generate(runner, [edit_spec("a cat", image, (3,), strength=strength, observer=observer, num_inference_steps=8)])
     return observer.total, observer.latents
 
 
-def test_strength_sets_how_much_of_the_input_survives(engine):
+def test_strength_sets_how_much_of_the_input_survives(runner):
     image = picture()
-    start = input_latents(engine, image, seed=3)
-    steps, finals = zip(*(final_latents(engine, image, strength) for strength in (0.25, 0.5, 1.0)))
+    start = input_latents(runner, image, seed=3)
+    steps, finals = zip(*(final_latents(runner, image, strength) for strength in (0.25, 0.5, 1.0)))
     assert steps == (2, 4, 8)  # strength s re-noises the input to s and denoises only from there
     distances = [float((final - start).abs().mean()) for final in finals]
     assert distances[0] < distances[1] < distances[2]
     # At 1.0 the input is pure noise: nothing of it survives, so another input gives the same result.
-    assert torch.allclose(final_latents(engine, picture(seed=9), 1.0)[1], finals[2], atol=1e-5)
+    assert torch.allclose(final_latents(runner, picture(seed=9), 1.0)[1], finals[2], atol=1e-5)
 
 
-def test_inpainting_keeps_the_input_outside_the_mask(engine):
+def test_inpainting_keeps_the_input_outside_the_mask(runner):
     image = picture(seed=1)
     mask = edit_area(left_half_mask())
     observer = LastLatents()
-    engine.generate([edit_spec("a dog", image, seeds=(5,), mask=mask, strength=1.0, observer=observer)])
-    start = input_latents(engine, image, seed=5)[0]
+    generate(runner, [edit_spec("a dog", image, seeds=(5,), mask=mask, strength=1.0, observer=observer)])
+    start = input_latents(runner, image, seed=5)[0]
     final = observer.latents[0]
     # 64 pixels are 8 latent columns: the left 4 were repainted, the right 4 are the input's.
     assert torch.allclose(final[:, :, 4:], start[:, :, 4:], atol=1e-5)
     assert (final[:, :, :4] - start[:, :, :4]).abs().mean() > 0.1
 
 
-def test_an_edit_is_what_diffusers_returns_for_the_same_seed(engine, settings):
+def test_an_edit_is_what_diffusers_returns_for_the_same_seed(runner, settings):
     from diffusers import ZImageImg2ImgPipeline
 
     direct = ZImageImg2ImgPipeline.from_pretrained(settings.model_dir)
     direct.set_progress_bar_config(disable=True)
     image = picture(seed=2)
-    [images] = engine.generate([edit_spec("a red chair", image, seeds=(41, 42), strength=0.5, num_inference_steps=4)])
+    [images] = generate(runner, [edit_spec("a red chair", image, seeds=(41, 42), strength=0.5, num_inference_steps=4)])
     for offset, edited in enumerate(images):
         expected = direct(
             "a red chair",
@@ -276,55 +270,43 @@ def test_an_edit_is_what_diffusers_returns_for_the_same_seed(engine, settings):
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_an_edit_is_the_same_alone_and_inside_a_batch(engine, with_mask):
+def test_an_edit_is_the_same_alone_and_inside_a_batch(runner, with_mask):
     mask = edit_area(left_half_mask()) if with_mask else None
     strength = 1.0 if with_mask else 0.6
     mine = edit_spec("a cat on a chair", picture(seed=1), seeds=(7,), mask=mask, strength=strength)
-    [[alone]] = engine.generate([mine])
+    [[alone]] = generate(runner, [mine])
     others_mask = edit_area(left_half_mask().transpose(Image.Transpose.FLIP_LEFT_RIGHT)) if with_mask else None
     other = edit_spec("a longer prompt about mountains", picture(seed=8), (100, 101), mask=others_mask, strength=strength)
-    batched = engine.generate([other, mine])
+    batched = generate(runner, [other, mine])
     assert np.abs(pixels(batched[1][0]) - pixels(alone)).max() <= 1
     assert np.abs(pixels(batched[0][0]) - pixels(alone)).max() > 10
 
 
-def test_edits_leave_text_to_image_and_the_dtype_untouched(engine):
-    [[before]] = engine.generate([spec("a lamp", (9,))])
-    engine.generate([edit_spec("a lamp", picture(), strength=0.3)])  # moves the shared scheduler's begin index
-    [[after]] = engine.generate([spec("a lamp", (9,))])
+def test_edits_leave_text_to_image_and_the_dtype_untouched(runner):
+    [[before]] = generate(runner, [spec("a lamp", (9,))])
+    generate(runner, [edit_spec("a lamp", picture(), strength=0.3)])  # moves the shared scheduler's begin index
+    [[after]] = generate(runner, [spec("a lamp", (9,))])
     assert np.array_equal(pixels(before), pixels(after))
-    assert engine.img2img_pipeline.transformer is engine.pipeline.transformer
+    assert runner.mode_pipelines["img2img"].transformer is runner.pipeline.transformer
 
 
 def test_bf16_edit_pipelines_share_the_modules_in_bf16(settings):
-    from zimage_server.pipelines import load_engine
+    from zimage_server.runner import load_runner
 
-    bf16 = load_engine(settings.replace(dtype="bf16"))
-    for pipeline in (bf16.pipeline, bf16.img2img_pipeline, bf16.inpaint_pipeline):
+    bf16 = load_runner(settings.replace(dtype="bf16"))
+    for pipeline in (bf16.pipeline, bf16.mode_pipelines["img2img"], bf16.mode_pipelines["inpaint"]):
         assert pipeline.transformer.dtype == torch.bfloat16 and pipeline.vae.dtype == torch.bfloat16
         assert pipeline.text_encoder.dtype == torch.bfloat16 and pipeline.transformer is bf16.pipeline.transformer
 
 
-def test_omni_edits_with_one_or_several_references(edit_engine):
+def test_omni_edits_with_one_or_several_references(edit_runner):
     first, second = picture(seed=1), picture(96, 64, seed=2)
     common = dict(num_inference_steps=2, guidance_scale=2.0, strength=None, width=64, height=64)
-    [[one]] = edit_engine.generate([edit_spec("make it blue", first, **common)])
-    [[two]] = edit_engine.generate([edit_spec("make it blue", first, images=(first, second), **common)])
-    [[other]] = edit_engine.generate([edit_spec("make it blue", picture(seed=3), **common)])
+    [[one]] = generate(edit_runner, [edit_spec("make it blue", first, **common)])
+    [[two]] = generate(edit_runner, [edit_spec("make it blue", first, images=(first, second), **common)])
+    [[other]] = generate(edit_runner, [edit_spec("make it blue", picture(seed=3), **common)])
     assert one.size == two.size == (64, 64)
     assert np.abs(pixels(one) - pixels(two)).max() > 0 and np.abs(pixels(one) - pixels(other)).max() > 0
-
-
-# --- settings ---------------------------------------------------------------------------------------
-
-
-def test_upload_limit_and_edit_dtype_settings():
-    assert load_settings({}).max_upload_bytes == 20 * 1024 * 1024
-    assert load_settings({"Z_IMAGE_MAX_UPLOAD_BYTES": "1048576"}).max_upload_bytes == 1048576
-    with pytest.raises(SettingsError, match="Z_IMAGE_MAX_UPLOAD_BYTES"):
-        load_settings({"Z_IMAGE_MAX_UPLOAD_BYTES": "lots"})
-    with pytest.raises(SettingsError, match="bf16"):
-        load_settings({"Z_IMAGE_VARIANT": "edit", "Z_IMAGE_DTYPE": "fp32"})
 
 
 # --- the HTTP endpoint ------------------------------------------------------------------------------
@@ -418,26 +400,26 @@ def test_bad_bodies_and_the_server_still_edits_afterwards(client):
     assert client.post(URL, **form(encoded(picture()))).status_code == 200
 
 
-def test_uploads_over_the_limit_get_413(settings, engine):
+def test_uploads_over_the_limit_get_413(settings, runner):
     big = encoded(picture(512, 512, seed=4))
     assert len(big) > 32 * 1024 > len(encoded(picture(64, 64))) + 1024
-    with serving(settings, engine, max_upload_bytes=32 * 1024) as small:
+    with serving(settings, runner, max_upload_bytes=32 * 1024) as small:
         error = assert_error(small.post(URL, **form(big)), 413)
         assert "Z_IMAGE_MAX_UPLOAD_BYTES" in error["message"]
         assert small.get("/ready").status_code == 200
         assert small.post(URL, **form(encoded(picture(64, 64)))).status_code == 200
     # The limit belongs to that app alone: a server with the default limit takes the same upload.
-    with serving(settings, engine) as default:
+    with serving(settings, runner) as default:
         assert default.post(URL, **form(big, size="64x64")).status_code == 200
 
 
-def test_the_upload_limit_is_enforced_while_the_body_streams(settings, engine):
+def test_the_upload_limit_is_enforced_while_the_body_streams(settings, runner):
     """A chunked upload with no Content-Length is cut off with 413 once it passes the limit.
 
     The body never ends (no final zero-size chunk is sent), so any answer at all shows that the
     server refused it while reading, not after buffering a whole body."""
     limit, chunk = 64 * 1024, 16 * 1024
-    with live_server(settings, engine, max_upload_bytes=limit) as base:
+    with live_server(settings, runner, max_upload_bytes=limit) as base:
         host, port = base.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as connection:
             connection.sendall(
@@ -470,19 +452,19 @@ class Recorder(logging.Handler):
         self.records.append(record)
 
 
-def test_a_client_that_hangs_up_mid_upload_is_not_an_error(settings, engine):
+def test_a_client_that_hangs_up_mid_upload_is_not_an_error(settings, runner):
     # On the package logger itself: Litestar's logging set-up replaces the root handlers pytest's caplog uses.
     errors = Recorder()
     logging.getLogger("zimage_server").addHandler(errors)
     try:
-        hang_up_mid_upload(settings, engine)
+        hang_up_mid_upload(settings, runner)
     finally:
         logging.getLogger("zimage_server").removeHandler(errors)
     assert not errors.records, [record.getMessage() for record in errors.records]
 
 
-def hang_up_mid_upload(settings, engine) -> None:
-    with live_server(settings, engine) as base:
+def hang_up_mid_upload(settings, runner) -> None:
+    with live_server(settings, runner) as base:
         host, port = base.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as connection:
             connection.sendall(
@@ -494,36 +476,36 @@ def hang_up_mid_upload(settings, engine) -> None:
         assert httpx.get(base + "/ready").status_code == 200
 
 
-def test_concurrent_edits_share_one_pipeline_call_with_their_own_images(settings, engine):
+def test_concurrent_edits_share_one_pipeline_call_with_their_own_images(settings, runner):
     inputs = [encoded(picture(seed=index)) for index in range(3)]
 
     def post(index: int) -> httpx.Response:
         return httpx.post(base + URL, **form(inputs[index], prompt=f"prompt {index}", seed=index), timeout=60)
 
-    with live_server(settings, engine) as base:
+    with live_server(settings, runner) as base:
         solo = [pixels(decode(post(index).json()["data"][0]["b64_json"])) for index in range(3)]
-        calls_before = engine.pipeline_calls
+        calls_before = runner.calls
         with ThreadPoolExecutor(4) as pool:
-            engine.lock.acquire()  # the GPU is busy: edits queue up behind it
+            runner.lock.acquire()  # the GPU is busy: edits queue up behind it
             try:
                 blocker = pool.submit(httpx.post, base + URL, timeout=60, **form(encoded(picture()), size="128x64"))
-                wait_for(lambda: engine.lock.locked() and engine.pipeline_calls == calls_before)
+                wait_for(lambda: runner.lock.locked() and runner.calls == calls_before)
                 time.sleep(0.2)
                 futures = [pool.submit(post, index) for index in range(3)]
                 time.sleep(0.5)
             finally:
-                engine.lock.release()
+                runner.lock.release()
             assert blocker.result().status_code == 200
             responses = [future.result() for future in futures]
-    assert engine.pipeline_calls - calls_before == 2  # the blocker, then one call for all three
+    assert runner.calls - calls_before == 2  # the blocker, then one call for all three
     for index, response in enumerate(responses):
         assert np.abs(pixels(decode(response.json()["data"][0]["b64_json"])) - solo[index]).max() <= 1
 
 
-def test_openai_sdk_edits_with_and_without_mask(settings, engine):
+def test_openai_sdk_edits_with_and_without_mask(settings, runner):
     from openai import OpenAI
 
-    with live_server(settings, engine) as base:
+    with live_server(settings, runner) as base:
         sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         plain = sdk.images.edit(
             image=("photo.png", encoded(picture(80, 64)), "image/png"),
@@ -550,10 +532,10 @@ def test_openai_sdk_edits_with_and_without_mask(settings, engine):
     assert decode(listed.data[0].b64_json).size == (64, 64)
 
 
-def test_edit_variant_edits_several_images_and_still_generates(edit_settings, edit_engine):
+def test_edit_variant_edits_several_images_and_still_generates(edit_settings, edit_runner):
     from openai import BadRequestError, OpenAI
 
-    with live_server(edit_settings, edit_engine) as base:
+    with live_server(edit_settings, edit_runner) as base:
         sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         edited = sdk.images.edit(
             image=[

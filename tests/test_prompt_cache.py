@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from test_pipelines import spec
-from zimage_server.pipelines import ZImageEngine
+from conftest import generate
+from test_runner import spec
+from zimage_server.runner import ModelRunner
 from zimage_server.prompt_cache import PromptEmbeddingCache
 
 
@@ -55,38 +56,38 @@ def test_capacity_zero_stores_nothing():
     assert len(cache) == 0 and encoder.calls == [["a"], ["a"]] and cache.stats.hits == 0
 
 
-def engine_with_cache(engine: ZImageEngine, settings, capacity: int) -> ZImageEngine:
-    """A second engine over the same loaded pipeline, with its own cache."""
-    return ZImageEngine(engine.pipeline, settings.replace(prompt_cache=capacity), engine.device, engine.dtype)
+def runner_with_cache(runner: ModelRunner, settings, capacity: int) -> ModelRunner:
+    """A second runner over the same loaded pipeline, with its own cache."""
+    return ModelRunner(runner.pipeline, settings.replace(prompt_cache=capacity), runner.device, runner.dtype)
 
 
-def test_cached_results_are_bit_identical_to_uncached_ones(engine, settings):
-    cached, uncached = engine_with_cache(engine, settings, 8), engine_with_cache(engine, settings, 0)
+def test_cached_results_are_bit_identical_to_uncached_ones(runner, settings):
+    cached, uncached = runner_with_cache(runner, settings, 8), runner_with_cache(runner, settings, 0)
     # Guidance on, so negative prompts are encoded (and cached) too.
     requests = [spec("a red chair", (3,), negative_prompt="blurry"), spec("astronaut", (4, 5))]
-    first = cached.generate(requests)
-    second = cached.generate(requests)  # every embedding now comes from the cache
-    plain = uncached.generate(requests)
+    first = generate(cached, requests)
+    second = generate(cached, requests)  # every embedding now comes from the cache
+    plain = generate(uncached, requests)
     assert cached.prompt_cache.stats.hits >= 3 and uncached.prompt_cache.stats.hits == 0
     for a, b, c in zip(sum(first, []), sum(second, []), sum(plain, [])):
         assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
 
 
-def test_a_hit_does_not_call_the_text_encoder(engine, settings):
-    cached = engine_with_cache(engine, settings, 8)
+def test_a_hit_does_not_call_the_text_encoder(runner, settings):
+    cached = runner_with_cache(runner, settings, 8)
     calls = []
     handle = cached.pipeline.text_encoder.register_forward_hook(lambda *_: calls.append(1))
     try:
-        cached.generate([spec("a cat", (1,), guidance_scale=0.0)])
-        cached.generate([spec("a cat", (2,), guidance_scale=0.0)])
+        generate(cached, [spec("a cat", (1,), guidance_scale=0.0)])
+        generate(cached, [spec("a cat", (2,), guidance_scale=0.0)])
     finally:
         handle.remove()
     assert len(calls) == 1
 
 
-def test_embeddings_are_the_pipelines_own(engine):
-    [embedding] = engine.encode_prompts(["a cat"], 64)
-    expected, _ = engine.pipeline.encode_prompt(
+def test_embeddings_are_the_pipelines_own(runner):
+    [embedding] = runner.encode_prompts(["a cat"], 64)
+    expected, _ = runner.pipeline.encode_prompt(
         ["a cat"], device="cpu", do_classifier_free_guidance=False, max_sequence_length=64
     )
     assert torch.equal(embedding, expected[0])

@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import live_server, serving, wait_for
-from zimage_server.api.streaming import partial_image_steps
-from zimage_server.pipelines import GenerationCancelled, ZImageEngine, latent_previews
+from conftest import live_server, metric, serving, wait_for
+from zimage_server.api.jobs import partial_image_steps
+from zimage_server.runner import ModelRunner, latent_previews
+from zimage_server.specs import GenerationCancelled
 
 URL = "/v1/images/generations"
 
@@ -88,10 +89,10 @@ def test_latent_previews_are_a_fixed_projection_at_latent_size():
     assert flat.min() >= 110 and flat.max() <= 130
 
 
-def test_a_request_bigger_than_one_call_reports_progress_across_its_passes(settings, engine):
+def test_a_request_bigger_than_one_call_reports_progress_across_its_passes(settings, runner):
     one_per_call = settings.replace(max_batch_size=1)
-    small_engine = ZImageEngine(engine.pipeline, one_per_call, engine.device, engine.dtype)
-    with serving(one_per_call, small_engine) as small_batches:
+    small_runner = ModelRunner(runner.pipeline, one_per_call, runner.device, runner.dtype)
+    with serving(one_per_call, small_runner) as small_batches:
         response = small_batches.post(
             URL,
             json={"prompt": "a", "size": "64x64", "n": 2, "num_inference_steps": 2, "stream": True,
@@ -116,36 +117,36 @@ def test_invalid_streaming_requests_are_plain_http_errors(client, payload, param
     assert response.json()["error"]["param"] == param
 
 
-def test_a_queued_stream_sends_keep_alive_comments_then_its_events(client, engine, monkeypatch):
-    monkeypatch.setattr("zimage_server.api.streaming.KEEP_ALIVE_S", 0.05)
-    engine.lock.acquire()  # the GPU is busy for a while: the job waits
-    threading.Timer(0.4, engine.lock.release).start()
+def test_a_queued_stream_sends_keep_alive_comments_then_its_events(client, runner, monkeypatch):
+    monkeypatch.setattr("zimage_server.api.jobs.KEEP_ALIVE_S", 0.05)
+    runner.lock.acquire()  # the GPU is busy for a while: the job waits
+    threading.Timer(0.4, runner.lock.release).start()
     response = client.post(URL, json={"prompt": "a", "size": "64x64", "stream": True})
     assert response.text.startswith(": keep-alive\n\n")
     assert [event for event, _ in parse_events(response.text)][-1] == "image_generation.completed"
 
 
-def test_a_stream_that_waits_past_its_timeout_ends_with_a_timeout_error_event(settings, engine):
-    with serving(settings, engine, request_timeout_s=0.3) as client:
-        engine.lock.acquire()
+def test_a_stream_that_waits_past_its_timeout_ends_with_a_timeout_error_event(settings, runner):
+    with serving(settings, runner, request_timeout_s=0.3) as client:
+        runner.lock.acquire()
         try:
             response = client.post(URL, json={"prompt": "a", "size": "64x64", "stream": True})
         finally:
-            engine.lock.release()
+            runner.lock.release()
         assert client.post(URL, json={"prompt": "a", "size": "64x64", "stream": True}).status_code == 200
     (event, data), = parse_events(response.text)
     assert event == "error" and data["error"]["code"] == "timeout" and data["error"]["type"] == "server_error"
 
 
-class FailingEngine(ZImageEngine):
-    """The real engine, with a device error injected into every call."""
+class FailingRunner(ModelRunner):
+    """The real runner, with a device error injected into every call."""
 
-    def generate(self, specs):
+    def run_call(self, params, rows):
         raise RuntimeError("CUDA error: an illegal memory access at 0xdeadbeef")
 
 
-def test_a_failure_mid_stream_is_one_error_event_in_the_openai_envelope(settings, engine):
-    failing = FailingEngine(engine.pipeline, settings, engine.device, engine.dtype)
+def test_a_failure_mid_stream_is_one_error_event_in_the_openai_envelope(settings, runner):
+    failing = FailingRunner(runner.pipeline, settings, runner.device, runner.dtype)
     with serving(settings, failing) as client:
         response = client.post(URL, json={"prompt": "a", "size": "64x64", "stream": True})
         assert client.get("/ready").status_code == 200
@@ -156,10 +157,10 @@ def test_a_failure_mid_stream_is_one_error_event_in_the_openai_envelope(settings
     assert data["error"]["type"] == "server_error" and "0xdeadbeef" not in response.text
 
 
-def test_openai_sdk_streams_partial_and_completed_images(settings, engine):
+def test_openai_sdk_streams_partial_and_completed_images(settings, runner):
     from openai import APIError, OpenAI
 
-    with live_server(settings, engine) as base:
+    with live_server(settings, runner) as base:
         sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         stream = sdk.images.generate(
             prompt="a lighthouse", size="64x64", n=2, stream=True, partial_images=1,
@@ -173,30 +174,30 @@ def test_openai_sdk_streams_partial_and_completed_images(settings, engine):
     assert pixels(completed[0].b64_json).shape == (64, 64, 3)
     assert [event.partial_image_index for event in partials] == [0, 0]
 
-    failing = FailingEngine(engine.pipeline, settings, engine.device, engine.dtype)
+    failing = FailingRunner(runner.pipeline, settings, runner.device, runner.dtype)
     with live_server(settings, failing) as base:
         sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(APIError, match="Image generation failed"):
             list(sdk.images.generate(prompt="a", size="64x64", stream=True))
 
 
-class RecordingEngine(ZImageEngine):
-    """The real engine, remembering each call that stopped because every client left."""
+class RecordingRunner(ModelRunner):
+    """The real runner, remembering each call that stopped because every client left."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.cancellations: list[str] = []
 
-    def generate(self, specs):
+    def run_call(self, params, rows):
         try:
-            return super().generate(specs)
+            return super().run_call(params, rows)
         except GenerationCancelled as exc:
             self.cancellations.append(str(exc))
             raise
 
 
-def test_a_streaming_client_that_leaves_stops_its_running_call(settings, engine):
-    recording = RecordingEngine(engine.pipeline, settings, engine.device, engine.dtype)
+def test_a_streaming_client_that_leaves_stops_its_running_call(settings, runner):
+    recording = RecordingRunner(runner.pipeline, settings, runner.device, runner.dtype)
     request = {"prompt": "long", "size": "256x256", "num_inference_steps": 200, "stream": True}
     with live_server(settings, recording) as base:
         with httpx.stream("POST", base + URL, json=request, timeout=30) as response:
@@ -208,27 +209,28 @@ def test_a_streaming_client_that_leaves_stops_its_running_call(settings, engine)
         assert httpx.post(base + URL, json={"prompt": "next", "size": "64x64"}, timeout=30).status_code == 200
 
 
-def test_a_streaming_client_that_leaves_while_queued_is_dropped_not_computed(settings, engine):
+def test_a_streaming_client_that_leaves_while_queued_is_dropped_not_computed(settings, runner):
     request = {"prompt": "impatient", "size": "64x64", "stream": True}
-    with live_server(settings, engine) as base, ThreadPoolExecutor(1) as pool:
-        calls_before = engine.pipeline_calls
-        engine.lock.acquire()  # the GPU is busy: the worker blocks on the blocker, the stream queues behind it
+    with live_server(settings, runner) as base, ThreadPoolExecutor(1) as pool:
+        calls_before = runner.calls
+        runner.lock.acquire()  # the GPU is busy: the worker blocks on the blocker, the stream queues behind it
         try:
             blocker = pool.submit(httpx.post, base + URL, json={"prompt": "blocker", "size": "64x64"}, timeout=30)
-            time.sleep(0.3)
+            wait_for(lambda: metric(base, "zimage_running_images") == 1)
             with httpx.stream("POST", base + URL, json=request, timeout=30) as response:
                 assert response.status_code == 200
-            time.sleep(0.3)  # let the server notice the hang-up
+            # The server noticed the hang-up: the queue no longer counts the job.
+            wait_for(lambda: metric(base, "zimage_queue_requests") == 0)
         finally:
-            engine.lock.release()
+            runner.lock.release()
         assert blocker.result().status_code == 200
-        time.sleep(0.3)
-    assert engine.pipeline_calls == calls_before + 1  # only the blocker ran
+        wait_for(lambda: metric(base, "zimage_requests_dropped") == 1)  # the worker took it off, unrun
+    assert runner.calls == calls_before + 1  # only the blocker ran
 
 
-def test_queue_full_is_a_plain_429_before_any_event(settings, engine):
-    with live_server(settings, engine, max_queue=1) as base, ThreadPoolExecutor(2) as pool:
-        engine.lock.acquire()
+def test_queue_full_is_a_plain_429_before_any_event(settings, runner):
+    with live_server(settings, runner, max_queue=1) as base, ThreadPoolExecutor(2) as pool:
+        runner.lock.acquire()
         try:
             running = pool.submit(httpx.post, base + URL, json={"prompt": "running", "size": "64x64"}, timeout=30)
             time.sleep(0.3)
@@ -236,16 +238,16 @@ def test_queue_full_is_a_plain_429_before_any_event(settings, engine):
             time.sleep(0.3)
             refused = httpx.post(base + URL, json={"prompt": "refused", "size": "64x64", "stream": True}, timeout=30)
         finally:
-            engine.lock.release()
+            runner.lock.release()
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
         assert running.result().status_code == 200 and queued.result().status_code == 200
 
 
-def test_concurrent_streams_share_one_call_and_each_gets_its_own_events(settings, engine):
+def test_concurrent_streams_share_one_call_and_each_gets_its_own_events(settings, runner):
     prompts = ["a cat", "a watercolor of mountains"]
-    with live_server(settings, engine) as base, ThreadPoolExecutor(3) as pool:
-        calls_before = engine.pipeline_calls
-        engine.lock.acquire()
+    with live_server(settings, runner) as base, ThreadPoolExecutor(3) as pool:
+        calls_before = runner.calls
+        runner.lock.acquire()
         try:
             blocker = pool.submit(httpx.post, base + URL, json={"prompt": "blocker", "size": "64x64"}, timeout=30)
             time.sleep(0.3)
@@ -258,14 +260,14 @@ def test_concurrent_streams_share_one_call_and_each_gets_its_own_events(settings
             ]
             time.sleep(0.5)
         finally:
-            engine.lock.release()
+            runner.lock.release()
         assert blocker.result().status_code == 200
         results = [parse_events(future.result().text) for future in streams]
         solo = [
             httpx.post(base + URL, json={"prompt": prompt, "size": "64x64", "seed": i}, timeout=30).json()
             for i, prompt in enumerate(prompts)
         ]
-    assert engine.pipeline_calls - calls_before == 2 + len(prompts)  # blocker, both streams in one call, solos
+    assert runner.calls - calls_before == 2 + len(prompts)  # blocker, both streams in one call, solos
     for events, plain in zip(results, solo):
         (completed,) = of_type(events, "image_generation.completed")
         assert len(of_type(events, "image_generation.partial_image")) == 1
@@ -311,10 +313,10 @@ def test_edits_stream_image_edit_events_with_a_mask(client):
 
 
 @needs_edits
-def test_openai_sdk_streams_edits(settings, engine):
+def test_openai_sdk_streams_edits(settings, runner):
     from openai import OpenAI
 
-    with live_server(settings, engine) as base:
+    with live_server(settings, runner) as base:
         sdk = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         stream = sdk.images.edit(
             image=("photo.png", png_bytes((96, 64)), "image/png"),

@@ -3,7 +3,7 @@
 `prepare_pipeline` is the one entry point the loader calls: it places a loaded pipeline on its
 device in the chosen offload mode, picks and checks the attention backend, and compiles the
 transformer if asked. Compilation itself happens lazily on the first call, which is why the
-engine's warm-up runs at the sizes users send (see `ZImageEngine.warm_up`).
+runner's warm-up runs at the sizes users send (see `ModelRunner.warm_up`).
 
 The choice of offload mode is a pure function of free GPU memory and component sizes
 (`choose_offload`), so it is unit-tested without a GPU.

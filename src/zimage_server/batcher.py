@@ -6,7 +6,9 @@ GPU works. Futures are resolved on the loop thread only.
 
 The model call returns one result per payload; a result that is an exception fails only its own
 job (how a request that did not fit in memory fails while its batch-mates succeed). An exception
-raised by the call fails the whole batch.
+raised by the call, or a call that returns the wrong number of results, fails the whole batch, and
+the worker goes on with the next one. Should the worker task itself ever end while the batcher is
+open, `on_worker_died` hears of it, so the server can stop saying it is ready.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Batcher(Generic[P, R]):
         batch_wait_s: float = 0.0,
         quiet_errors: tuple[type[BaseException], ...] = (),
         on_batch: Callable[[BatchReport], None] | None = None,
+        on_worker_died: Callable[[BaseException | None], None] | None = None,
     ):
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -111,6 +114,7 @@ class Batcher(Generic[P, R]):
         # Exceptions that end a batch on purpose (every client left): no error log for those.
         self.quiet_errors = quiet_errors
         self.on_batch = on_batch
+        self.on_worker_died = on_worker_died
         self._queue: deque[Job[P, R]] = deque()
         self._running: list[Job[P, R]] = []
         self._wakeup = asyncio.Event()
@@ -130,18 +134,29 @@ class Batcher(Generic[P, R]):
     def running_images(self) -> int:
         return sum(job.n for job in self._running)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher-worker")
+        self._worker.add_done_callback(self._worker_ended)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker is running (or not yet started, or stopped on purpose)."""
+        return self._closed or self._worker is None or not self._worker.done()
+
+    def _worker_ended(self, worker: asyncio.Task) -> None:
+        if self._closed:
+            return  # stop() ended it
+        error = None if worker.cancelled() else worker.exception()
+        log.critical("the batcher's worker ended unexpectedly; no queued job will run", exc_info=error)
+        self._fail_unanswered(BatchFailedError("the server's worker stopped"))
+        if self.on_worker_died is not None:
+            self.on_worker_died(error)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Take no more work; let queued jobs and the running batch finish, for at most `timeout` seconds.
 
         What is still unanswered when the time is up fails with BatcherClosedError; a running call
-        sees its jobs gone and (through the engine's step observers) stops at its next step.
+        sees its jobs gone and (through the runner's step observers) stops at its next step.
         """
         self._closed = True
         self._wakeup.set()
@@ -159,11 +174,11 @@ class Batcher(Generic[P, R]):
             for worker in running:
                 worker.cancel()
 
-    def _fail_unanswered(self) -> int:
+    def _fail_unanswered(self, error: Exception | None = None) -> int:
         failed = 0
         for job in [*self._running, *self._queue]:
             if not job.gone:
-                job.future.set_exception(BatcherClosedError("the server is shutting down"))
+                job.future.set_exception(error or BatcherClosedError("the server is shutting down"))
                 failed += 1
         self._queue.clear()
         return failed
@@ -174,7 +189,7 @@ class Batcher(Generic[P, R]):
 
     def enqueue(self, key: Hashable, n: int, payload: P, tag: str | None = None) -> Job[P, R]:
         """As `submit`, returning the job itself: its future, and its timings once it has run."""
-        if self._closed:
+        if self._closed or not self.alive:
             raise BatcherClosedError("the server is shutting down")
         if self.queued_images + n > self.max_queue:
             raise QueueFullError(f"the queue holds {self.queued_images} of {self.max_queue} images")
@@ -245,32 +260,37 @@ class Batcher(Generic[P, R]):
         self._running = batch
         try:
             results: Any = await asyncio.to_thread(self._run_batch, [job.payload for job in batch])
+            if len(results) != len(batch):
+                # A broken model call: handing out what came back would give jobs the wrong images.
+                raise RuntimeError(f"batch size mismatch: {len(results)} results for {len(batch)} jobs")
+            job_errors = tuple(result for result in results if isinstance(result, BaseException))
+            made = sum(job.n for job, result in zip(batch, results) if not isinstance(result, BaseException))
+            self._finish(batch, BatchReport(batch, time.monotonic() - started, job_errors=job_errors, images_made=made))
+            for job, result in zip(batch, results, strict=True):
+                if job.gone:
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
         except Exception as exc:  # noqa: BLE001 - any model failure fails this batch only
-            # A call stopped on purpose, or one whose every client left mid-call (the model stopped
-            # early): nobody to tell, nothing wrong.
-            quiet = isinstance(exc, self.quiet_errors) or all(job.gone for job in batch)
-            self._finish(batch, BatchReport(batch, time.monotonic() - started, error=exc, quiet=quiet))
-            tags = ", ".join(job.tag for job in batch if job.tag) or "untagged"
-            if quiet:
-                log.info("batch of %d jobs stopped early (requests %s): %s", len(batch), tags, exc)
-            else:
-                log.exception("batch of %d jobs failed (requests %s)", len(batch), tags)
-            for job in batch:
-                if not job.gone:
-                    error = BatchFailedError(str(exc))
-                    error.__cause__ = exc
-                    job.future.set_exception(error)
-            return
-        job_errors = tuple(result for result in results if isinstance(result, BaseException))
-        made = sum(job.n for job, result in zip(batch, results) if not isinstance(result, BaseException))
-        self._finish(batch, BatchReport(batch, time.monotonic() - started, job_errors=job_errors, images_made=made))
-        for job, result in zip(batch, results, strict=True):
-            if job.gone:
-                continue
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
+            self._fail_batch(batch, exc, time.monotonic() - started)
+
+    def _fail_batch(self, batch: list[Job[P, R]], exc: Exception, seconds: float) -> None:
+        # A call stopped on purpose, or one whose every client left mid-call (the model stopped
+        # early): nobody to tell, nothing wrong.
+        quiet = isinstance(exc, self.quiet_errors) or all(job.gone for job in batch)
+        self._finish(batch, BatchReport(batch, seconds, error=exc, quiet=quiet))
+        tags = ", ".join(job.tag for job in batch if job.tag) or "untagged"
+        if quiet:
+            log.info("batch of %d jobs stopped early (requests %s): %s", len(batch), tags, exc)
+        else:
+            log.error("batch of %d jobs failed (requests %s)", len(batch), tags, exc_info=exc)
+        for job in batch:
+            if not job.gone:
+                error = BatchFailedError(str(exc))
+                error.__cause__ = exc
+                job.future.set_exception(error)
 
     def _finish(self, batch: list[Job[P, R]], report: BatchReport) -> None:
         finished = time.monotonic()

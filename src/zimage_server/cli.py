@@ -14,7 +14,8 @@ from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 EXIT_BAD_SETTING = 2
 EXIT_NO_MODEL = 3
 EXIT_DOWNLOAD_FAILED = 4
-EXIT_START_FAILED = 3  # uvicorn's own code when the lifespan start-up fails
+EXIT_START_FAILED = 5  # loading or warming up the model failed, or the port could not be bound
+EXIT_WORKER_DIED = 6  # the batcher's worker stopped: restart the process
 EXIT_INTERRUPTED = 130
 # The settings `download` takes; the rest are about serving.
 DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source")
@@ -22,11 +23,10 @@ DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source")
 
 def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
     """One flag per setting (or per named field), its help naming the env var and the default."""
-    defaults = Settings()
     for spec in SETTINGS:
         if fields is not None and spec.field not in fields:
             continue
-        default = getattr(defaults, spec.field)
+        default = spec.default
         current = os.environ.get(spec.env)
         shown = "unset" if default in (None, ()) else f"{default}"
         env_names = " or ".join((spec.env, *spec.also_env))
@@ -43,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-server", description="Serve Z-Image over the OpenAI Images API.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="load the model and serve HTTP")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind [default 127.0.0.1]")
-    serve.add_argument("--port", type=int, default=8000, help="port to bind [default 8000]")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_setting_flags(serve)
     download = commands.add_parser(
@@ -82,7 +80,6 @@ def serve(args: argparse.Namespace) -> None:
         settings = load_settings(overrides={spec.field: getattr(args, spec.field) for spec in SETTINGS})
     except SettingsError as exc:
         fail(str(exc), EXIT_BAD_SETTING)
-    settings = settings.replace(host=args.host, port=args.port)
     fetch_model = None
     try:
         verify_model_dir(settings.model_dir)
@@ -96,7 +93,8 @@ def serve(args: argparse.Namespace) -> None:
             fail(str(no_repo), EXIT_NO_MODEL)
         fetch_model = fetch_in_subprocess
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
-    from .pipelines import preflight
+    from .faults import FaultInjector
+    from .runner import preflight
 
     try:
         preflight(settings)  # the device exists and the attention backend runs on it, before any weights load
@@ -108,11 +106,13 @@ def serve(args: argparse.Namespace) -> None:
 
     configure_logging(args.log_level)
     logging.getLogger("zimage_server").info("settings: %r", settings)
-    app = create_app(settings, fetch_model=fetch_model)
+    app = create_app(settings, fetch_model=fetch_model, faults=FaultInjector.from_env())
     server = draining_server(app, settings, log_level=args.log_level)
-    app.state.stop_server = lambda: setattr(server, "should_exit", True)
+    app.state.server.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
-    if app.state.get("fatal_error"):
+    if app.state.server.worker_died:
+        raise SystemExit(EXIT_WORKER_DIED)
+    if app.state.server.fatal_error:
         raise SystemExit(EXIT_DOWNLOAD_FAILED)
     if not server.started:
         raise SystemExit(EXIT_START_FAILED)

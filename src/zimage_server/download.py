@@ -34,10 +34,10 @@ from pathlib import Path
 
 from .model_layout import WEIGHTLESS, IncompleteModelError, pipeline_components, verify_model_dir
 from .settings import Settings
+from .variants import VARIANTS
 
 log = logging.getLogger("zimage_server.download")
 
-REPO_IDS = {"turbo": "Tongyi-MAI/Z-Image-Turbo", "base": "Tongyi-MAI/Z-Image"}
 MODEL_INDEX = "model_index.json"
 # The weights we load: safetensors files and indexes without a variant tag. fp16/bf16 copies carry
 # the tag as one more dot-separated part (diffusion_pytorch_model.fp16.safetensors).
@@ -71,8 +71,9 @@ class RepoListing:
 def repo_id_for(settings: Settings) -> str:
     if settings.model_id:
         return settings.model_id
-    if settings.variant in REPO_IDS:
-        return REPO_IDS[settings.variant]
+    repo_id = VARIANTS[settings.variant].repo_id
+    if repo_id is not None:
+        return repo_id
     raise DownloadError(
         f"the {settings.variant} variant has no public checkpoint (Z-Image-Edit is announced, not published); "
         "pass --model-id (Z_IMAGE_MODEL_ID) naming a hub repo or a local folder that holds one"

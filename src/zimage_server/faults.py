@@ -1,12 +1,14 @@
-"""Test-only fault injection, off unless `Z_IMAGE_FAULT_INJECTION=1` is set when the engine is built.
+"""Test-only fault injection: a hook the runner calls inside its pipeline calls, when one is passed in.
 
-The attack tests start a real server with it on and put a marker in a prompt to make the engine
-fail inside its pipeline call, the way a GPU fails, without a GPU:
+`zimage-server serve` passes one only with `Z_IMAGE_FAULT_INJECTION=1`; in-process tests build
+their own. The attack tests start a real server with it on and put a marker in a prompt to make
+the runner fail inside its pipeline call, the way a GPU fails, without a GPU:
 
     [[fault:oom]]         out of memory in every call holding this prompt, alone or batched
     [[fault:oom-shared]]  out of memory only in calls that hold more than one request (fits alone)
     [[fault:error]]       a RuntimeError (a device error, a bug): fails the whole call
     [[fault:slow=S]]      sleep S seconds after each denoising step (a long run to disconnect from)
+    [[fault:short]]       the call returns one image fewer than it was asked for (a broken model call)
 
 Without the env var no prompt is inspected; a production server never runs any of this.
 """
@@ -33,7 +35,7 @@ class InjectedFault(RuntimeError):
 class FaultInjector:
     """Raises or stalls inside a pipeline call whose prompts carry a marker."""
 
-    oom_error: type[BaseException] = MemoryError  # the engine passes torch's CUDA error on a GPU
+    oom_error: type[BaseException] = MemoryError  # the runner's device error on a GPU
 
     @classmethod
     def from_env(cls, oom_error: type[BaseException] = MemoryError) -> FaultInjector | None:
@@ -59,3 +61,7 @@ class FaultInjector:
             raise InjectedFault("injected failure inside the pipeline call")
         if "slow" in faults:
             time.sleep(faults["slow"])
+
+    def after_call(self, prompts: list[str], images: list) -> list:
+        """Called with a finished call's images (one prompt per image); drops one for `short`."""
+        return images[:-1] if "short" in self._faults(prompts) else images

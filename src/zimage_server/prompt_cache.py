@@ -5,7 +5,7 @@ nothing of torch. The key is the text together with max_sequence_length, because
 truncates at that length, so one text can have several embeddings. A hit returns the very tensor
 the miss computed, so a cached result is bit-for-bit the uncached one.
 
-Used under the engine's lock only, so it needs no lock of its own.
+Used under the runner's lock only, so it needs no lock of its own.
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ class PromptEmbeddingCache(Generic[E]):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def clear(self) -> None:
-        """Forget everything, e.g. after the text encoder's weights change."""
-        self._entries.clear()
 
     def encode(
         self, texts: Sequence[str], max_sequence_length: int, encode_batch: Callable[[list[str], int], list[E]]

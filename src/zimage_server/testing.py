@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .variants import VARIANT_NAMES, VARIANTS
+
 # Qwen3's chat template, cut down to what ZImagePipeline uses: one user turn, a generation
 # prompt, and the empty think block Qwen3 emits when enable_thinking is false.
 CHAT_TEMPLATE = (
@@ -28,8 +30,6 @@ CORPUS = [
     "portrait of an astronaut, studio lighting, high detail",
     "user assistant system",
 ]
-
-VARIANT_DEFAULTS = {"turbo": 0.0, "base": 4.0, "edit": 0.0}
 
 # The tiny models' configs (the real ones are in ../shared/REFERENCE.md); benchmark 3's --smoke
 # builds the same shapes. The text encoder's vocab_size and pad token come from the tokenizer.
@@ -109,9 +109,9 @@ def build_components(variant: str = "turbo", seed: int = 0) -> dict:
         Qwen3Config(**TINY_TEXT_ENCODER, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     )
     siglip_dim = 16
-    transformer = ZImageTransformer2DModel(
-        **TINY_TRANSFORMER, **({"siglip_feat_dim": siglip_dim} if variant == "edit" else {})
-    )
+    # Omni takes its reference images through a SigLIP2 encoder whose features the transformer reads.
+    omni = VARIANTS[variant].edit_method == "omni"
+    transformer = ZImageTransformer2DModel(**TINY_TRANSFORMER, **({"siglip_feat_dim": siglip_dim} if omni else {}))
     # Older diffusers create these with torch.empty; fixed values keep the tiny model deterministic.
     with torch.no_grad():
         for name in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
@@ -127,7 +127,7 @@ def build_components(variant: str = "turbo", seed: int = 0) -> dict:
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
     }
-    if variant == "edit":
+    if omni:
         components.update(build_siglip(siglip_dim))
     return components
 
@@ -160,15 +160,14 @@ class WouldOverwriteRealModel(Exception):
 
 
 def write_tiny_pipeline(path: str | Path, variant: str = "turbo") -> Path:
-    from diffusers import ZImageOmniPipeline, ZImagePipeline
+    import diffusers
 
     path = Path(path)
     # Writing over real weights (tens of GB to fetch again) must never happen by accident; a tiny
     # model written here before carries the marker and is rewritten freely.
     if (path / "model_index.json").exists() and not (path / MARKER).exists():
         raise WouldOverwriteRealModel(f"{path} already holds a model that is not a tiny test model; choose another path")
-    pipeline_class = ZImageOmniPipeline if variant == "edit" else ZImagePipeline
-    pipeline = pipeline_class(**build_components(variant))
+    pipeline = getattr(diffusers, VARIANTS[variant].pipeline_class)(**build_components(variant))
     pipeline.save_pretrained(path, safe_serialization=True)
     # A marker so people (and logs) can tell a tiny random model from real weights.
     (path / MARKER).write_text(json.dumps({"variant": variant, "random_weights": True}) + "\n")
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a tiny random-weight Z-Image pipeline (diffusers layout) to PATH, offline.",
     )
     parser.add_argument("path", help="folder to write, e.g. models/z-image-turbo")
-    parser.add_argument("--variant", choices=["turbo", "base", "edit"], default="turbo")
+    parser.add_argument("--variant", choices=VARIANT_NAMES, default="turbo")
     args = parser.parse_args(argv)
     try:
         out = write_tiny_pipeline(args.path, args.variant)

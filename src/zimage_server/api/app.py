@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
@@ -16,74 +16,89 @@ from litestar.openapi import OpenAPIConfig
 
 from .. import __version__
 from ..batcher import Batcher
-from ..pipelines import GenerationCancelled, ZImageEngine, load_engine
+from ..faults import FaultInjector
+from ..policy import BatchPolicy
 from ..settings import Settings
+from ..specs import GenerationCancelled
 from .auth import require_api_key
 from .edits import edits_router
 from .errors import EXCEPTION_HANDLERS
 from .observability import ServerMetrics, http_metrics_config, install_request_log, metrics_endpoint
 from .page import PAGE_ROUTES
 from .routes import ROUTES
+from .state import FetchModel, ServerState
+
+if TYPE_CHECKING:
+    from ..runner import ModelRunner
 
 log = logging.getLogger("zimage_server.api")
 
-# Fetches the model the settings name (fetch-on-start); raises if it cannot.
-FetchModel = Callable[[Settings], Awaitable[None]]
+
+def load_model(server: ServerState) -> ModelRunner:
+    # Imported here: the runner brings torch, which the rest of the API never needs.
+    from ..runner import load_runner
+
+    return load_runner(server.settings, server.faults)
 
 
-async def start_serving(state: State) -> None:
+async def start_serving(server: ServerState) -> None:
     """Load the model (unless one was handed in) and start the batcher; the app is ready after this."""
-    settings: Settings = state.settings
-    if state.engine is None:
+    settings = server.settings
+    if server.runner is None:
         # Off the event loop: loading takes seconds to minutes and must not block the loop.
-        state.engine = await asyncio.to_thread(load_engine, settings)
-    engine: ZImageEngine = state.engine
+        server.runner = await asyncio.to_thread(load_model, server)
     batcher = Batcher(
-        engine.recovering(engine.generate),
+        BatchPolicy(server.runner, settings.max_batch_size),
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         batch_wait_s=settings.batch_wait_ms / 1000,
         quiet_errors=(GenerationCancelled,),
-        on_batch=state.metrics.record_batch,
+        on_batch=server.metrics.record_batch,
+        on_worker_died=lambda _: worker_died(server),
     )
     batcher.start()
-    state.batcher = batcher
-    state.ready = True
-    log.info("ready: z-image-%s on %s", settings.variant, engine.device)
+    server.batcher = batcher
+    server.ready = True
+    log.info("ready: %s on %s", server.variant.model_name, server.runner.device)
 
 
-async def fetch_then_serve(state: State, fetch_model: FetchModel) -> None:
+def worker_died(server: ServerState) -> None:
+    """No queued job can run any more: /ready turns 503 and the process exits non-zero, so an
+    orchestrator restarts it instead of routing requests to a server that never answers them."""
+    server.worker_died = True
+    server.stop("the batcher's worker stopped")
+
+
+async def fetch_then_serve(server: ServerState, fetch_model: FetchModel) -> None:
     """Fetch-on-start: download the missing model while /health answers, then load it. A failure stops the server."""
     try:
-        await fetch_model(state.settings)
-        await start_serving(state)
+        await fetch_model(server.settings)
+        await start_serving(server)
     except Exception as exc:
         log.error("cannot serve: %s; stopping", exc)
-        state.fatal_error = str(exc)
-        if state.stop_server is not None:
-            state.stop_server()
+        server.stop(str(exc))
 
 
 @asynccontextmanager
 async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Load the model before accepting requests (or, to fetch it first, in the background), and stop on the way out."""
-    state = app.state
+    server: ServerState = app.state.server
     starting = None
-    if state.fetch_model is None:
-        await start_serving(state)
+    if server.fetch_model is None:
+        await start_serving(server)
     else:
-        starting = asyncio.create_task(fetch_then_serve(state, state.fetch_model))
+        starting = asyncio.create_task(fetch_then_serve(server, server.fetch_model))
     try:
         yield
     finally:
         # Usually already drained by the signal handler (api/shutdown.py); if not, drain here.
-        state.ready = False
+        server.ready = False
         if starting is not None:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-        if state.get("batcher") is not None:
-            await state.batcher.stop(state.settings.drain_timeout_s)
+        if server.batcher is not None:
+            await server.batcher.stop(server.settings.drain_timeout_s)
 
 
 def cors_config(settings: Settings) -> CORSConfig | None:
@@ -98,27 +113,21 @@ def cors_config(settings: Settings) -> CORSConfig | None:
 
 
 def create_app(
-    settings: Settings, engine: ZImageEngine | None = None, *, fetch_model: FetchModel | None = None
+    settings: Settings,
+    runner: ModelRunner | None = None,
+    *,
+    fetch_model: FetchModel | None = None,
+    faults: FaultInjector | None = None,
 ) -> Litestar:
-    """The app for these settings. Pass an already loaded engine to share one across apps (tests).
+    """The app for these settings. Pass an already loaded runner to share one across apps (tests).
 
     fetch_model: download the missing model after the server starts (fetch-on-start); until it is
     loaded /health answers and /ready and the generation routes answer 503. If it fails, the app
-    records `fatal_error` and calls `state.stop_server`, which the CLI points at uvicorn.
+    records `fatal_error` and calls `stop_server`, which the CLI points at uvicorn.
+    faults: test-only fault injection, handed to the runner this app loads.
     """
-    state = State(
-        {
-            "settings": settings,
-            "engine": engine,
-            "fetch_model": fetch_model,
-            "stop_server": None,
-            "fatal_error": None,
-            "ready": False,
-            "draining": False,
-            "started_at": time.time(),
-        }
-    )
-    state.metrics = ServerMetrics(state)
+    server = ServerState(settings=settings, runner=runner, fetch_model=fetch_model, faults=faults)
+    server.metrics = ServerMetrics(server)
     app = Litestar(
         route_handlers=[*ROUTES, edits_router(settings), *PAGE_ROUTES, metrics_endpoint],
         lifespan=[model_lifespan],
@@ -126,8 +135,8 @@ def create_app(
         guards=[require_api_key],
         middleware=[http_metrics_config().middleware],
         cors_config=cors_config(settings),
-        state=state,
+        state=State({"server": server}),
         openapi_config=OpenAPIConfig(title="zimage-server", version=__version__),
     )
-    install_request_log(app, state.metrics)
+    install_request_log(app, server.metrics)
     return app

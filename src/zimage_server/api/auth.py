@@ -12,6 +12,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from .errors import ApiError
+from .state import server_state
 
 PROTECTED_PREFIX = "/v1/"
 
@@ -25,7 +26,7 @@ async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> No
     """An app-wide guard: it runs before the body is read, so an unauthorised upload costs nothing.
 
     Async, as every guard here: Litestar would run a sync one in a worker thread on each request."""
-    key: str | None = connection.app.state.settings.api_key
+    key: str | None = server_state(connection).settings.api_key
     if key is None or not connection.scope["path"].startswith(PROTECTED_PREFIX):
         return
     token = bearer_token(connection.headers.get("authorization", ""))

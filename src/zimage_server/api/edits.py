@@ -9,6 +9,7 @@ batcher and the errors are the generations route's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from typing import Annotated, Any
@@ -22,12 +23,15 @@ from msgspec import Meta
 from PIL import Image
 
 from ..images import ImageInputError, decode_upload, edit_area, fit_size, fit_to, to_rgb
-from ..pipelines import EditSpec, ZImageEngine
 from ..settings import Settings
+from ..specs import CallMode, GenerationSpec
 from .errors import MISSING_FIELD, ApiError, ClientGoneError
-from .requests import MAX_SIDE, MIN_SIDE, OutputOptions, batch_key, generation_spec
-from .routes import check_raw_image_count, images_response, require_media_type, require_ready, run_job
+from .guards import require_multipart, require_ready
+from .jobs import submit_job
+from .requests import MIN_SIDE, generation_spec, max_sides
+from .responses import OutputOptions, check_raw_image_count, images_response
 from .schemas import GenerationRequest
+from .state import ServerState, server_state
 from .streaming import EDIT_EVENTS, stream_images
 
 MAX_INPUT_IMAGES = 16  # OpenAI's own limit for image[]
@@ -46,9 +50,6 @@ class EditRequest(GenerationRequest, kw_only=True):
 
     strength: Strength | None = None
     input_fidelity: Any = None  # OpenAI's, accepted and ignored
-
-
-require_multipart = require_media_type("multipart/form-data", ": send the image as a file part")
 
 
 async def read_form(request: Request, settings: Settings) -> FormMultiDict:
@@ -125,21 +126,22 @@ def uploads(form: FormMultiDict) -> tuple[list[UploadFile], UploadFile | None]:
     return images, masks[0] if masks else None
 
 
-def edit_mode(engine: ZImageEngine, image_count: int, has_mask: bool) -> str:
-    """Which pipeline runs this edit: "omni" for the edit variant, else "inpaint" with a mask, "img2img" without."""
-    if engine.variant == "edit":
-        if has_mask:
-            raise ApiError(
-                400,
-                "The edit variant does not take a mask: it edits the whole image as the prompt says. "
-                "Masks work with the turbo and base variants.",
-                param="mask",
-            )
+def edit_mode(server: ServerState, image_count: int, has_mask: bool) -> CallMode:
+    """Which pipeline runs this edit: the variant's Omni pipeline, else inpaint with a mask and img2img without."""
+    variant = server.variant
+    if has_mask and not variant.takes_mask:
+        raise ApiError(
+            400,
+            f"{variant.model_name} does not take a mask: it edits the whole image as the prompt says. "
+            "Masks work with the turbo and base variants.",
+            param="mask",
+        )
+    if variant.edit_method == "omni":
         return "omni"
     if image_count > 1:
         raise ApiError(
             400,
-            f"z-image-{engine.variant} edits one image at a time; several reference images need the edit variant.",
+            f"{variant.model_name} edits one image at a time; several reference images need the edit variant.",
             param="image",
         )
     return "inpaint" if has_mask else "img2img"
@@ -162,33 +164,26 @@ def image_digest(images: list[Image.Image]) -> str:
 
 
 def prepare_edit(
-    data: EditRequest,
-    mode: str,
-    image_bytes: list[bytes],
-    mask_bytes: bytes | None,
-    engine: ZImageEngine,
-    settings: Settings,
-) -> tuple[EditSpec, OutputOptions, tuple]:
-    """Decode and check the uploads, resolve the size, build the spec and its batch key. Runs in a worker thread."""
-    max_side = min(MAX_SIDE, engine.max_width, engine.max_height)
+    data: EditRequest, mode: CallMode, image_bytes: list[bytes], mask_bytes: bytes | None, server: ServerState
+) -> tuple[GenerationSpec, OutputOptions]:
+    """Decode and check the uploads, resolve the size, build the spec. Runs in a worker thread."""
+    settings = server.settings
+    max_side = min(max_sides(server))
 
     def fitted(size: tuple[int, int]) -> tuple[int, int]:
         return fit_size(*size, max_pixels=settings.max_pixels, max_side=max_side, min_side=MIN_SIDE)
 
     first = decode_part(image_bytes[0], "image")
-    base, options = generation_spec(data, engine, settings, default_size=fitted(first.size))
-    size = (base.width, base.height)
-    mask = None
-    if mask_bytes is not None:
-        decoded_mask = decode_part(mask_bytes, "mask")
-        if decoded_mask.size != first.size:
+    mask = decode_part(mask_bytes, "mask") if mask_bytes is not None else None
+    if mask is not None:
+        if mask.size != first.size:
             raise ApiError(
                 400,
-                f"The mask is {decoded_mask.width}x{decoded_mask.height} but the image is "
+                f"The mask is {mask.width}x{mask.height} but the image is "
                 f"{first.width}x{first.height}: they must match.",
                 param="mask",
             )
-        mask = edit_area(decoded_mask)
+        mask = edit_area(mask)
         if mask.getextrema()[1] == 0:
             raise ApiError(
                 400,
@@ -196,7 +191,6 @@ def prepare_edit(
                 "to edit; without one, white pixels do.",
                 param="mask",
             )
-        mask = fit_to(mask, size, nearest=True)
     if mode == "omni":
 
         def reference(image: Image.Image) -> Image.Image:
@@ -204,16 +198,18 @@ def prepare_edit(
             return fit_to(rgb, fitted(rgb.size))
 
         # References keep their own aspect. The generator decodes and shrinks one at a time, so at
-        # most one full-size upload is in memory.
+        # most one full-size upload is in memory. Omni shares its references across a call, so
+        # only edits of identical images batch together: their digest joins the call parameters.
         images = (reference(first), *(reference(decode_part(blob, "image")) for blob in image_bytes[1:]))
-        strength, extra_key = None, image_digest(list(images))
-    else:
-        images = (fit_to(to_rgb(first), size),)
-        strength = DEFAULT_STRENGTH if data.strength is None else data.strength
-        extra_key = None
-    spec = EditSpec.from_generation(base, images=images, mask=mask, strength=strength)
-    # Omni shares its reference images across a call, so only edits of identical images batch together.
-    return spec, options, ("edit", mode, strength, extra_key, *batch_key(spec)[1:])
+        base, options = generation_spec(
+            data, server, mode=mode, default_size=fitted(first.size), references_digest=image_digest(list(images))
+        )
+        return dataclasses.replace(base, images=images), options
+    strength = DEFAULT_STRENGTH if data.strength is None else data.strength
+    base, options = generation_spec(data, server, mode=mode, default_size=fitted(first.size), strength=strength)
+    size = (base.params.width, base.params.height)
+    fitted_mask = fit_to(mask, size, nearest=True) if mask is not None else None
+    return dataclasses.replace(base, images=(fit_to(to_rgb(first), size),), mask=fitted_mask), options
 
 
 @post(
@@ -223,26 +219,25 @@ def prepare_edit(
     summary="Edit an image from a prompt, optionally within a mask (OpenAI Images API, multipart).",
 )
 async def create_edit(request: Request, state: State) -> Response:
-    engine: ZImageEngine = state.engine
-    settings: Settings = state.settings
-    form = await read_form(request, settings)
+    server = server_state(state)
+    form = await read_form(request, server.settings)
     try:
         data = parse_edit_request(form_values(form))
         image_parts, mask_part = uploads(form)
-        mode = edit_mode(engine, len(image_parts), mask_part is not None)
+        mode = edit_mode(server, len(image_parts), mask_part is not None)
         check_raw_image_count(request, data.n)
         image_bytes = [await part.read() for part in image_parts]
         mask_bytes = await mask_part.read() if mask_part is not None else None
     finally:
         await form.close()
     # Decoding and resizing take a while for big photos: off the event loop.
-    spec, options, key = await asyncio.to_thread(prepare_edit, data, mode, image_bytes, mask_bytes, engine, settings)
+    spec, options = await asyncio.to_thread(prepare_edit, data, mode, image_bytes, mask_bytes, server)
     if data.stream:
         return stream_images(
-            state, key, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS, request=request
+            server, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS, request=request
         )
-    images = await run_job(request, state, key, len(spec.seeds), spec)
-    return await images_response(request, engine, spec, options, images)
+    images = await submit_job(server, spec, request).result()
+    return await images_response(request, server.variant, spec, options, images)
 
 
 def edits_router(settings: Settings) -> Router:

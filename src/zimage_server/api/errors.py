@@ -139,9 +139,7 @@ def handle_unexpected(request: Request, exc: Exception) -> Response[ErrorBody]:
         "request %s: unhandled error on %s %s", request_id_of(request.scope), request.method, request.url.path,
         exc_info=exc,
     )
-    metrics = request.app.state.get("metrics")
-    if metrics is not None:
-        metrics.record_unhandled(exc)
+    request.app.state.server.metrics.record_unhandled(exc)
     return error_response(500, "The server had an error while processing your request.", request=request)
 
 

@@ -1,86 +1,191 @@
-"""Queue a job on the batcher and turn its outcome into client-facing results or errors.
+"""One accepted request's life: queued on the batcher, watched while it runs, answered or given up.
 
-Shared by the plain JSON/raw-image responses (routes.py) and the event streams (streaming.py), so
-both answer a full queue, a failed batch or a timeout with the same status and message.
+`submit_job` returns a `JobHandle` that owns the job's future, its deadline and its cancellation,
+and is the step observer the runner reports to. Both ways of answering go through it: `await
+handle.result()` (plain responses) and `async for report in handle.events()` (event streams), so a
+timeout, a client that left and a failed batch end the same way, with the same status and message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
-from litestar.datastructures import State
-from PIL import Image
 
 from ..batcher import BatcherClosedError, QueueFullError
-from ..images import ImageParameters, encode_image
-from ..pipelines import EditSpec, GenerationSpec, OutOfMemoryForRequest, StepObserver, ZImageEngine
-from ..settings import Settings
-from .errors import ApiError
+from ..specs import GenerationSpec, OutOfMemoryForRequest
+from .errors import ApiError, ClientGoneError
+from .guards import RETRY_AFTER_S, shutting_down
 from .observability import remember_job, request_id_of
+from .state import ServerState
 
-RETRY_AFTER_S = "2"
-INLINE_ENCODE_MAX_PIXELS = 128 * 128  # responses this small encode on the event loop
+# While a streamed job waits in the queue no events flow; a comment line now and then keeps
+# proxies and load balancers from closing the idle connection.
+KEEP_ALIVE_S = 15.0
 
 
-def shutting_down() -> ApiError:
-    return ApiError(
-        503,
-        "The server is shutting down and takes no new work; retry shortly (or on another replica).",
-        code="shutting_down",
-        headers={"Retry-After": RETRY_AFTER_S},
+@dataclass(frozen=True)
+class StepReport:
+    """What the worker thread hands the event loop after one step of one request."""
+
+    step: int
+    total: int
+    first_image: int  # index, within the request, of the first image this pass covers
+    images: int
+    previews: list[Any] | None  # PIL images at latent size, when asked for at this step
+
+
+KEEP_ALIVE = object()  # yielded by `events()` after a quiet spell
+
+
+def partial_image_steps(total: int, partial_images: int) -> frozenset[int]:
+    """The steps (1-based) after which to send a preview: evenly spread, never the last (the final image follows)."""
+    return frozenset(
+        step for i in range(1, partial_images + 1) if 1 <= (step := round(total * i / (partial_images + 1))) < total
     )
 
 
-class JobObserver:
-    """The step observer every queued job carries: its run stops once nobody waits for its future.
+class JobHandle:
+    """A queued request: its future, deadline and step reports. The runner calls the observer methods
+    from its worker thread; everything else runs on the event loop."""
 
-    The future is done before its batch ends only when the client left, the request timed out, or a
-    drain ran out of time; then the engine stops the call at its next step if every job in it is
-    done. It wraps the route's own observer (stream progress), if the payload came with one.
-    """
+    def __init__(
+        self, server: ServerState, spec: GenerationSpec, request: Request | None, *, stream: bool, partial_images: int
+    ):
+        self.server = server
+        self.spec = dataclasses.replace(spec, observer=self)
+        self.request = request
+        self._loop = asyncio.get_running_loop()
+        self.deadline = self._loop.time() + server.settings.request_timeout_s
+        self._partial_images = partial_images
+        # Step reports only matter to a stream; plain requests just wait for the future.
+        self._reports: asyncio.Queue[StepReport | None] | None = asyncio.Queue() if stream else None
+        self._first_image = 0
+        self._pass_images = 0
+        self.future: asyncio.Future = None  # type: ignore[assignment]  # the batcher's, set by submit_job
 
-    def __init__(self, inner: StepObserver | None = None):
-        self.inner = inner
-        self.future: asyncio.Future | None = None
+    # -- the runner's side (worker thread) ----------------------------------------------------
 
     @property
     def cancelled(self) -> bool:
-        # Read from the worker thread; a future's done() is a plain state read.
-        return (self.future is not None and self.future.done()) or bool(self.inner and self.inner.cancelled)
+        # A done future before its batch ends means the client left, the request timed out, or a
+        # drain ran out of time; the runner stops a call whose every request is cancelled.
+        return self.future.done()
 
-    def on_step(self, step: int, total: int, latents: Any) -> None:
-        if self.inner is not None:
-            self.inner.on_step(step, total, latents)
+    def wants_previews(self, step: int, total: int) -> bool:
+        return step in partial_image_steps(total, self._partial_images)
+
+    def on_step(self, step: int, total: int, latents: Any, previews: list[Any] | None) -> None:
+        if self._reports is None:
+            return
+        images = len(latents)
+        # A request bigger than one pipeline call runs in several passes, one after another; step
+        # 1 again means the next pass, over the next images.
+        if step == 1 and self._pass_images:
+            self._first_image += self._pass_images
+        self._pass_images = images
+        report = StepReport(step, total, self._first_image, images, previews)
+        self._loop.call_soon_threadsafe(self._reports.put_nowait, report)
+
+    # -- the route's side (event loop) ---------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Nobody waits for this job any more: the batcher drops it if it has not started."""
+        self.future.cancel()
+
+    async def result(self) -> list[Any]:
+        """The images, once the job is done; ApiError for a failure or timeout, ClientGoneError if the client left."""
+        watcher = asyncio.ensure_future(wait_for_disconnect(self.request)) if self.request is not None else None
+        waiting = {self.future, watcher} if watcher is not None else {self.future}
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=self._remaining(), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.cancel()  # the server is going away under us: do not compute for nobody
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if self.future in done:
+            return self.outcome()
+        self.cancel()
+        if watcher in done:
+            raise ClientGoneError()
+        raise job_timeout(self.server)
+
+    async def events(self) -> AsyncIterator[StepReport | object]:
+        """Step reports as they come (KEEP_ALIVE after quiet spells), until the job is done.
+
+        Then `outcome()` gives the images or raises. ApiError on timeout. Closing the iterator
+        early (the client hung up) cancels the job."""
+        assert self._reports is not None, "events() needs a handle submitted with stream=True"
+        self.future.add_done_callback(lambda _: self._reports.put_nowait(None))
+        try:
+            while True:
+                remaining = self._remaining()
+                if remaining <= 0:
+                    raise job_timeout(self.server)
+                try:
+                    report = await asyncio.wait_for(self._reports.get(), min(remaining, KEEP_ALIVE_S))
+                except TimeoutError:
+                    if remaining <= KEEP_ALIVE_S:
+                        raise job_timeout(self.server) from None
+                    yield KEEP_ALIVE
+                    continue
+                if report is None:
+                    return
+                yield report
+        finally:
+            if not self.future.done():
+                self.cancel()
+
+    def outcome(self) -> list[Any]:
+        """The finished job's images, or its failure as the ApiError the client gets."""
+        exc = self.future.exception()
+        if exc is not None:
+            raise job_failure(exc)
+        return self.future.result()
+
+    def _remaining(self) -> float:
+        return self.deadline - self._loop.time()
 
 
-def observed(payload: Any) -> tuple[Any, JobObserver | None]:
-    """The payload with a JobObserver attached, for payloads that carry one (engine specs)."""
-    if not (dataclasses.is_dataclass(payload) and hasattr(payload, "observer")):
-        return payload, None
-    observer = JobObserver(payload.observer)
-    return dataclasses.replace(payload, observer=observer), observer
-
-
-def submit_job(state: State, key: Any, n: int, payload: Any, request: Request | None = None) -> asyncio.Future:
-    """Queue a job of n images, or fail at once with 429 (queue full) or 503 (shutting down).
+def submit_job(
+    server: ServerState,
+    spec: GenerationSpec,
+    request: Request | None = None,
+    *,
+    stream: bool = False,
+    partial_images: int = 0,
+) -> JobHandle:
+    """Queue the request's job, or fail at once with 429 (queue full) or 503 (shutting down).
 
     With the request, the job is tagged with its id and its timings reach the request log."""
-    payload, observer = observed(payload)
+    handle = JobHandle(server, spec, request, stream=stream, partial_images=partial_images)
     try:
-        job = state.batcher.enqueue(key, n, payload, tag=request_id_of(request.scope) if request else None)
+        job = server.batcher.enqueue(
+            handle.spec.params, spec.n, handle.spec, tag=request_id_of(request.scope) if request else None
+        )
     except QueueFullError as exc:
         message = f"The server is busy ({exc}); retry shortly."
         raise ApiError(429, message, code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
     except BatcherClosedError:
         raise shutting_down() from None
-    if observer is not None:
-        observer.future = job.future
+    handle.future = job.future
     if request is not None:
         remember_job(request, job)
-    return job.future
+    return handle
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up. The body is already read, so the next ASGI message is the hang-up."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def job_failure(exc: BaseException) -> ApiError:
@@ -94,47 +199,9 @@ def job_failure(exc: BaseException) -> ApiError:
     return ApiError(500, "Image generation failed; the server is still running, retry the request.")
 
 
-def job_timeout(settings: Settings) -> ApiError:
+def job_timeout(server: ServerState) -> ApiError:
     return ApiError(
         504,
-        f"The request waited longer than {settings.request_timeout_s:g} s (Z_IMAGE_REQUEST_TIMEOUT_S).",
+        f"The request waited longer than {server.settings.request_timeout_s:g} s (Z_IMAGE_REQUEST_TIMEOUT_S).",
         code="timeout",
     )
-
-
-async def encode_for_response(
-    engine: ZImageEngine,
-    spec: GenerationSpec,
-    images: list[Image.Image],
-    output_format: str,
-    compression: int | None,
-) -> list[bytes]:
-    """One request's images, encoded, each with its own seed in the PNG parameters chunk.
-
-    Off the event loop, except for small images: a 64x64 PNG encodes faster than a round trip to a
-    worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
-
-    def encode_all() -> list[bytes]:
-        return [
-            encode_image(
-                image,
-                output_format,
-                compression,
-                ImageParameters(
-                    prompt=spec.prompt,
-                    negative_prompt=spec.negative_prompt,
-                    steps=spec.num_inference_steps,
-                    guidance_scale=spec.guidance_scale,
-                    seed=seed,
-                    width=spec.width,
-                    height=spec.height,
-                    variant=engine.variant,
-                    strength=spec.strength if isinstance(spec, EditSpec) else None,
-                ),
-            )
-            for image, seed in zip(images, spec.seeds, strict=True)
-        ]
-
-    if spec.width * spec.height * len(images) <= INLINE_ENCODE_MAX_PIXELS:
-        return encode_all()
-    return await asyncio.to_thread(encode_all)

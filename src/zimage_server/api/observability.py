@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, get
 from litestar.datastructures import MutableScopeHeaders, State
@@ -25,8 +25,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+if TYPE_CHECKING:
+    from .state import ServerState
+
 from ..batcher import BatchReport, Job
-from ..pipelines import GenerationCancelled
+from ..specs import GenerationCancelled
 
 access_log = logging.getLogger("zimage_server.access")
 
@@ -48,12 +51,12 @@ def http_metrics_config() -> PrometheusConfig:
 class ServerMetrics:
     """zimage_* metrics for one app, fed by the batcher's reports and the request log."""
 
-    def __init__(self, state: State):
+    def __init__(self, server: ServerState):
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
 
         def batcher_value(name: str):
-            return lambda: getattr(state.get("batcher"), name, 0)
+            return lambda: getattr(server.batcher, name, 0)
 
         # The Kubernetes HPA scales on zimage_queue_images; keep the name.
         Gauge(
@@ -66,10 +69,15 @@ class ServerMetrics:
             batcher_value("running_images")
         )
         Gauge(
+            "zimage_requests_dropped",
+            "Queued requests dropped unrun since start because their client left or they timed out",
+            registry=registry,
+        ).set_function(lambda: server.batcher.stats.dropped if server.batcher is not None else 0)
+        Gauge(
             "zimage_queue_capacity_images", "Z_IMAGE_MAX_QUEUE: queued images before 429", registry=registry
-        ).set(state.settings.max_queue)
+        ).set(server.settings.max_queue)
         Gauge("zimage_ready", "1 while the server takes new work", registry=registry).set_function(
-            lambda: float(bool(state.get("ready")) and not state.get("draining"))
+            lambda: float(server.taking_work)
         )
         self.batch_images = Histogram(
             "zimage_batch_size_images",
@@ -106,7 +114,7 @@ class ServerMetrics:
         self.cancelled_batches = Counter(
             "zimage_batches_cancelled", "Pipeline calls stopped early because every client left", registry=registry
         )
-        registry.register(GpuMemoryCollector(state))
+        registry.register(GpuMemoryCollector(server))
 
     def record_batch(self, report: BatchReport) -> None:
         """The batcher's listener: one call done (on the event loop thread)."""
@@ -145,17 +153,17 @@ class ServerMetrics:
 
 
 class GpuMemoryCollector:
-    """GPU memory gauges, read from the engine at scrape time; absent when not on CUDA."""
+    """GPU memory gauges, read from the runner at scrape time; absent when not on CUDA."""
 
-    def __init__(self, state: State):
-        self.state = state
+    def __init__(self, server: ServerState):
+        self.server = server
 
     def describe(self) -> list:
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        engine = self.state.get("engine")
-        stats = engine.memory_stats() if engine is not None else None
+        runner = self.server.runner
+        stats = runner.memory_stats() if runner is not None else None
         if not stats:
             return
         for key, help_text in (
@@ -168,7 +176,7 @@ class GpuMemoryCollector:
 
 @get("/metrics", summary="Prometheus metrics.", include_in_schema=False, sync_to_thread=False)
 def metrics_endpoint(state: State) -> Response[bytes]:
-    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def request_id_of(scope: Scope) -> str | None:

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
 
-from ..pipelines import GenerationSpec, ZImageEngine
-from ..settings import Settings
+from ..specs import CallMode, CallParams, GenerationSpec
 from .errors import ApiError
+from .responses import OutputOptions
 from .schemas import GenerationRequest
+from .state import ServerState
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 DEFAULT_SIZE = (1024, 1024)
 MIN_SIDE, MAX_SIDE = 64, 2048
 
 
-@dataclass(frozen=True)
-class OutputOptions:
-    output_format: str
-    compression: int | None
+def max_sides(server: ServerState) -> tuple[int, int]:
+    """The largest width and height this server and the loaded model accept."""
+    return min(MAX_SIDE, server.runner.max_width), min(MAX_SIDE, server.runner.max_height)
 
 
-def parse_size(
-    raw: str | None, engine: ZImageEngine, settings: Settings, default: tuple[int, int] = DEFAULT_SIZE
-) -> tuple[int, int]:
+def parse_size(raw: str | None, server: ServerState, default: tuple[int, int] = DEFAULT_SIZE) -> tuple[int, int]:
     """(width, height) from "WxH", or `default` for "auto", within every limit the server and the model impose."""
     if raw is None or raw.strip().lower() in ("", "auto"):
         width, height = default
@@ -35,13 +32,14 @@ def parse_size(
         width, height = int(match.group(1)), int(match.group(2))
     if width % 16 or height % 16:
         raise ApiError(400, f"Invalid size {width}x{height}: width and height must be multiples of 16.", param="size")
-    max_width, max_height = min(MAX_SIDE, engine.max_width), min(MAX_SIDE, engine.max_height)
+    max_width, max_height = max_sides(server)
     if not (MIN_SIDE <= width <= max_width and MIN_SIDE <= height <= max_height):
         raise ApiError(
             400,
             f"Invalid size {width}x{height}: width must be {MIN_SIDE}..{max_width} and height {MIN_SIDE}..{max_height}.",
             param="size",
         )
+    settings = server.settings
     if width * height > settings.max_pixels:
         raise ApiError(
             400,
@@ -52,23 +50,25 @@ def parse_size(
     return width, height
 
 
-def check_model(model: str | None, engine: ZImageEngine) -> None:
-    if model and model not in served_model_ids(engine):
+def check_model(model: str | None, server: ServerState) -> None:
+    if model and model not in served_model_ids(server):
         raise ApiError(
             400,
-            f"Model '{model}' is not served here; this server runs '{served_model_ids(engine)[0]}'.",
+            f"Model '{model}' is not served here; this server runs '{served_model_ids(server)[0]}'.",
             param="model",
             code="model_not_found",
         )
 
 
-def served_model_ids(engine: ZImageEngine) -> list[str]:
-    return [f"z-image-{engine.variant}", engine.variant]
+def served_model_ids(server: ServerState) -> list[str]:
+    return [server.variant.model_name, server.variant.name]
 
 
-def check_n(n: int, settings: Settings) -> None:
-    if n > settings.max_n:
-        raise ApiError(400, f"Invalid n={n}: this server makes at most {settings.max_n} images per request.", param="n")
+def check_n(n: int, server: ServerState) -> None:
+    if n > server.settings.max_n:
+        raise ApiError(
+            400, f"Invalid n={n}: this server makes at most {server.settings.max_n} images per request.", param="n"
+        )
 
 
 def seeds_for(seed: int | None, n: int) -> tuple[int, ...]:
@@ -77,44 +77,41 @@ def seeds_for(seed: int | None, n: int) -> tuple[int, ...]:
 
 
 def generation_spec(
-    data: GenerationRequest, engine: ZImageEngine, settings: Settings, default_size: tuple[int, int] = DEFAULT_SIZE
+    data: GenerationRequest,
+    server: ServerState,
+    *,
+    mode: CallMode = "generate",
+    default_size: tuple[int, int] = DEFAULT_SIZE,
+    **edit_params,
 ) -> tuple[GenerationSpec, OutputOptions]:
-    """Validate a generations request against this server and model; the spec the batcher will run."""
+    """Validate a request's shared fields against this server and model; the spec the batcher will run.
+
+    Edits pass their mode and their own call parameters (strength, references_digest) and add
+    their images to the spec."""
     if not data.prompt.strip():
         raise ApiError(400, "'prompt' must not be empty.", param="prompt")
-    check_model(data.model, engine)
-    check_n(data.n, settings)
+    check_model(data.model, server)
+    check_n(data.n, server)
     if data.response_format == "url":
         raise ApiError(
             400,
             "response_format 'url' is not supported: this server keeps no image store. Use b64_json.",
             param="response_format",
         )
-    width, height = parse_size(data.size, engine, settings, default_size)
-    spec = GenerationSpec(
-        prompt=data.prompt,
-        negative_prompt=data.negative_prompt or None,
-        seeds=seeds_for(data.seed, data.n),
+    width, height = parse_size(data.size, server, default_size)
+    variant = server.variant
+    params = CallParams(
+        mode=mode,
         width=width,
         height=height,
-        num_inference_steps=data.num_inference_steps or engine.default_steps,
-        guidance_scale=engine.default_guidance if data.guidance_scale is None else data.guidance_scale,
+        num_inference_steps=data.num_inference_steps or variant.default_steps,
+        guidance_scale=variant.default_guidance if data.guidance_scale is None else data.guidance_scale,
         cfg_normalization=bool(data.cfg_normalization),
         cfg_truncation=1.0 if data.cfg_truncation is None else data.cfg_truncation,
         max_sequence_length=data.max_sequence_length or 512,
+        **edit_params,
+    )
+    spec = GenerationSpec(
+        prompt=data.prompt, negative_prompt=data.negative_prompt or None, seeds=seeds_for(data.seed, data.n), params=params
     )
     return spec, OutputOptions(output_format=data.output_format or "png", compression=data.output_compression)
-
-
-def batch_key(spec: GenerationSpec) -> tuple:
-    """Requests with equal keys can share one pipeline call."""
-    return (
-        "generate",
-        spec.width,
-        spec.height,
-        spec.num_inference_steps,
-        spec.guidance_scale,
-        spec.cfg_normalization,
-        spec.cfg_truncation,
-        spec.max_sequence_length,
-    )

@@ -65,9 +65,18 @@ class ImagesResponse(msgspec.Struct, kw_only=True):
     size: str
 
 
+class ModelDefaults(msgspec.Struct, kw_only=True):
+    """What a request gets for the fields it leaves out (our extension of OpenAI's model object)."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    takes_mask: bool  # whether /v1/images/edits accepts a mask
+
+
 class ModelCard(msgspec.Struct, kw_only=True):
     id: str
     created: int
+    defaults: ModelDefaults
     object: str = "model"
     owned_by: str = "zimage-server"
 
@@ -86,3 +95,40 @@ class ErrorDetail(msgspec.Struct, kw_only=True):
 
 class ErrorBody(msgspec.Struct, kw_only=True):
     error: ErrorDetail
+
+
+# Server-sent events of `stream: true` (api/streaming.py); `type` repeats the event name, as OpenAI's do.
+
+
+class ProgressEvent(msgspec.Struct, kw_only=True):
+    """Our extension: after every denoising step of the running pass."""
+
+    type: str
+    created_at: int
+    step: int
+    total: int
+    progress: float  # of the whole request, 0..1
+    image_indices: list[int]  # the images the running pass covers
+
+
+class CompletedEvent(msgspec.Struct, kw_only=True):
+    """A final image (`<kind>.completed`); previews add their own index (`<kind>.partial_image`)."""
+
+    type: str
+    created_at: int
+    b64_json: str
+    index: int
+    seed: int
+    size: str
+    output_format: str
+    quality: str = "auto"
+    background: str = "opaque"
+
+
+class PartialImageEvent(CompletedEvent, kw_only=True):
+    partial_image_index: int
+
+
+class ErrorEvent(msgspec.Struct, kw_only=True):
+    error: ErrorDetail
+    type: str = "error"

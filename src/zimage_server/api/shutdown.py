@@ -35,11 +35,11 @@ SEND_GRACE_S = 5.0
 
 async def drain(app: Litestar, timeout: float) -> None:
     """Stop taking work and wait (at most `timeout` s) for every accepted job to get its answer."""
-    state = app.state
-    if state.get("draining"):
+    server = app.state.server
+    if server.draining:
         return
-    state.draining = True
-    batcher = state.get("batcher")
+    server.draining = True
+    batcher = server.batcher
     if batcher is None:  # still loading: nothing was accepted
         return
     log.info(

@@ -13,17 +13,13 @@ const SIZE_PRESETS = {
   base: [['Square', 1024, 1024], ['Portrait', 832, 1216], ['Landscape', 1216, 832]],
   edit: [['Square', 1024, 1024], ['Portrait', 832, 1216], ['Landscape', 1216, 832]],
 };
-const VARIANT_DEFAULTS = {
-  turbo: { steps: 8, guidance: 0 },
-  base: { steps: 50, guidance: 4 },
-  edit: { steps: 28, guidance: 4 },
-};
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
 
 const state = {
   variant: 'turbo',
+  defaults: null, // the served model's defaults, as GET v1/models gives them
   apiKey: localStorage.getItem(KEY_STORAGE) || '',
   afterKey: null, // what to retry once the user has given a key
   size: null, // [width, height] of the chosen preset, or null for custom
@@ -113,9 +109,10 @@ $('#key-button').hidden = !state.apiKey;
 async function loadModel() {
   try {
     const models = await (await request('v1/models')).json();
-    const id = models.data[0].id;
-    $('#model').textContent = id;
-    state.variant = id.replace(/^z-image-/, '');
+    const model = models.data[0];
+    $('#model').textContent = model.id;
+    state.variant = model.id.replace(/^z-image-/, '');
+    state.defaults = model.defaults;
   } catch (error) {
     if (error instanceof AuthNeeded) return askForKey(loadModel);
     $('#model').textContent = 'loading…';
@@ -126,9 +123,9 @@ async function loadModel() {
 }
 
 function applyVariantDefaults() {
-  const defaults = VARIANT_DEFAULTS[state.variant] || VARIANT_DEFAULTS.turbo;
-  for (const input of $$('[data-field="num_inference_steps"]')) input.value = defaults.steps;
-  for (const input of $$('[data-field="guidance_scale"]')) input.value = defaults.guidance;
+  const defaults = state.defaults;
+  for (const input of $$('[data-field="num_inference_steps"]')) input.value = defaults.num_inference_steps;
+  for (const input of $$('[data-field="guidance_scale"]')) input.value = defaults.guidance_scale;
   renderSizePresets();
   updateNegativeHints();
 }

@@ -1,4 +1,4 @@
-"""Settings from env and flags, and how `zimage-server serve` fails before loading anything."""
+"""Settings from env and flags, every one of them, and how `zimage-server serve` fails before loading anything."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from zimage_server.cli import build_parser
 from zimage_server.settings import SETTINGS, Settings, SettingsError, load_settings
+
+KEY = "sk-test-0123456789"
 
 
 def test_defaults_match_the_documented_ones():
@@ -86,3 +89,65 @@ def test_offline_and_source_settings():
     assert load_settings(env={"HF_HUB_OFFLINE": "1", "Z_IMAGE_OFFLINE": "0"}).offline is False
     assert load_settings(env={}, overrides={"download_source": "modelscope"}).download_source == "modelscope"
     assert Settings().download_source == "huggingface" and Settings().offline is False
+
+
+def test_operations_settings_parse_and_the_api_key_is_never_shown():
+    settings = load_settings(
+        {
+            "Z_IMAGE_API_KEY": KEY,
+            "Z_IMAGE_CORS_ORIGINS": "https://a.example, http://localhost:3000/",
+            "Z_IMAGE_DRAIN_TIMEOUT_S": "5",
+        }
+    )
+    assert settings.api_key == KEY and settings.drain_timeout_s == 5
+    assert settings.cors_origins == ("https://a.example", "http://localhost:3000")
+    assert KEY not in repr(settings) and "api_key='***'" in repr(settings)
+    assert load_settings({}).api_key is None and load_settings({}).cors_origins == ()
+    with pytest.raises(SettingsError, match="Z_IMAGE_CORS_ORIGINS"):
+        load_settings({"Z_IMAGE_CORS_ORIGINS": "a.example"})
+    with pytest.raises(SettingsError, match="Z_IMAGE_DRAIN_TIMEOUT_S"):
+        load_settings({"Z_IMAGE_DRAIN_TIMEOUT_S": "-1"})
+
+
+def test_serve_help_masks_the_api_key_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("Z_IMAGE_API_KEY", KEY)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "Z_IMAGE_API_KEY" in out and KEY not in out
+
+
+def test_new_settings_parse_and_default():
+    settings = load_settings(env={})
+    assert (settings.offload, settings.attention, settings.compile, settings.prompt_cache) == ("auto", "auto", "off", 64)
+    env = {"Z_IMAGE_OFFLOAD": "text_encoder", "Z_IMAGE_ATTENTION": "_native_cudnn", "Z_IMAGE_COMPILE": "Regional"}
+    settings = load_settings(env=env, overrides={"prompt_cache": "0"})
+    assert (settings.offload, settings.attention, settings.compile, settings.prompt_cache) == (
+        "text_encoder",
+        "_native_cudnn",
+        "regional",
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"Z_IMAGE_OFFLOAD": "sequential"}, "Z_IMAGE_OFFLOAD"),
+        ({"Z_IMAGE_COMPILE": "max"}, "Z_IMAGE_COMPILE"),
+        ({"Z_IMAGE_PROMPT_CACHE": "-1"}, "Z_IMAGE_PROMPT_CACHE"),
+        ({"Z_IMAGE_ATTENTION": "flash attn"}, "Z_IMAGE_ATTENTION"),
+    ],
+)
+def test_bad_acceleration_settings_name_the_setting(env, name):
+    with pytest.raises(SettingsError, match=name):
+        load_settings(env=env)
+
+
+def test_upload_limit_and_edit_dtype_settings():
+    assert load_settings({}).max_upload_bytes == 20 * 1024 * 1024
+    assert load_settings({"Z_IMAGE_MAX_UPLOAD_BYTES": "1048576"}).max_upload_bytes == 1048576
+    with pytest.raises(SettingsError, match="Z_IMAGE_MAX_UPLOAD_BYTES"):
+        load_settings({"Z_IMAGE_MAX_UPLOAD_BYTES": "lots"})
+    with pytest.raises(SettingsError, match="bf16"):
+        load_settings({"Z_IMAGE_VARIANT": "edit", "Z_IMAGE_DTYPE": "fp32"})

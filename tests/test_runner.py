@@ -1,4 +1,4 @@
-"""The real loader on the tiny pipeline: seeds mean what they mean in diffusers, batching changes nothing."""
+"""The runner on the tiny pipeline: seeds mean what they mean in diffusers, batching changes nothing."""
 
 from __future__ import annotations
 
@@ -7,34 +7,24 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 
+from conftest import generate, make_spec
 from zimage_server.model_layout import IncompleteModelError, verify_model_dir
-from zimage_server.pipelines import GenerationSpec, load_engine
+from zimage_server.runner import load_runner
+from zimage_server.specs import GenerationCancelled, GenerationSpec
 
 
 def spec(prompt: str, seeds: tuple[int, ...], **overrides) -> GenerationSpec:
-    values = dict(
-        prompt=prompt,
-        negative_prompt=None,
-        seeds=seeds,
-        width=64,
-        height=64,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-        cfg_normalization=False,
-        cfg_truncation=1.0,
-        max_sequence_length=64,
-    )
-    return GenerationSpec(**(values | overrides))
+    return make_spec(prompt, seeds, **({"guidance_scale": 3.0} | overrides))
 
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def test_image_i_is_what_diffusers_returns_for_seed_plus_i(engine, settings):
+def test_image_i_is_what_diffusers_returns_for_seed_plus_i(runner, settings):
     direct = ZImagePipeline.from_pretrained(settings.model_dir)
     direct.set_progress_bar_config(disable=True)
-    [images] = engine.generate([spec("a red chair", (41, 42))])
+    [images] = generate(runner, [spec("a red chair", (41, 42))])
     for offset, image in enumerate(images):
         expected = direct(
             "a red chair",
@@ -48,9 +38,9 @@ def test_image_i_is_what_diffusers_returns_for_seed_plus_i(engine, settings):
         assert np.abs(pixels(image) - pixels(expected)).max() <= 1
 
 
-def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_other_prompts(engine):
-    [[alone]] = engine.generate([spec("a cat on a chair", (7,))])
-    batched = engine.generate(
+def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_other_prompts(runner):
+    [[alone]] = generate(runner, [spec("a cat on a chair", (7,))])
+    batched = generate(runner, 
         [
             spec("a much longer prompt about mountains at sunset in watercolor", (100, 101)),
             spec("a cat on a chair", (7,)),
@@ -62,8 +52,8 @@ def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_other_prompt
     assert np.abs(pixels(batched[0][0]) - pixels(alone)).max() > 10
 
 
-def test_different_seeds_give_different_images(engine):
-    [images] = engine.generate([spec("a cat", (1, 2))])
+def test_different_seeds_give_different_images(runner):
+    [images] = generate(runner, [spec("a cat", (1, 2))])
     assert np.abs(pixels(images[0]) - pixels(images[1])).max() > 10
 
 
@@ -74,12 +64,12 @@ def test_loader_refuses_an_incomplete_folder(tmp_path, settings, models_dir):
     with pytest.raises(IncompleteModelError, match="is missing"):
         verify_model_dir(broken)
     with pytest.raises(IncompleteModelError):
-        load_engine(settings.replace(models_dir=tmp_path))
+        load_runner(settings.replace(models_dir=tmp_path))
 
 
-def test_loader_reports_the_rope_limits_of_the_loaded_transformer(engine):
+def test_loader_reports_the_rope_limits_of_the_loaded_transformer(runner):
     # The tiny model keeps the real geometry: 256 rope positions a side, 16 pixels each.
-    assert (engine.max_width, engine.max_height) == (4096, 4096)
+    assert (runner.max_width, runner.max_height) == (4096, 4096)
 
 
 class RecordingObserver:
@@ -91,23 +81,30 @@ class RecordingObserver:
     def cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.steps) >= self.cancel_after
 
-    def on_step(self, step, total, latents) -> None:
+    def wants_previews(self, step, total) -> bool:
+        return False
+
+    def on_step(self, step, total, latents, previews) -> None:
         self.steps.append((step, total, tuple(latents.shape)))
 
 
-def test_observers_see_every_step_with_only_their_own_latents(engine):
+def test_observers_see_every_step_with_only_their_own_latents(runner):
     observer = RecordingObserver()
-    engine.generate([spec("a", (1, 2), observer=observer), spec("b", (3,))])
+    generate(runner, [spec("a", (1, 2), observer=observer), spec("b", (3,))])
     assert [(step, total) for step, total, _ in observer.steps] == [(1, 3), (2, 3), (3, 3)]
     assert all(shape[0] == 2 for _, _, shape in observer.steps)
 
 
-def test_a_call_whose_every_request_was_cancelled_stops_at_the_next_step(engine):
-    from zimage_server.pipelines import GenerationCancelled
-
+def test_a_call_whose_every_request_was_cancelled_stops_at_the_next_step(runner):
     first, second = RecordingObserver(cancel_after=1), RecordingObserver(cancel_after=1)
     with pytest.raises(GenerationCancelled):
-        engine.generate([spec("a", (1,), observer=first, num_inference_steps=50), spec("b", (2,), observer=second)])
+        generate(
+            runner,
+            [
+                spec("a", (1,), observer=first, num_inference_steps=50),
+                spec("b", (2,), observer=second, num_inference_steps=50),
+            ],
+        )
     assert len(first.steps) == 1 and len(second.steps) == 1
 
 

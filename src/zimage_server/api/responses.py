@@ -1,0 +1,95 @@
+"""Turning a finished job's images into what the client asked for: JSON with base64 data, or raw bytes.
+
+Shared by the generations and edits routes and by their event streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+
+from litestar import Request, Response
+from PIL import Image
+
+from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_image
+from ..specs import GenerationSpec
+from ..variants import Variant
+from .errors import ApiError
+from .schemas import ImageData, ImagesResponse
+
+INLINE_ENCODE_MAX_PIXELS = 128 * 128  # responses this small encode on the event loop
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    output_format: str
+    compression: int | None
+
+
+def wants_raw_image(request: Request) -> str | None:
+    """The image media type the client asked for with Accept, if it prefers one over JSON."""
+    accept = request.headers.get("accept", "")
+    if not accept or "image/" not in accept:
+        return None
+    best = request.accept.best_match(["application/json", *MEDIA_TYPES.values()], default="application/json")
+    return best if best in FORMAT_FOR_MEDIA_TYPE else None
+
+
+def check_raw_image_count(request: Request, n: int) -> None:
+    if wants_raw_image(request) and n > 1:
+        raise ApiError(400, "A raw image response holds one image: send n=1, or Accept: application/json.", param="n")
+
+
+def image_parameters(variant: Variant, spec: GenerationSpec, seed: int) -> ImageParameters:
+    params = spec.params
+    return ImageParameters(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        seed=seed,
+        width=params.width,
+        height=params.height,
+        variant=variant.name,
+        strength=params.strength,
+    )
+
+
+async def encode_for_response(
+    variant: Variant, spec: GenerationSpec, images: list[Image.Image], output_format: str, compression: int | None
+) -> list[bytes]:
+    """One request's images, encoded, each with its own seed in the PNG parameters chunk.
+
+    Off the event loop, except for small images: a 64x64 PNG encodes faster than a round trip to a
+    worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
+
+    def encode_all() -> list[bytes]:
+        return [
+            encode_image(image, output_format, compression, image_parameters(variant, spec, seed))
+            for image, seed in zip(images, spec.seeds, strict=True)
+        ]
+
+    if spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS:
+        return encode_all()
+    return await asyncio.to_thread(encode_all)
+
+
+async def images_response(
+    request: Request, variant: Variant, spec: GenerationSpec, options: OutputOptions, images: list
+) -> Response:
+    """Encode the images (off the event loop) as JSON with b64 data, or as raw bytes when Accept asks for that."""
+    raw_type = wants_raw_image(request)
+    output_format = FORMAT_FOR_MEDIA_TYPE[raw_type] if raw_type else options.output_format
+
+    encoded = await encode_for_response(variant, spec, images, output_format, options.compression)
+    if raw_type:
+        return Response(encoded[0], media_type=raw_type, headers={"X-Seed": str(spec.seeds[0])})
+    body = ImagesResponse(
+        created=int(time.time()),
+        data=[ImageData(b64_json=base64.b64encode(blob).decode(), seed=seed) for blob, seed in zip(encoded, spec.seeds)],
+        output_format=output_format,
+        size=f"{spec.params.width}x{spec.params.height}",
+    )
+    return Response(body)

@@ -1,0 +1,63 @@
+"""What the running server holds, as one typed object on `app.state.server`.
+
+Routes, guards, metrics and the shutdown path all read it; nothing else is kept on Litestar's
+string-keyed `State`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+
+from ..faults import FaultInjector
+from ..settings import Settings
+from ..variants import VARIANTS, Variant
+
+if TYPE_CHECKING:  # the runner imports torch; the API only holds it
+    from ..batcher import Batcher
+    from ..runner import ModelRunner
+    from .observability import ServerMetrics
+
+# Fetches the model the settings name (fetch-on-start); raises if it cannot.
+FetchModel = Callable[[Settings], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class ServerState:
+    settings: Settings
+    runner: ModelRunner | None = None  # set once the model is loaded (or handed in by a test)
+    fetch_model: FetchModel | None = None
+    faults: FaultInjector | None = None  # test-only: passed to the runner it loads
+    batcher: Batcher | None = None
+    metrics: ServerMetrics | None = None
+    ready: bool = False  # loaded, warmed up, taking work
+    draining: bool = False  # a signal arrived: finishing accepted work, refusing new
+    worker_died: bool = False  # the batcher's worker ended: not ready, the process exits
+    fatal_error: str | None = None  # why serving could not start (fetch-on-start failed)
+    stop_server: Callable[[], None] | None = None  # the CLI points this at uvicorn
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def variant(self) -> Variant:
+        return VARIANTS[self.settings.variant]
+
+    @property
+    def taking_work(self) -> bool:
+        return self.ready and not self.draining and not self.worker_died
+
+    def stop(self, reason: str) -> None:
+        """Serving cannot go on: stop saying ready and ask the server to exit."""
+        self.ready = False
+        self.fatal_error = self.fatal_error or reason
+        if self.stop_server is not None:
+            self.stop_server()
+
+
+def server_state(source: State | ASGIConnection) -> ServerState:
+    state = source.app.state if isinstance(source, ASGIConnection) else source
+    return state.server

@@ -1,0 +1,110 @@
+"""What the API asks the model to do, as plain data, and the errors that come back. No torch.
+
+A `GenerationSpec` is one request: its prompts, one seed per image, optional edit inputs, and a
+frozen `CallParams`: everything that must be equal for requests to share one pipeline call. The
+batcher groups on `spec.params`, and the runner reads every call-level argument from it, so the
+two can never disagree about what a shared call means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+# How a call runs: text-to-image, or one of the variant's edit pipelines.
+CallMode = Literal["generate", "img2img", "inpaint", "omni"]
+
+
+@dataclass(frozen=True)
+class CallParams:
+    """The arguments every image of one pipeline call shares; equal params, shareable call."""
+
+    mode: CallMode
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    cfg_normalization: bool = False
+    cfg_truncation: float = 1.0
+    max_sequence_length: int = 512
+    strength: float | None = None  # img2img and inpaint: how much of the input is re-noised
+    # Omni passes one set of reference images to the whole call, so only edits of identical
+    # references can share it: their digest is part of the key.
+    references_digest: str | None = None
+
+
+class StepObserver(Protocol):
+    """Watches one request inside a running pipeline call. Called from the worker thread."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once nobody wants this request's images any more (its client left)."""
+        ...
+
+    def wants_previews(self, step: int, total: int) -> bool:
+        """Whether `on_step` for this step should carry cheap previews of the images."""
+        ...
+
+    def on_step(self, step: int, total: int, latents: Any, previews: list[Any] | None) -> None:
+        """After denoising step `step` (1-based) of `total`. `latents` holds this request's rows of
+        the call's latents (a tensor, opaque here; its length is the images this pass makes), and
+        `previews` one cheap image per row when `wants_previews` said so."""
+        ...
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """One request: n images (one per seed) made with `params`.
+
+    Edit inputs: for img2img and inpaint `images` holds one RGB image already at width x height and
+    `mask` (mode "L", 255 = repaint) matches it; for omni `images` are the references at their own
+    sizes. Images are PIL images; this module only carries them.
+    """
+
+    prompt: str
+    negative_prompt: str | None
+    seeds: tuple[int, ...]
+    params: CallParams
+    images: tuple[Any, ...] = field(default=(), repr=False)
+    mask: Any = field(default=None, repr=False)
+    observer: StepObserver | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image of a pipeline call: which request it belongs to and what it needs."""
+
+    spec: GenerationSpec
+    seed: int
+
+    @property
+    def prompt(self) -> str:
+        return self.spec.prompt
+
+    @property
+    def negative_prompt(self) -> str:
+        return self.spec.negative_prompt or ""
+
+
+class GenerationCancelled(Exception):
+    """Every request in a running call was cancelled, so the call stopped early."""
+
+
+class OutOfMemoryForRequest(Exception):
+    """One request did not fit in memory even alone; retrying it unchanged would fail again."""
+
+    def __init__(self, n: int, width: int, height: int):
+        self.n, self.width, self.height = n, width, height
+        images = "1 image" if n == 1 else f"{n} images"
+        super().__init__(
+            f"Not enough memory to generate {images} of {width}x{height} even with nothing else running; "
+            "ask for a smaller size or fewer images (n)."
+        )
+
+
+class ResultCountMismatch(RuntimeError):
+    """A model call handed back a different number of results than it was given work."""
