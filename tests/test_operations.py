@@ -13,7 +13,7 @@ import torch
 from litestar.testing import TestClient
 
 from conftest import serving
-from test_edits import encoded, picture
+from test_images import encoded, picture
 from zimage_server.api import create_app
 from zimage_server.api.shutdown import drain
 from zimage_server.cli import build_parser
