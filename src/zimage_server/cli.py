@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from . import logs
 from .model_layout import IncompleteModelError, verify_model_dir
 from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 
@@ -45,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="load the model and serve HTTP")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind [default 127.0.0.1]")
     serve.add_argument("--port", type=int, default=8000, help="port to bind [default 8000]")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("Z_IMAGE_LOG_LEVEL", "info"),
+        choices=logs.LOG_LEVELS,
+        help="[env Z_IMAGE_LOG_LEVEL, default info]",
+    )
     add_setting_flags(serve)
     download = commands.add_parser(
         "download",
@@ -72,7 +78,11 @@ def missing_model_message(settings: Settings, reason: str) -> str:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # Z_IMAGE_LOG_FORMAT (text|json) is read here until it joins the settings table.
+    try:
+        logs.configure_logging(os.environ.get("Z_IMAGE_LOG_FORMAT", "text"), level)
+    except ValueError as exc:
+        fail(f"Z_IMAGE_LOG_FORMAT: {exc}", EXIT_BAD_SETTING)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -83,6 +93,7 @@ def serve(args: argparse.Namespace) -> None:
     except SettingsError as exc:
         fail(str(exc), EXIT_BAD_SETTING)
     settings = settings.replace(host=args.host, port=args.port)
+    configure_logging(args.log_level)
     fetch_model = None
     try:
         verify_model_dir(settings.model_dir)
@@ -98,6 +109,7 @@ def serve(args: argparse.Namespace) -> None:
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
     from .pipelines import preflight
 
+    logs.route_model_library_logs()
     try:
         preflight(settings)  # the device exists and the attention backend runs on it, before any weights load
     except SettingsError as exc:
@@ -106,7 +118,6 @@ def serve(args: argparse.Namespace) -> None:
     from .api import create_app
     from .api.shutdown import draining_server
 
-    configure_logging(args.log_level)
     logging.getLogger("zimage_server").info("settings: %r", settings)
     app = create_app(settings, fetch_model=fetch_model)
     server = draining_server(app, settings, log_level=args.log_level)

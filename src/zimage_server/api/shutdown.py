@@ -97,6 +97,8 @@ def draining_server(app: Litestar, settings: Settings, log_level: str = "info") 
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        # No formatter of uvicorn's own: its loggers propagate to the root handler of logs.py.
+        log_config=None,
         # Our request log (zimage_server.access) has the request id and timings; one line is enough.
         access_log=False,
     )
