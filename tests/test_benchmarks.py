@@ -77,7 +77,7 @@ def test_gpu_full_size_runs_every_section_on_cpu(tmp_path):
 
 def test_encoders(tmp_path):
     results = run_smoke("encoders", tmp_path)
-    assert {"smooth", "noisy", "real-ish"} == set(results["256"])
+    assert {"gradient", "smooth", "noisy", "real-ish"} == set(results["256"])
     assert results["256"]["noisy"]["fpng"]["vs_default"] < 1.1
     assert set(results["four_png"]) == {"loop_median_ms", "encode_images_median_ms"}
 

@@ -42,20 +42,21 @@ class ImageParameters:
         return "\n".join(lines)
 
 
-# fpng writes a 1024x1024 RGB PNG in ~6 ms where Pillow's default takes 120-850 ms, in files 1.0-1.25x
-# the size on picture-like images (benchmarks/encoders.py; only noiseless synthetic gradients do
-# worse). Pillow stays the fallback where fpng has no wheel, and for modes fpng does not write
+# fpng writes a 1024x1024 RGB PNG in 5-10 ms where Pillow's default takes 100-650 ms, in files
+# 1.0-1.25x the size on picture-like images (benchmarks/encoders.py; only noiseless synthetic
+# gradients, which no pipeline returns, come out larger: 5x). Pillow stays the fallback where fpng has no wheel, and for modes fpng does not write
 # (it takes 8-bit RGB and RGBA only).
 try:
     import fpng
 except ImportError:
     fpng = None
 
-# Pillow's zlib level where fpng cannot be used: level 1 is 2-5x faster than the default 6, in
-# files 1.0-1.2x the size on picture-like images (benchmarks/encoders.py).
+# Pillow's zlib level where fpng cannot be used: level 1 is up to 6x faster than the default 6
+# (no faster on noise), in files 1.0-1.2x the size on picture-like images (benchmarks/encoders.py).
 PILLOW_PNG_LEVEL = 1
-# WebP's fastest method: for 1024x1024, Pillow's default (4) takes 100-130 ms here and method 0
-# 35-47 ms, at the same quality and a file 1.0-1.1x the size.
+# WebP's fastest method: at 1024x1024 it takes a third to a half of the time of Pillow's default
+# (4), 20-80 ms on picture-like images and ~120 ms on noise here, at the same quality and a file
+# 1.0-1.1x the size (benchmarks/encoders.py).
 WEBP_METHOD = 0
 DEFAULT_QUALITY = 90
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

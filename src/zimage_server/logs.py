@@ -63,15 +63,15 @@ class TextFormatter(logging.Formatter):
     """`2026-12-01T09:01:02.123Z INFO zimage_server.api: message`; a traceback follows, indented."""
 
     def format(self, record: logging.LogRecord) -> str:
-        # A message of several lines (a Python warning with its source line) stays one record to a reader.
-        message = record.getMessage().replace("\n", "\n    ")
-        line = f"{iso_time(record)} {record.levelname} {record.name}: {message}"
-        detail = "\n".join(
-            part for part in (record.exc_info and self.formatException(record.exc_info), record.stack_info) if part
-        )
-        if not detail:
-            return line
-        return line + "\n" + "\n".join("    " + detail_line for detail_line in detail.splitlines())
+        # What takes several lines (a traceback, a Python warning with its source line) is indented
+        # under its record's line, so a reader still sees where each record starts.
+        first, *rest = record.getMessage().splitlines() or [""]
+        if record.exc_info:
+            rest += self.formatException(record.exc_info).splitlines()
+        if record.stack_info:
+            rest += record.stack_info.splitlines()
+        head = f"{iso_time(record)} {record.levelname} {record.name}: {first}"
+        return "\n".join([head, *("    " + line for line in rest)])
 
 
 class JsonFormatter(logging.Formatter):
