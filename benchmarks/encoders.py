@@ -112,7 +112,7 @@ def main() -> None:
             sizes: dict[str, int] = {}
             for _ in range(repeats):  # interleaved, so a neighbour's burst hits every encoder alike
                 for name, (image_format, encode) in table_of_encoders.items():
-                    elapsed, data = time_ms(lambda: encode(image))
+                    elapsed, data = time_ms(lambda encode=encode, image=image: encode(image))
                     times[name].append(elapsed)
                     sizes[name] = len(data)
                     if image_format == "png":

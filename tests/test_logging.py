@@ -54,8 +54,12 @@ def test_every_line_of_a_real_server_is_in_the_chosen_format(models_dir, tmp_pat
         assert access[0]["total_ms"] >= access[0]["pipeline_ms"] > 0
 
 
-def record(message: str = "hello", name: str = "zimage_server.api", level: int = logging.INFO, **extra) -> logging.LogRecord:
-    made = logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": message})
+def record(
+    message: str = "hello", name: str = "zimage_server.api", level: int = logging.INFO, **extra
+) -> logging.LogRecord:
+    made = logging.makeLogRecord(
+        {"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": message}
+    )
     made.__dict__.update(extra)
     return made
 
@@ -121,7 +125,7 @@ def test_configure_logging_installs_one_handler_and_refuses_unknown_values(resto
 
 def test_model_libraries_log_through_the_root_handler(caplog, capfd):
     logs.route_model_library_logs()
-    for name in ("diffusers.models", "transformers.modeling_utils", "torch._dynamo"):
+    for name in ("diffusers.models", "transformers.modeling_utils", "torch._dynamo", "huggingface_hub.file_download"):
         logging.getLogger(name).warning("from %s", name)
         assert caplog.records[-1].getMessage() == f"from {name}"  # caplog listens on the root logger
     assert "from " not in capfd.readouterr().err  # and no handler of their own wrote it

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .logs import human_size
+from .logs import human_size, propagate_to_root
 from .model_layout import WEIGHTLESS, IncompleteModelError, pipeline_components, verify_model_dir
 from .settings import Settings
 
@@ -334,6 +334,7 @@ HUBS = {"huggingface": HuggingFaceHub, "modelscope": ModelScopeHub}
 
 def open_hub(source: str, progress_bars: bool) -> HuggingFaceHub | ModelScopeHub:
     hub = HUBS[source](progress_bars)
+    propagate_to_root("huggingface_hub", "modelscope_hub")  # in our log format, not their own
     # The libraries log every retry and failure themselves; the caller reports a failure in one
     # line, so they speak only when asked for detail (--verbose).
     library_level = logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL

@@ -44,8 +44,8 @@ class ImageParameters:
 
 # fpng writes a 1024x1024 RGB PNG in 5-10 ms where Pillow's default takes 100-650 ms, in files
 # 1.0-1.25x the size on picture-like images (benchmarks/encoders.py; only noiseless synthetic
-# gradients, which no pipeline returns, come out larger: 5x). Pillow stays the fallback where fpng has no wheel, and for modes fpng does not write
-# (it takes 8-bit RGB and RGBA only).
+# gradients, which no pipeline returns, come out larger: 5x). Pillow stays the fallback where fpng
+# has no wheel, and for modes fpng does not write (it takes 8-bit RGB and RGBA only).
 try:
     import fpng
 except ImportError:

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -25,8 +25,10 @@ HARMLESS_WARNINGS = (
     (
         "transformers",
         "requires torchvision (not installed); falling back to",
-        "the PIL image processor it falls back to is the one we want; torchvision would add a large "
-        "dependency for nothing, and transformers says so even for variants without SigLIP",
+        (
+            "the PIL image processor it falls back to is the one we want; torchvision would add a large "
+            "dependency for nothing, and transformers says so even for variants without SigLIP"
+        ),
     ),
     (
         "diffusers",
@@ -36,8 +38,10 @@ HARMLESS_WARNINGS = (
     (
         "torchao",
         "Failed to load",
-        "torchao's optional fused kernels, built for other Python or GPU versions; diffusers imports "
-        "torchao for its quantizer, which we never use",
+        (
+            "torchao's optional fused kernels, built for other Python or GPU versions; diffusers imports "
+            "torchao for its quantizer, which we never use"
+        ),
     ),
     ("torchao", "Detected no triton", "the same: kernels of torchao that we never call"),
     (
@@ -55,7 +59,7 @@ DROPPED_EXTRAS = frozenset({"color_message"})
 
 def iso_time(record: logging.LogRecord) -> str:
     """ISO-8601 in UTC with milliseconds, e.g. 2026-12-01T09:01:02.123Z."""
-    moment = datetime.fromtimestamp(record.created, timezone.utc)
+    moment = datetime.fromtimestamp(record.created, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -78,7 +82,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, any `extra=` fields, and the traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": iso_time(record), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        entry = {
+            "time": iso_time(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         for key, value in vars(record).items():
             if key not in RECORD_ATTRIBUTES and key not in DROPPED_EXTRAS:
                 entry[key] = value
@@ -92,10 +101,11 @@ class JsonFormatter(logging.Formatter):
 
 class HarmlessWarningFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for logger_name, words, _why in HARMLESS_WARNINGS:
-            if (record.name == logger_name or record.name.startswith(logger_name + ".")) and words in record.getMessage():
-                return False
-        return True
+        message = record.getMessage()
+        return not any(
+            (record.name == name or record.name.startswith(name + ".")) and words in message
+            for name, words, _why in HARMLESS_WARNINGS
+        )
 
 
 def configure_logging(log_format: str = "text", level: str = "info") -> None:
@@ -114,27 +124,31 @@ def configure_logging(log_format: str = "text", level: str = "info") -> None:
 
 
 def route_model_library_logs() -> None:
-    """Make diffusers, transformers and torch log through the root handler instead of their own,
-    and show their progress bars only on a terminal. Imports diffusers (and so torch): call it
-    where the server is about to load the model anyway."""
+    """Make diffusers, transformers, torch and huggingface_hub log through the root handler instead
+    of their own, and show their progress bars only on a terminal. Imports diffusers (and so torch):
+    call it where the server is about to load the model anyway."""
     import diffusers.utils.logging
     import huggingface_hub.utils
     import transformers.utils.logging
 
-    for library in (diffusers.utils.logging, transformers.utils.logging):
-        library.disable_default_handler()
-        library.enable_propagation()
-    # torch gives its top-level loggers (torch, torch._dynamo, ...) handlers of its own at import.
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger) and logger.handlers:
-            logger.handlers.clear()
-            logger.propagate = True
+    # Each gave its loggers a handler of its own on import (torch several: torch, torch._dynamo, ...).
+    propagate_to_root("diffusers", "transformers", "torch", "huggingface_hub")
     if not sys.stderr.isatty():
         # Bars written to a log are carriage-return noise; `logged_step` lines take their place.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # for hub code that reads it later
+
+
+def propagate_to_root(*names: str) -> None:
+    """Drop the handlers a library put on its loggers (named, or below one named), so that their
+    records reach the root handler alone. Call it after the library is imported: that is when
+    they add them. diffusers and transformers add theirs only once, so they do not come back."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and any(name == n or name.startswith(n + ".") for n in names):
+            logger.handlers.clear()
+            logger.propagate = True
 
 
 @contextmanager
