@@ -29,7 +29,7 @@ from common import (
     write_record,
 )
 
-LOADED = re.compile(r"loaded \S+ from .* \((\d+\.\d+) s\)")
+LOADED = re.compile(r"loaded \S+ from .* in (\d+\.\d+) s")
 WARMED = re.compile(r"warm-up took (\d+\.\d+) s")
 
 

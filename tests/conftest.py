@@ -141,8 +141,8 @@ def generate(runner: ModelRunner, specs: list[GenerationSpec]) -> list[list]:
 
 
 class Captured(logging.Handler):
-    """Records of one logger, captured directly: Litestar's logging set-up replaces the root
-    handlers (caplog's among them) whenever an app is created inside a test."""
+    """Records of one logger, from a handler on that logger itself, whatever the root's handlers
+    are (the server's own logging set-up, logs.configure_logging, replaces those)."""
 
     def __init__(self, name: str):
         super().__init__(logging.DEBUG)

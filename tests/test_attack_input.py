@@ -18,7 +18,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from attack_support import GENERATIONS, ServerProcess, assert_envelope
-from test_edits import encoded, gif_bomb, picture, png_claiming
+from test_images import encoded, gif_bomb, picture, png_claiming
 
 pytestmark = pytest.mark.attack
 

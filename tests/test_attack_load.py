@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from attack_support import GENERATIONS, ServerProcess, assert_envelope, assert_valid_images
-from test_edits import encoded, picture
+from test_images import encoded, picture
 
 pytestmark = pytest.mark.attack
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import assert_envelope, serving
-from test_edits import encoded, picture
+from test_images import encoded, picture
 
 URL = "/v1/images/generations"
 EDITS = "/v1/images/edits"

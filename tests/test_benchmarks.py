@@ -75,7 +75,14 @@ def test_gpu_full_size_runs_every_section_on_cpu(tmp_path):
     assert {"none", "model", "text_encoder", "restored"} <= set(sections["offload"])
 
 
-@pytest.mark.parametrize("script", ["server_overhead", "batching", "startup", "gpu_full_size"])
+def test_encoders(tmp_path):
+    results = run_smoke("encoders", tmp_path)
+    assert {"gradient", "smooth", "noisy", "real-ish"} == set(results["256"])
+    assert results["256"]["noisy"]["fpng"]["vs_default"] < 1.1
+    assert set(results["four_png"]) == {"loop_median_ms", "encode_images_median_ms"}
+
+
+@pytest.mark.parametrize("script", ["server_overhead", "batching", "startup", "gpu_full_size", "encoders"])
 def test_help_names_the_command(script):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--help"],

@@ -1,4 +1,4 @@
-"""Image edits: upload decoding, the edit pipelines on the tiny models, and POST /v1/images/edits.
+"""Image edits: the edit pipelines on the tiny models, and POST /v1/images/edits.
 
 Random VAE weights do not reproduce pixels, so what survives of the input is measured in latent
 space: against the input encoded by the pipeline's own VAE with the request's seed.
@@ -9,177 +9,24 @@ from __future__ import annotations
 import io
 import logging
 import socket
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from conftest import live_server, serving
 from test_api import assert_error, decode, wait_for
 from conftest import generate, make_spec
+from test_images import encoded, gif_bomb, left_half_mask, picture, png_claiming
 from test_runner import pixels, spec
-from zimage_server.images import (
-    MAX_DECODED_PIXELS,
-    ImageInputError,
-    decode_upload,
-    edit_area,
-    fit_size,
-    to_rgb,
-)
+from zimage_server.images import edit_area
 from zimage_server.specs import GenerationSpec
 
 URL = "/v1/images/edits"
-
-
-# --- inputs ----------------------------------------------------------------------------------------
-
-
-def picture(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
-    """A busy RGB test picture, different per seed."""
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)).resize((width, height))
-    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(250, 200, 0))
-    return image
-
-
-def encoded(image: Image.Image, image_format: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid-looking PNG of a few dozen bytes whose header claims width x height pixels."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunks = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + chunks
-
-
-def gif_bomb() -> bytes:
-    """A tiny GIF whose logical screen claims 65535x65535."""
-    screen = struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
-    return b"GIF89a" + screen + b",\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02L\x01\x00;"
-
-
-def left_half_mask(width: int = 64, height: int = 64) -> Image.Image:
-    """An OpenAI-style mask: transparent (edit) on the left half, opaque elsewhere."""
-    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
-    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
-    return mask
-
-
-# --- decoding uploads ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP"])
-def test_accepted_formats_decode(image_format):
-    image = decode_upload(encoded(picture(80, 48), image_format), "image")
-    assert image.size == (80, 48)
-
-
-@pytest.mark.parametrize(
-    "data, status, words",
-    [
-        (b"", 400, "empty"),
-        (b"a prompt, not a picture\n" * 10, 415, "PNG, JPEG or WebP"),
-        (gif_bomb(), 415, "PNG, JPEG or WebP"),
-        (encoded(picture(), "GIF"), 415, "PNG, JPEG or WebP"),
-        (encoded(picture(), "BMP"), 415, "PNG, JPEG or WebP"),
-        (encoded(picture(256, 256))[:300], 400, "truncated or corrupt"),
-        (encoded(picture(256, 256), "JPEG")[:200], 400, "truncated or corrupt"),
-        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400, "truncated or corrupt"),
-        (png_claiming(50_000, 50_000), 400, "pixels"),
-        (png_claiming(9000, 9000), 400, "pixels"),  # under Pillow's own bomb limit, over ours
-    ],
-)
-def test_hostile_uploads_are_refused_with_a_clear_reason(data, status, words):
-    with pytest.raises(ImageInputError) as refused:
-        decode_upload(data, "image")
-    assert refused.value.status_code == status and words in refused.value.message
-
-
-def test_a_huge_claimed_size_is_refused_without_allocating_it():
-    # Pillow allocates pixels in C, out of tracemalloc's sight; its own counters see every image core.
-    before = Image.core.get_stats()["new_count"]
-    with pytest.raises(ImageInputError):
-        decode_upload(png_claiming(8193, 8192), "image")
-    assert 8193 * 8192 > MAX_DECODED_PIXELS and Image.core.get_stats()["new_count"] == before
-    decode_upload(encoded(picture()), "image")
-    assert Image.core.get_stats()["new_count"] > before  # the counter does see a real decode
-
-
-def test_exif_orientation_is_applied():
-    image = Image.new("RGB", (64, 32), (255, 0, 0))
-    image.paste((0, 0, 255), (0, 0, 8, 32))  # blue stripe on the left as stored
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored rotated: display it turned 90 degrees clockwise
-    decoded = decode_upload(encoded(image, "JPEG", exif=exif, quality=95), "image")
-    assert decoded.size == (32, 64)
-    top = np.asarray(decoded.convert("RGB"))[:4, 16]
-    assert top[:, 2].min() > 200 and top[:, 0].max() < 60  # the stripe is now along the top
-
-
-def test_every_mode_becomes_rgb_with_transparency_on_white():
-    palette = Image.new("P", (8, 8), 0)
-    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
-    palette.paste(1, (0, 0, 4, 8))
-    palette.info["transparency"] = 0  # palette entry 0 (black) is transparent
-    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))
-    gray16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
-    cmyk = Image.open(io.BytesIO(encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")))
-    cases = [
-        (decode_upload(encoded(palette), "image"), (10, 200, 30), (255, 255, 255)),
-        (decode_upload(encoded(rgba), "image"), (255, 0, 0), (255, 255, 255)),
-        (decode_upload(encoded(rgba.convert("LA")), "image"), (76, 76, 76), (255, 255, 255)),
-        (decode_upload(encoded(gray16), "image"), (128, 128, 128), (128, 128, 128)),
-        (cmyk, (255, 0, 0), (255, 0, 0)),
-    ]
-    for image, left, right in cases:
-        rgb = to_rgb(image)
-        assert rgb.mode == "RGB" and rgb.size == (8, 8)
-        for (x, expected) in ((1, left), (6, right)):
-            assert np.abs(np.asarray(rgb.getpixel((x, 4)), dtype=int) - expected).max() <= 3, (image.mode, x)
-
-
-def test_mask_rules_alpha_zero_or_white():
-    from_alpha = edit_area(left_half_mask(16, 16))
-    assert from_alpha.getpixel((2, 2)) == 255 and from_alpha.getpixel((12, 2)) == 0
-    white = Image.new("L", (16, 16), 0)
-    white.paste(255, (0, 0, 8, 16))
-    from_white = edit_area(white.convert("RGB"))
-    assert from_white.getpixel((2, 2)) == 255 and from_white.getpixel((12, 2)) == 0
-
-
-@pytest.mark.parametrize(
-    "size, max_pixels, expected",
-    [
-        ((1000, 600), 2048 * 2048, (992, 592)),
-        ((100, 70), 2048 * 2048, (96, 64)),
-        ((10, 10), 2048 * 2048, (64, 64)),
-        ((4000, 3000), 1024 * 1024, None),
-        ((10_000, 20), 2048 * 2048, None),
-        ((3000, 40), 64 * 64 * 4, None),
-    ],
-)
-def test_default_size_fits_the_limits_and_keeps_the_aspect(size, max_pixels, expected):
-    width, height = fit_size(*size, max_pixels=max_pixels, max_side=2048)
-    if expected:
-        assert (width, height) == expected
-    assert width % 16 == 0 and height % 16 == 0
-    assert 64 <= width <= 2048 and 64 <= height <= 2048 and width * height <= max_pixels
-    if min(width, height) > 64:
-        assert abs(width / height - size[0] / size[1]) < 0.05 * size[0] / size[1]
 
 
 # --- the edit pipelines on the tiny models ---------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from . import logs
 from .model_layout import IncompleteModelError, verify_model_dir
 from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 
@@ -18,7 +19,7 @@ EXIT_START_FAILED = 5  # loading or warming up the model failed, or the port cou
 EXIT_WORKER_DIED = 6  # the batcher's worker stopped: restart the process
 EXIT_INTERRUPTED = 130
 # The settings `download` takes; the rest are about serving.
-DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source")
+DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source", "log_format", "log_level")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
@@ -43,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-server", description="Serve Z-Image over the OpenAI Images API.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="load the model and serve HTTP")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_setting_flags(serve)
     download = commands.add_parser(
         "download",
@@ -69,10 +69,6 @@ def missing_model_message(settings: Settings, reason: str) -> str:
     )
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-
-
 def serve(args: argparse.Namespace) -> None:
     from .download import DownloadError, fetch_in_subprocess, repo_id_for
 
@@ -80,6 +76,7 @@ def serve(args: argparse.Namespace) -> None:
         settings = load_settings(overrides={spec.field: getattr(args, spec.field) for spec in SETTINGS})
     except SettingsError as exc:
         fail(str(exc), EXIT_BAD_SETTING)
+    logs.configure_logging(settings.log_format, settings.log_level)
     fetch_model = None
     try:
         verify_model_dir(settings.model_dir)
@@ -96,6 +93,7 @@ def serve(args: argparse.Namespace) -> None:
     from .faults import FaultInjector
     from .runner import preflight
 
+    logs.route_model_library_logs()
     try:
         preflight(settings)  # the device exists and the attention backend runs on it, before any weights load
     except SettingsError as exc:
@@ -104,10 +102,9 @@ def serve(args: argparse.Namespace) -> None:
     from .api import create_app
     from .api.shutdown import draining_server
 
-    configure_logging(args.log_level)
     logging.getLogger("zimage_server").info("settings: %r", settings)
     app = create_app(settings, fetch_model=fetch_model, faults=FaultInjector.from_env())
-    server = draining_server(app, settings, log_level=args.log_level)
+    server = draining_server(app, settings)
     app.state.server.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
     if app.state.server.worker_died:
@@ -132,7 +129,7 @@ def download(args: argparse.Namespace) -> None:
         fail(str(exc), EXIT_BAD_SETTING)
     if settings.offline:
         fail("offline mode is on (Z_IMAGE_OFFLINE or HF_HUB_OFFLINE); unset it to download", EXIT_DOWNLOAD_FAILED)
-    configure_logging("debug" if args.verbose else "info")
+    logs.configure_logging(settings.log_format, "debug" if args.verbose else settings.log_level)
     progress_bars = sys.stderr.isatty()
     if not progress_bars:
         # Bars written to a log are carriage-return noise; tqdm reads this when first imported.

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .logs import human_size, propagate_to_root
 from .model_layout import WEIGHTLESS, IncompleteModelError, pipeline_components, verify_model_dir
 from .settings import Settings
 from .variants import VARIANTS
@@ -106,14 +107,6 @@ def components_without_weights(wanted: list[RemoteFile], components: Iterable[st
     """Components that need weights but have no safetensors among the chosen files (a .bin-only repo)."""
     with_weights = {f.path.split("/", 1)[0] for f in wanted if LOADED_WEIGHTS.fullmatch(f.path.rsplit("/", 1)[-1])}
     return [name for name in components if name not in WEIGHTLESS and name not in with_weights]
-
-
-def human_size(n: float) -> str:
-    units = ("B", "kB", "MB", "GB")
-    power = 0
-    while n >= 1000 and power < len(units) - 1:
-        n, power = n / 1000, power + 1
-    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def bytes_under(folder: Path) -> int:
@@ -342,6 +335,7 @@ HUBS = {"huggingface": HuggingFaceHub, "modelscope": ModelScopeHub}
 
 def open_hub(source: str, progress_bars: bool) -> HuggingFaceHub | ModelScopeHub:
     hub = HUBS[source](progress_bars)
+    propagate_to_root("huggingface_hub", "modelscope_hub")  # in our log format, not their own
     # The libraries log every retry and failure themselves; the caller reports a failure in one
     # line, so they speak only when asked for detail (--verbose).
     library_level = logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL

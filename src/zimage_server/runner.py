@@ -24,6 +24,7 @@ from PIL import Image
 
 from .acceleration import Acceleration, AttentionPlan, captions_need_mask, prepare_pipeline, resolve_attention
 from .faults import FaultInjector
+from .logs import logged_step
 from .model_layout import verify_model_dir
 from .prompt_cache import PromptEmbeddingCache
 from .settings import Settings, SettingsError
@@ -319,9 +320,9 @@ def load_runner(settings: Settings, faults: FaultInjector | None = None) -> Mode
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, variant)
     pipeline_class = getattr(diffusers, variant.pipeline_class)
-    started = time.perf_counter()
-    pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    log.info("loaded %s from %s in %s (%.1f s)", variant.pipeline_class, model_dir, dtype, time.perf_counter() - started)
+    weights = sum(path.stat().st_size for path in model_dir.rglob("*.safetensors"))
+    with logged_step(log, f"{variant.pipeline_class} from {model_dir} in {dtype}", size_bytes=weights):
+        pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     return start_runner(pipeline, settings, device, dtype, faults)
 
 

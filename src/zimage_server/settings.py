@@ -148,6 +148,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             le=100_000,
         ),
     ] = 64
+    log_format: Annotated[
+        Literal["text", "json"],
+        setting("Z_IMAGE_LOG_FORMAT", "text: one readable line per event; json: one JSON object per line"),
+    ] = "text"
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"], setting("Z_IMAGE_LOG_LEVEL", "lowest level logged")
+    ] = "info"
     host: Annotated[str, setting("Z_IMAGE_HOST", "address to bind")] = "127.0.0.1"
     port: Annotated[int, setting("Z_IMAGE_PORT", "port to bind", ge=0, le=65535)] = 8000
 

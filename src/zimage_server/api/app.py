@@ -137,6 +137,8 @@ def create_app(
         cors_config=cors_config(settings),
         state=State({"server": server}),
         openapi_config=OpenAPIConfig(title="zimage-server", version=__version__),
+        # Litestar's default logging config replaces the root handler; logs.py's serves the whole process.
+        logging_config=None,
     )
     install_request_log(app, server.metrics)
     return app

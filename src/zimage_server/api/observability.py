@@ -217,18 +217,19 @@ class RequestLog:
         finally:
             self.metrics.record_response(scope["path"], status)
             job: Job | None = scope["state"].get(JOB_KEY)
-            access_log.info(
-                "request_id=%s method=%s route=%s status=%d "
-                "queue_wait_ms=%s batch_size=%s pipeline_ms=%s total_ms=%.1f",
-                request_id,
-                scope.get("method", "-"),
-                scope.get("path_template") or _short(scope["path"]),
-                status,
-                _ms(job.queue_wait_s if job else None),
-                job.batch_images if job and job.batch_images is not None else "-",
-                _ms(job.run_s if job else None),
-                (time.monotonic() - started) * 1000,
-            )
+            fields = {
+                "request_id": request_id,
+                "method": scope.get("method", "-"),
+                "route": scope.get("path_template") or _short(scope["path"]),
+                "status": status,
+                "queue_wait_ms": _ms(job.queue_wait_s if job else None),
+                "batch_size": job.batch_images if job else None,
+                "pipeline_ms": _ms(job.run_s if job else None),
+                "total_ms": _ms(time.monotonic() - started),
+            }
+            # key=value text for people; the same fields as record attributes for the JSON log.
+            text = " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items())
+            access_log.info(text, extra=fields)
 
 
 def remember_job(request: Request, job: Job) -> None:
@@ -236,8 +237,8 @@ def remember_job(request: Request, job: Job) -> None:
     request.scope["state"][JOB_KEY] = job
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def _short(path: str) -> str:

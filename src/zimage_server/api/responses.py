@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from litestar import Request, Response
 from PIL import Image
 
-from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_image
+from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_images
 from ..specs import GenerationSpec
 from ..variants import Variant
 from .errors import ApiError
@@ -66,10 +66,8 @@ async def encode_for_response(
     worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
 
     def encode_all() -> list[bytes]:
-        return [
-            encode_image(image, output_format, compression, image_parameters(variant, spec, seed))
-            for image, seed in zip(images, spec.seeds, strict=True)
-        ]
+        parameters = [image_parameters(variant, spec, seed) for seed in spec.seeds]
+        return encode_images(images, parameters, output_format, compression)
 
     if spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS:
         return encode_all()

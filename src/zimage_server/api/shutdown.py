@@ -90,13 +90,15 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def draining_server(app: Litestar, settings: Settings, log_level: str = "info") -> DrainingServer:
+def draining_server(app: Litestar, settings: Settings) -> DrainingServer:
     """uvicorn for this app on the settings' host and port; `.run()` returns after a signal and a drain."""
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
+        # No formatter of uvicorn's own: its loggers propagate to the root handler of logs.py.
+        log_config=None,
         # Our request log (zimage_server.access) has the request id and timings; one line is enough.
         access_log=False,
     )
