@@ -78,8 +78,8 @@ def tiny_models_dir() -> Path:
     return root
 
 
-def serve_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "zimage_server.cli", "serve", "--port", str(port), "--log-level", "warning"]
+def serve_command(port: int, log_level: str = "warning") -> list[str]:
+    return [sys.executable, "-m", "zimage_server.cli", "serve", "--port", str(port), "--log-level", log_level]
 
 
 def server_env(models_dir: Path, threads: int | None = None, **settings: str) -> dict[str, str]:
@@ -142,13 +142,18 @@ def set_threads(threads: int) -> None:
 
 @contextmanager
 def running_server(
-    models_dir: Path, log_path: Path, threads: int | None = None, ready_timeout_s: float = 300, **settings: str
+    models_dir: Path,
+    log_path: Path,
+    threads: int | None = None,
+    ready_timeout_s: float = 300,
+    log_level: str = "warning",
+    **settings: str,
 ) -> Iterator[str]:
     """A real `zimage-server serve` child process on a loopback port; yields its base URL."""
     port = free_port()
     env = server_env(models_dir, threads, **settings)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(serve_command(port), env=env, stdout=log, stderr=log)
+        process = subprocess.Popen(serve_command(port, log_level), env=env, stdout=log, stderr=log)
         try:
             wait_ready(process, f"http://127.0.0.1:{port}", ready_timeout_s)
             yield f"http://127.0.0.1:{port}"

@@ -515,7 +515,62 @@ class Bench:
         }
         for name in times:
             self.table.append([f"{size}: {name} (s, x direct)", f"{out['median_s'][name]:.3f} ({out['ratio_to_direct'][name]:.3f}x)"])
+        out["last_mile_ms"] = self.last_mile(app_settings=self.settings.replace(max_batch_size=4))
+        for name, added in out["last_mile_ms"].items():
+            self.table.append([f"{name}: total - pipeline (ms)", f"{added:.1f}"])
         return out
+
+    def last_mile(self, app_settings) -> dict:
+        """What the server adds after the pipeline call (host copy, conversion, encoding, sending):
+        `total_ms - pipeline_ms` of the request log, median per case, 1024x1024 and 2048x2048
+        (128 and 256 in smoke mode)."""
+        import logging
+
+        import httpx
+        import uvicorn
+
+        from zimage_server.api import create_app
+
+        added: dict[str, list[float]] = {}
+
+        class AccessLines(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                tag = getattr(record, "request_id", "")  # lastmile/<case>/<rep>, as sent below
+                if tag.startswith("lastmile/") and record.pipeline_ms is not None:
+                    added.setdefault(tag.split("/")[1], []).append(record.total_ms - record.pipeline_ms)
+
+        handler = AccessLines()
+        access = logging.getLogger("zimage_server.access")
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(app_settings, self.runner), port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started and thread.is_alive():
+            time.sleep(0.01)
+        big, bigger = (128, 256) if self.plan.smoke else (1024, 2048)  # the smoke checks code, not sizes
+        cases = (
+            (f"png-{big}-n1", big, 1, "png"),
+            (f"png-{big}-n4", big, 4, "png"),
+            (f"jpeg-{big}-n1", big, 1, "jpeg"),
+            (f"webp-{big}-n1", big, 1, "webp"),
+            (f"png-{bigger}-n1", bigger, 1, "png"),
+        )
+        try:
+            with httpx.Client(timeout=600) as client:
+                for rep in range(-1, self.plan.reps):
+                    for name, size, n, output_format in cases:
+                        body = {"prompt": prompt(f"last mile {rep}"), "size": f"{size}x{size}", "n": n,
+                                "num_inference_steps": self.plan.steps, "output_format": output_format}
+                        tag = f"lastmile/{name}/{rep}" if rep >= 0 else "warm-up"
+                        client.post(f"http://127.0.0.1:{port}/v1/images/generations", json=body,
+                                    headers={"X-Request-ID": tag}).raise_for_status()
+        finally:
+            server.should_exit = True
+            thread.join(timeout=60)
+            access.removeHandler(handler)
+        return {name: median(values) for name, values in added.items()}
 
     def offload(self) -> dict:
         from zimage_server.acceleration import place_pipeline

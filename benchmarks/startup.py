@@ -35,8 +35,7 @@ WARMED = re.compile(r"warm-up took (\d+\.\d+) s")
 
 def one_start(models_dir: Path, log_path: Path, threads: int) -> dict:
     port = free_port()
-    command = serve_command(port)
-    command[command.index("--log-level") + 1] = "info"  # the load and warm-up lines are logged at info
+    command = serve_command(port, log_level="info")  # the load and warm-up lines are logged at info
     log_path.write_bytes(b"")
     with open(log_path, "ab") as log:
         started = time.perf_counter()

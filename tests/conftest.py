@@ -22,6 +22,7 @@ from zimage_server.testing import write_tiny_pipeline
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     write_tiny_pipeline(root / "z-image-turbo", "turbo")
+    (root / "loras").mkdir()  # LoRA on: the shared runners carry the slot, as a LoRA-ready server does
     return root
 
 

@@ -54,6 +54,10 @@ def hub(models_dir: Path):
         fake.repos["test/huge"] = dataclasses.replace(turbo, reported_sizes={WEIGHTS: 10**15})
         bin_only = {name: data for name, data in turbo.files.items() if name != WEIGHTS}
         fake.repos["test/bin-only"] = FakeRepo(bin_only | {"transformer/diffusion_pytorch_model.bin": bytes(3000)})
+        lora = (source / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()  # any safetensors file
+        fake.repos["test/lora"] = FakeRepo({"pixel-art.safetensors": lora, "README.md": b"# a LoRA\n"})
+        fake.repos["test/loras"] = FakeRepo({"a.safetensors": lora, "b/c.safetensors": lora})
+        fake.repos["test/fake-lora"] = FakeRepo({"broken.safetensors": b"PK\x03\x04 not safetensors"})
         yield fake
 
 
@@ -293,6 +297,35 @@ def test_a_repo_without_safetensors_weights_is_refused_before_fetching_them(hub,
     result = run_download(hub.url, tmp_path, "huggingface", "--model-id", "test/bin-only")
     assert_one_line_failure(result, "no safetensors weights for transformer")
     assert {r.path for r in hub.body_requests()} == {"model_index.json"}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_download_lora_fetches_one_file_into_the_lora_folder(hub, tmp_path, source):
+    result = run_download(hub.url, tmp_path, source, "--lora", "test/lora")
+    assert result.returncode == 0, result.stderr
+    landed = tmp_path / "models" / "loras" / "pixel-art.safetensors"
+    assert landed.read_bytes() == hub.repos["test/lora"].files["pixel-art.safetensors"]
+    assert {r.path for r in hub.body_requests()} == {"pixel-art.safetensors"}  # not the README
+    assert sorted(p.name for p in landed.parent.iterdir()) == ["pixel-art.safetensors"]  # no staging left
+    hub.reset()
+    again = run_download(hub.url, tmp_path, source, "--lora", "test/lora")
+    assert again.returncode == 0 and hub.body_requests() == [] and "nothing to download" in again.stderr
+
+    picked = run_download(hub.url, tmp_path, source, "--lora", "test/loras", "--file", "b/c.safetensors")
+    assert picked.returncode == 0, picked.stderr
+    assert (tmp_path / "models" / "loras" / "c.safetensors").is_file()
+
+
+def test_download_lora_failures_are_one_line(hub, tmp_path):
+    assert_one_line_failure(run_download(hub.url, tmp_path, "huggingface", "--lora", "test/loras"), "--file", "2")
+    missing = run_download(hub.url, tmp_path, "huggingface", "--lora", "test/loras", "--file", "x.safetensors")
+    assert_one_line_failure(missing, "x.safetensors")
+    broken = run_download(hub.url, tmp_path, "huggingface", "--lora", "test/fake-lora")
+    # Refused after the fetch, so the log's "downloading" line comes first; the error is still one line.
+    assert broken.returncode == 4 and "Traceback" not in broken.stderr
+    assert broken.stderr.strip().splitlines()[-1].startswith("zimage-server: ") and "not a readable" in broken.stderr
+    assert_one_line_failure(run_download(hub.url, tmp_path, "modelscope", "--lora", "test/nope"), "test/nope")
+    assert not (tmp_path / "models" / "loras" / "broken.safetensors").exists()
 
 
 def test_edit_without_model_id_says_there_is_no_public_checkpoint(hub, tmp_path):

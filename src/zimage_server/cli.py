@@ -19,7 +19,7 @@ EXIT_START_FAILED = 5  # loading or warming up the model failed, or the port cou
 EXIT_WORKER_DIED = 6  # the batcher's worker stopped: restart the process
 EXIT_INTERRUPTED = 130
 # The settings `download` takes; the rest are about serving.
-DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source", "log_format", "log_level")
+DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source", "lora_dir", "log_format", "log_level")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting_flags(download, DOWNLOAD_SETTINGS)
     download.add_argument("--revision", help="branch, tag or commit to fetch [default: the repo's default branch]")
+    download.add_argument(
+        "--lora",
+        metavar="REPO_ID",
+        help="fetch a LoRA file from this hub repo into the LoRA folder instead of the model",
+    )
+    download.add_argument("--file", help="with --lora: the file in the repo [default: its only .safetensors file]")
     download.add_argument("--verbose", action="store_true", help="log the hub libraries' detail and tracebacks")
     return parser
 
@@ -137,10 +143,13 @@ def download(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, exit_on_signal)
     signal.signal(signal.SIGTERM, exit_on_signal)
 
-    from .download import DownloadError, download_model
+    from .download import DownloadError, download_lora, download_model
 
     try:
-        download_model(settings, revision=args.revision, progress_bars=progress_bars)
+        if args.lora:
+            download_lora(settings, args.lora, args.file, revision=args.revision, progress_bars=progress_bars)
+        else:
+            download_model(settings, revision=args.revision, progress_bars=progress_bars)
     except Exception as exc:
         if args.verbose:
             logging.getLogger("zimage_server.download").exception("download failed")

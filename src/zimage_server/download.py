@@ -459,6 +459,57 @@ def download_model(settings: Settings, *, revision: str | None = None, progress_
     return target
 
 
+def download_lora(
+    settings: Settings, repo_id: str, filename: str | None = None, *, revision: str | None = None,
+    progress_bars: bool = False,
+) -> Path:
+    """Fetch one LoRA file from a hub repo into the LoRA folder; returns where it landed.
+
+    filename: the file in the repo; without it, the repo's only .safetensors file. It is fetched
+    into a hidden staging folder beside the LoRA folder, checked to be a safetensors file, and only
+    then moved to LORA_DIR/<its name>, so a half-fetched file is never offered to requests.
+    """
+    folder = settings.loras_dir
+    hub = open_hub(settings.download_source, progress_bars)
+    staging = folder / f".{repo_id.replace('/', '--')}.partial"
+    with errors_as_download_errors(hub, repo_id, revision, staging):
+        listing = hub.list_files(repo_id, revision)
+        candidates = [f for f in listing.files.values() if f.path.endswith(".safetensors")]
+        if filename is not None:
+            candidates = [f for f in candidates if f.path == filename]
+            if not candidates:
+                raise DownloadError(f"{repo_id} has no safetensors file {filename!r}; check --file")
+        elif len(candidates) != 1:
+            shown = ", ".join(f.path for f in candidates[:5]) or "none"
+            raise DownloadError(f"{repo_id} holds {len(candidates)} safetensors files ({shown}); name one with --file")
+        (remote,) = candidates
+        target = folder / Path(remote.path).name
+        if target.is_file() and target.stat().st_size == remote.size:
+            log.info("%s is already in %s: nothing to download", remote.path, folder)
+            return target
+        staging.mkdir(parents=True, exist_ok=True)
+        check_disk_space([remote], staging)
+        log.info("downloading %s from %s %s (%s) into %s", remote.path, hub.name, repo_id, human_size(remote.size), folder)
+        hub.fetch(listing, [remote.path], staging)
+    fetched = staging / remote.path
+    if not is_safetensors(fetched):
+        raise DownloadError(f"{repo_id}/{remote.path} is not a readable safetensors file; the server loads only those")
+    os.replace(fetched, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("downloaded %s: LoRA %r is ready", target, target.stem)
+    return target
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the length of its JSON header, then the header."""
+    try:
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            return 2 <= length <= 100_000_000 and file.read(1) == b"{"
+    except OSError:
+        return False
+
+
 async def fetch_in_subprocess(settings: Settings) -> None:
     """Fetch-on-start: run `zimage-server download` for these settings in a child process.
 

@@ -28,16 +28,20 @@ class ImageParameters:
     height: int
     variant: str
     strength: float | None = None  # edits only: how much of the input image was re-noised
+    loras: tuple[tuple[str, float, str], ...] = ()  # (name, scale, short hash) of each LoRA applied
 
     def as_text(self) -> str:
         # The layout other image tools parse: prompt, then "Negative prompt:", then key: value pairs.
-        lines = [self.prompt]
+        # A1111 keeps LoRAs as tags in the prompt text, so pasting it back reproduces the image.
+        tags = "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in self.loras)
+        lines = [self.prompt + tags]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(
             f"Steps: {self.steps}, CFG scale: {self.guidance_scale:g}, Seed: {self.seed}, "
             f"Size: {self.width}x{self.height}, Model: z-image-{self.variant}"
             + (f", Denoising strength: {self.strength:g}" if self.strength is not None else "")
+            + (f', Lora hashes: "{", ".join(f"{name}: {digest}" for name, _, digest in self.loras)}"' if self.loras else "")
         )
         return "\n".join(lines)
 

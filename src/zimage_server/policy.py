@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .lora_library import LoraError
 from .specs import CallParams, GenerationCancelled, GenerationSpec, ImageRow, OutOfMemoryForRequest, ResultCountMismatch
 
 log = logging.getLogger("zimage_server.policy")
@@ -35,7 +36,12 @@ class BatchPolicy:
         self.max_batch_size = max_batch_size
 
     def __call__(self, specs: list[GenerationSpec]) -> list[Any]:
-        return self.recovering(self.run)(specs)
+        try:
+            return self.recovering(self.run)(specs)
+        except LoraError as exc:
+            # A LoRA file that cannot be applied (all specs of a call share their LoRAs): each
+            # request gets the client-facing error, and the runner is back on the base model.
+            return [exc] * len(specs)
 
     def run(self, specs: list[GenerationSpec]) -> list[list[Any]]:
         """The images of each spec, in as few calls as max_batch_size allows. All specs share params."""

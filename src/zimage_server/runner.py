@@ -24,6 +24,8 @@ from PIL import Image
 
 from .acceleration import Acceleration, AttentionPlan, captions_need_mask, prepare_pipeline, resolve_attention
 from .faults import FaultInjector
+from .lora_library import LoraLibrary
+from .loras import LoraSlot, installed_slot, read_info
 from .logs import logged_step
 from .model_layout import verify_model_dir
 from .prompt_cache import PromptEmbeddingCache
@@ -123,6 +125,9 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.lock = threading.Lock()
+        # The resident adapter each call's LoRAs are swapped into; it lives on the transformer, so
+        # every runner over this pipeline (and the edit pipelines) shares it. None: LoRA is off.
+        self.lora_slot: LoraSlot | None = installed_slot(pipeline)
         self.calls = 0  # pipeline calls made: how tests see that requests shared a call
         self.faults = faults  # test-only: fails or stalls calls whose prompts carry markers
         axes_lens = pipeline.transformer.config.axes_lens
@@ -173,6 +178,8 @@ class ModelRunner:
         it, so an image never depends on what it was batched with."""
         with self.lock:
             self.calls += 1
+            if self.lora_slot is not None:
+                self.lora_slot.activate(params.loras)
             prompts, needs_mask = self._prompt_inputs(params, rows)
             with self.acceleration.attention.applied(needs_mask):
                 output = self.mode_pipelines[params.mode](
@@ -268,6 +275,11 @@ class ModelRunner:
 
         return on_step_end
 
+    @property
+    def lora_library(self) -> LoraLibrary | None:
+        """The LoRA folder requests may name; None when LoRA is off (Z_IMAGE_LORA_MAX_RANK=0)."""
+        return self.lora_slot.library if self.lora_slot is not None else None
+
     def free_memory(self) -> None:
         """Drop garbage and, on CUDA, the allocator's cached blocks, after running out of memory."""
         gc.collect()
@@ -331,12 +343,32 @@ def start_runner(
 ) -> ModelRunner:
     """Place a loaded pipeline (offload, attention, compile as settings say) and warm it up."""
     pipeline.set_progress_bar_config(disable=True)
+    install_lora_slot(pipeline, settings)
     acceleration = prepare_pipeline(
         pipeline, device, dtype, offload=settings.offload, attention=settings.attention, compile=settings.compile
     )
     runner = ModelRunner(pipeline, settings, device, dtype, acceleration, faults)
     log.info("warm-up took %.2f s", runner.warm_up())
     return runner
+
+
+def install_lora_slot(pipeline, settings: Settings) -> None:
+    """The resident LoRA adapter, when the LoRA folder exists (LoRA on) and Z_IMAGE_LORA_MAX_RANK > 0.
+
+    Before placement and compilation: the slot's tensors move with the model, and the compiled
+    blocks see one adapter whose shapes never change. The slot costs every call a little (its
+    matrices run even when they hold zeros: docs/benchmarks.md), so a server without a LoRA folder
+    goes without it."""
+    folder = settings.loras_dir
+    if installed_slot(pipeline) is not None:
+        return
+    if settings.lora_max_rank == 0 or not folder.is_dir():
+        reason = "Z_IMAGE_LORA_MAX_RANK=0" if settings.lora_max_rank == 0 else f"there is no folder {folder}"
+        log.info("LoRA off: %s", reason)
+        return
+    library = LoraLibrary(folder, describe=read_info)
+    slot = LoraSlot(pipeline, library, max_rank=settings.lora_max_rank, cache_files=settings.lora_cache)
+    log.info("LoRA on: files from %s, a slot of rank %d over %d linear layers", folder, slot.max_rank, len(slot.targets))
 
 
 def preflight(settings: Settings) -> None:

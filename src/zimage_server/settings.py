@@ -155,6 +155,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"], setting("Z_IMAGE_LOG_LEVEL", "lowest level logged")
     ] = "info"
+    lora_dir: Annotated[
+        Path | None,
+        setting(
+            "Z_IMAGE_LORA_DIR",
+            "folder of LoRA .safetensors files, subfolders allowed (default MODELS_DIR/loras); "
+            "LoRA is on when it exists at start-up",
+        ),
+    ] = None
+    max_loras: Annotated[int, setting("Z_IMAGE_MAX_LORAS", "LoRAs one request may apply at once", ge=0, le=16)] = 4
+    lora_max_rank: Annotated[
+        int,
+        setting(
+            "Z_IMAGE_LORA_MAX_RANK",
+            "rank of the resident LoRA slot, which a request's LoRAs share (their ranks add up); 0 turns LoRA off",
+            ge=0,
+            le=1024,
+        ),
+    ] = 64
+    lora_cache: Annotated[
+        int, setting("Z_IMAGE_LORA_CACHE", "LoRA files kept loaded on the CPU, least recently used first out", ge=1, le=1000)
+    ] = 8
     host: Annotated[str, setting("Z_IMAGE_HOST", "address to bind")] = "127.0.0.1"
     port: Annotated[int, setting("Z_IMAGE_PORT", "port to bind", ge=0, le=65535)] = 8000
 
@@ -176,6 +197,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.model_id and Path(self.model_id).is_dir():
             return Path(self.model_id)
         return Path(self.models_dir) / VARIANTS[self.variant].model_name
+
+    @property
+    def loras_dir(self) -> Path:
+        return Path(self.lora_dir) if self.lora_dir is not None else Path(self.models_dir) / "loras"
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)

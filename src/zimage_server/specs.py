@@ -31,6 +31,8 @@ class CallParams:
     # Omni passes one set of reference images to the whole call, so only edits of identical
     # references can share it: their digest is part of the key.
     references_digest: str | None = None
+    # The LoRAs applied to the whole call: canonical (name, scale) pairs (lora_library.merge_requests).
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 class StepObserver(Protocol):

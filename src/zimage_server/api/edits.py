@@ -95,6 +95,17 @@ def form_values(form: FormMultiDict) -> dict[str, str]:
 
 
 def parse_edit_request(values: dict[str, str]) -> EditRequest:
+    if "loras" in values:
+        # The one structured field: the same JSON list the generations route takes, as text.
+        try:
+            values = values | {"loras": msgspec.json.decode(values["loras"])}
+        except msgspec.DecodeError:
+            raise ApiError(
+                400,
+                """'loras' must be JSON text: a list like [{"name": "pixel-art", "scale": 0.8}].""",
+                param="loras",
+                code="invalid_value",
+            ) from None
     try:
         # strict=False converts the strings: "2" -> 2, "0.5" -> 0.5, "true"/"false" -> booleans.
         return msgspec.convert(values, EditRequest, strict=False)
@@ -237,7 +248,7 @@ async def create_edit(request: Request, state: State) -> Response:
             server, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS, request=request
         )
     images = await submit_job(server, spec, request).result()
-    return await images_response(request, server.variant, spec, options, images)
+    return await images_response(request, server, spec, options, images)
 
 
 def edits_router(settings: Settings) -> Router:

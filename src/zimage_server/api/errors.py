@@ -53,6 +53,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def lora_error(exc: Exception) -> ApiError:
+    """A LoRA the request named that this server cannot apply; the message names it."""
+    return ApiError(400, str(exc), param="loras", code="invalid_lora")
+
+
 class ClientGoneError(Exception):
     """The client disconnected while its request waited; nobody is left to answer."""
 

@@ -17,8 +17,9 @@ from typing import Any
 from litestar import Request
 
 from ..batcher import BatcherClosedError, QueueFullError
+from ..lora_library import LoraError
 from ..specs import GenerationSpec, OutOfMemoryForRequest
-from .errors import ApiError, ClientGoneError
+from .errors import ApiError, ClientGoneError, lora_error
 from .guards import RETRY_AFTER_S, shutting_down
 from .observability import remember_job, request_id_of
 from .state import ServerState
@@ -192,6 +193,8 @@ def job_failure(exc: BaseException) -> ApiError:
     """The client-facing error for a job whose future raised."""
     if isinstance(exc, BatcherClosedError):
         return shutting_down()
+    if isinstance(exc, LoraError):  # its file turned out unusable when the call was about to run
+        return lora_error(exc)
     if isinstance(exc, OutOfMemoryForRequest):
         # Retrying the same request would run out of memory again; tell the SDKs not to.
         return ApiError(500, str(exc), code="out_of_memory", headers={"x-should-retry": "false"})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import secrets
 
+from ..lora_library import LoraError, LoraKey, check_lora_limits, merge_requests, parse_lora_tags
 from ..specs import CallMode, CallParams, GenerationSpec
-from .errors import ApiError
+from .errors import ApiError, lora_error
 from .responses import OutputOptions
 from .schemas import GenerationRequest
 from .state import ServerState
@@ -76,6 +77,30 @@ def seeds_for(seed: int | None, n: int) -> tuple[int, ...]:
     return tuple(base + i for i in range(n))
 
 
+def requested_loras(data: GenerationRequest, server: ServerState) -> tuple[str, LoraKey]:
+    """The prompt without its <lora:...> tags, and the request's LoRAs (field and tags) as one key.
+
+    Names are checked against the folder now, so an unknown or escaping name is a 400 before
+    anything is queued; the file itself is read (and may still be refused) when its call runs."""
+    try:
+        prompt, tagged = parse_lora_tags(data.prompt)
+        key = merge_requests([*((lora.name, lora.scale) for lora in data.loras or ()), *tagged])
+        if not key:
+            return prompt, key
+        library = server.runner.lora_library
+        if library is None:
+            raise LoraError(
+                "LoRA is off on this server: its LoRA folder (Z_IMAGE_LORA_DIR, default MODELS_DIR/loras) did "
+                "not exist at start-up, or Z_IMAGE_LORA_MAX_RANK=0; create the folder and restart"
+            )
+        check_lora_limits(key, server.settings.max_loras)
+        for name, _ in key:
+            library.resolve(name)
+    except LoraError as exc:
+        raise lora_error(exc) from None
+    return prompt, key
+
+
 def generation_spec(
     data: GenerationRequest,
     server: ServerState,
@@ -88,7 +113,8 @@ def generation_spec(
 
     Edits pass their mode and their own call parameters (strength, references_digest) and add
     their images to the spec."""
-    if not data.prompt.strip():
+    prompt, loras = requested_loras(data, server)
+    if not prompt.strip():
         raise ApiError(400, "'prompt' must not be empty.", param="prompt")
     check_model(data.model, server)
     check_n(data.n, server)
@@ -109,9 +135,10 @@ def generation_spec(
         cfg_normalization=bool(data.cfg_normalization),
         cfg_truncation=1.0 if data.cfg_truncation is None else data.cfg_truncation,
         max_sequence_length=data.max_sequence_length or 512,
+        loras=loras,
         **edit_params,
     )
     spec = GenerationSpec(
-        prompt=data.prompt, negative_prompt=data.negative_prompt or None, seeds=seeds_for(data.seed, data.n), params=params
+        prompt=prompt, negative_prompt=data.negative_prompt or None, seeds=seeds_for(data.seed, data.n), params=params
     )
     return spec, OutputOptions(output_format=data.output_format or "png", compression=data.output_compression)

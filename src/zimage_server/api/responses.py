@@ -15,9 +15,9 @@ from PIL import Image
 
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_images
 from ..specs import GenerationSpec
-from ..variants import Variant
 from .errors import ApiError
 from .schemas import ImageData, ImagesResponse
+from .state import ServerState
 
 INLINE_ENCODE_MAX_PIXELS = 128 * 128  # responses this small encode on the event loop
 
@@ -42,7 +42,7 @@ def check_raw_image_count(request: Request, n: int) -> None:
         raise ApiError(400, "A raw image response holds one image: send n=1, or Accept: application/json.", param="n")
 
 
-def image_parameters(variant: Variant, spec: GenerationSpec, seed: int) -> ImageParameters:
+def image_parameters(server: ServerState, spec: GenerationSpec, seed: int, lora_hashes: dict[str, str]) -> ImageParameters:
     params = spec.params
     return ImageParameters(
         prompt=spec.prompt,
@@ -52,13 +52,20 @@ def image_parameters(variant: Variant, spec: GenerationSpec, seed: int) -> Image
         seed=seed,
         width=params.width,
         height=params.height,
-        variant=variant.name,
+        variant=server.variant.name,
         strength=params.strength,
+        loras=tuple((name, scale, lora_hashes[name]) for name, scale in params.loras),
     )
 
 
+def lora_hashes(server: ServerState, spec: GenerationSpec) -> dict[str, str]:
+    """Short hashes of the request's LoRA files, for the PNG parameters (cached by file identity)."""
+    library = server.runner.lora_library
+    return {name: library.info(name).sha256_short for name, _ in spec.params.loras}
+
+
 async def encode_for_response(
-    variant: Variant, spec: GenerationSpec, images: list[Image.Image], output_format: str, compression: int | None
+    server: ServerState, spec: GenerationSpec, images: list[Image.Image], output_format: str, compression: int | None
 ) -> list[bytes]:
     """One request's images, encoded, each with its own seed in the PNG parameters chunk.
 
@@ -66,22 +73,24 @@ async def encode_for_response(
     worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
 
     def encode_all() -> list[bytes]:
-        parameters = [image_parameters(variant, spec, seed) for seed in spec.seeds]
+        # The LoRA files' hashes are read (once per file, then cached): not on the event loop.
+        hashes = lora_hashes(server, spec)
+        parameters = [image_parameters(server, spec, seed, hashes) for seed in spec.seeds]
         return encode_images(images, parameters, output_format, compression)
 
-    if spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS:
+    if spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS and not spec.params.loras:
         return encode_all()
     return await asyncio.to_thread(encode_all)
 
 
 async def images_response(
-    request: Request, variant: Variant, spec: GenerationSpec, options: OutputOptions, images: list
+    request: Request, server: ServerState, spec: GenerationSpec, options: OutputOptions, images: list
 ) -> Response:
     """Encode the images (off the event loop) as JSON with b64 data, or as raw bytes when Accept asks for that."""
     raw_type = wants_raw_image(request)
     output_format = FORMAT_FOR_MEDIA_TYPE[raw_type] if raw_type else options.output_format
 
-    encoded = await encode_for_response(variant, spec, images, output_format, options.compression)
+    encoded = await encode_for_response(server, spec, images, output_format, options.compression)
     if raw_type:
         return Response(encoded[0], media_type=raw_type, headers={"X-Seed": str(spec.seeds[0])})
     body = ImagesResponse(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 
@@ -9,7 +11,7 @@ from .guards import RETRY_AFTER_S, require_json, require_ready
 from .jobs import submit_job
 from .requests import generation_spec, served_model_ids
 from .responses import check_raw_image_count, images_response
-from .schemas import GenerationRequest, ModelCard, ModelDefaults, ModelList
+from .schemas import GenerationRequest, LoraCard, LoraList, ModelCard, ModelDefaults, ModelList
 from .state import server_state
 from .streaming import GENERATION_EVENTS, stream_images
 
@@ -32,7 +34,7 @@ async def create_images(request: Request, data: GenerationRequest, state: State)
         )
     check_raw_image_count(request, spec.n)
     images = await submit_job(server, spec, request).result()
-    return await images_response(request, server.variant, spec, options, images)
+    return await images_response(request, server, spec, options, images)
 
 
 @get("/v1/models", guards=[require_ready], summary="The model this server runs, with its default settings.")
@@ -44,6 +46,19 @@ async def list_models(state: State) -> ModelList:
     )
     card = ModelCard(id=served_model_ids(server)[0], created=int(server.started_at), defaults=defaults)
     return ModelList(data=[card])
+
+
+@get("/v1/loras", guards=[require_ready], summary="The LoRAs requests may name, from the LoRA folder.")
+async def list_loras(state: State) -> LoraList:
+    library = server_state(state).runner.lora_library
+    # Reading a new file for its rank and hash takes a while: off the event loop (cached by mtime).
+    infos = await asyncio.to_thread(library.list) if library is not None else []
+    return LoraList(
+        data=[
+            LoraCard(name=i.name, size_bytes=i.size_bytes, rank=i.rank, modules=list(i.modules), sha256=i.sha256_short)
+            for i in infos
+        ]
+    )
 
 
 @get("/health", summary="200 while the process runs.")
@@ -63,4 +78,4 @@ async def ready(state: State) -> Response[dict[str, str]]:
     return Response({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
 
 
-ROUTES = [create_images, list_models, health, ready]
+ROUTES = [create_images, list_models, list_loras, health, ready]

@@ -24,6 +24,19 @@ PartialImages = Annotated[int, Meta(ge=0, le=3, description="Previews per image 
 Compression = Annotated[int, Meta(ge=0, le=100, description="JPEG/WebP quality, 0-100 (default 90).")]
 
 
+class LoraRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One LoRA to apply: its name in the LoRA folder (GET /v1/loras) and how strongly."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=512)]
+    scale: Annotated[float, Meta(ge=-4, le=4)] = 1.0
+
+
+Loras = Annotated[
+    list[LoraRequest],
+    Meta(max_length=64, description="LoRAs to apply, [{name, scale}]; prompt tags <lora:name:scale> add to these."),
+]
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True):
     """POST /v1/images/generations. Unknown fields are ignored, as OpenAI clients send extras."""
 
@@ -50,6 +63,21 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     cfg_normalization: bool | None = None
     cfg_truncation: Annotated[float, Meta(ge=0, le=1)] | None = None
     max_sequence_length: Annotated[int, Meta(ge=16, le=512)] | None = None
+    loras: Loras | None = None
+
+
+class LoraCard(msgspec.Struct, kw_only=True):
+    name: str  # what requests send
+    size_bytes: int
+    rank: int
+    modules: list[str]  # the kinds of module it changes, e.g. attention.to_q
+    sha256: str  # the file's SHA-256, first 12 hex digits (A1111's "Lora hashes" short hash)
+    object: str = "lora"
+
+
+class LoraList(msgspec.Struct, kw_only=True):
+    data: list[LoraCard]
+    object: str = "list"
 
 
 class ImageData(msgspec.Struct, kw_only=True):

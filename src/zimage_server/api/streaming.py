@@ -89,7 +89,7 @@ async def job_events(
                 for message in await step_events(report, handle, options, events, size, partials_sent):
                     yield message
         images = handle.outcome()
-        encoded = await encode_for_response(server.variant, spec, images, options.output_format, options.compression)
+        encoded = await encode_for_response(server, spec, images, options.output_format, options.compression)
         for index, (blob, seed) in enumerate(zip(encoded, spec.seeds, strict=True)):
             yield sse(
                 CompletedEvent(
