@@ -122,3 +122,28 @@ def test_the_tiny_builder_never_writes_over_a_real_model(tmp_path, models_dir):
     assert (real / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     write_tiny_pipeline(tmp_path / "fresh")
     write_tiny_pipeline(tmp_path / "fresh")  # a tiny model is rewritten freely
+
+
+def test_images_leave_the_lock_as_exactly_what_diffusers_pil_output_gives():
+    from diffusers.image_processor import VaeImageProcessor
+
+    from zimage_server.runner import to_images
+
+    decoded = torch.rand(3, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1  # VAE range, overshoot
+    processor = VaeImageProcessor()
+    expected = processor.postprocess(decoded, output_type="pil")
+    got = to_images(processor.postprocess(decoded, output_type="pt"))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, expected))
+
+
+def test_a_png_response_decodes_to_exactly_the_runners_pixels(client, runner):
+    import base64
+    import io
+
+    from PIL import Image
+
+    response = client.post("/v1/images/generations", json={"prompt": "a red chair", "size": "64x64", "seed": 41, "n": 2,
+                                                          "num_inference_steps": 3, "max_sequence_length": 64})
+    served = [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in response.json()["data"]]
+    [made] = generate(runner, [spec("a red chair", (41, 42), guidance_scale=0.0, max_sequence_length=64)])
+    assert all(np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b)) for a, b in zip(served, made))
