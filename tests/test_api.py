@@ -157,6 +157,8 @@ def test_models_health_ready_and_openapi(client):
     assert client.get("/ready").json()["status"] == "ready"
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "z-image-turbo"
+    # The variant table's defaults, which the page fills its fields from.
+    assert models["data"][0]["defaults"] == {"num_inference_steps": 8, "guidance_scale": 0.0, "takes_mask": True}
     schema = client.get("/schema/openapi.json").json()
     assert URL in schema["paths"]
 

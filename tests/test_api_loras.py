@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from conftest import assert_envelope, live_server, metric, wait_for
 from test_edits import form
-from test_images import encoded, picture
+from test_images import encoded, left_half_mask, picture
 from test_loras import LAYOUTS, random_lora
 
 URL = "/v1/images/generations"
@@ -132,6 +132,17 @@ def test_edits_streams_and_the_png_parameters_carry_the_loras(client, loras):
     completed = [json.loads(line[6:]) for line in streamed.text.splitlines()
                  if line.startswith("data: ") and '.completed"' in line]
     assert np.array_equal(decode(completed[0]["b64_json"]), generate(client, loras=[{"name": "pixel-art", "scale": 0.8}]))
+
+
+def test_inpainting_applies_loras_inside_the_mask_only(client, loras):
+    common = dict(prompt="a cat", num_inference_steps="2", seed="3", strength="1")
+    mask = encoded(left_half_mask())
+    plain = client.post(EDITS, **form(encoded(picture()), mask, **common)).json()["data"][0]["b64_json"]
+    styled = client.post(EDITS, **form(encoded(picture()), mask, **common, loras='[{"name": "pixel-art"}]'))
+    assert styled.status_code == 200, styled.text[:300]
+    difference = np.abs(decode(styled.json()["data"][0]["b64_json"]) - decode(plain))
+    assert difference[:, :32].max() > 10  # the repainted half follows the LoRA
+    assert difference[:, 40:].mean() < difference[:, :32].mean() / 4  # the kept half barely moves
 
 
 def test_omni_edits_take_loras_too(edit_settings, edit_runner, models_dir, loras):

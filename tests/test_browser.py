@@ -163,6 +163,10 @@ def finished_cards(driver) -> list:
 
 
 def test_generate_moves_the_progress_bar_and_shows_an_image_of_the_chosen_size(page):
+    # The fields start at the served model's defaults, read from GET /v1/models (turbo: 8 steps, guidance 0).
+    steps = css(page, '#generate-form [data-field="num_inference_steps"]')
+    wait(page).until(lambda d: steps.get_attribute("value") == "8")
+    assert css(page, '#generate-form [data-field="guidance_scale"]').get_attribute("value") == "0"
     bar = css(page, "#generate-form .bar")
     page.execute_script(RECORD_CHANGES, bar)
     start_generation(page, "a lighthouse at dawn, watercolor", 192, 128, n=2)
