@@ -120,6 +120,7 @@ def make_spec(
     negative_prompt: str | None = None,
     images: tuple = (),
     mask=None,
+    control_image=None,
     observer=None,
     **params,
 ) -> GenerationSpec:
@@ -132,6 +133,7 @@ def make_spec(
         params=CallParams(mode=mode, **call),
         images=images,
         mask=mask,
+        control_image=control_image,
         observer=observer,
     )
 

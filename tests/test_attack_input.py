@@ -125,7 +125,7 @@ HOSTILE_GENERATIONS = {
     "empty body": raw(b""),
     "deeply nested JSON": raw('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"),
     "UTF-16 body": raw('{"prompt": "a"}'.encode("utf-16")),
-    "oversized body": raw(json.dumps({"prompt": "x" * (2 * 1024 * 1024)})),
+    "oversized body": raw(json.dumps({"prompt": "x" * (UPLOAD_LIMIT + 1024)})),
     # content types
     "text/plain": raw('{"prompt": "a"}', "text/plain"),
     "no content type": raw('{"prompt": "a"}', None),

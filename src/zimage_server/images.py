@@ -6,9 +6,11 @@ import io
 import os
 import struct
 import zlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -252,3 +254,57 @@ def fit_to(image: Image.Image, size: tuple[int, int], *, nearest: bool = False) 
         return image
     method = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
     return ImageOps.fit(image, size, method=method)
+
+
+# Control maps: what the server computes from a photo when a request asks for `canny`.
+
+CANNY_LOW, CANNY_HIGH = 100, 200  # the thresholds A1111's ControlNet extension uses by default
+
+
+def canny_edges(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH) -> Image.Image:
+    """Canny's edge map (white edges on black, RGB) as OpenCV's `Canny(gray, low, high)` computes it:
+    3x3 Sobel gradients, L1 magnitude, non-maximum suppression along the gradient, and hysteresis
+    (weak edges kept only where they connect to strong ones). numpy only: no OpenCV dependency."""
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    padded = np.pad(gray, 1, mode="edge")
+
+    def at(dy: int, dx: int) -> np.ndarray:
+        return padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
+
+    gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
+    gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
+    magnitude = np.abs(gx) + np.abs(gy)
+    # The gradient's direction, in four sectors: 0 (horizontal), 45, 90 and 135 degrees.
+    angle = (np.rad2deg(np.arctan2(gy, gx)) + 180.0) % 180.0
+    sector = (((angle + 22.5) // 45) % 4).astype(np.int8)
+    padded_magnitude = np.pad(magnitude, 1)
+    keep = np.zeros(magnitude.shape, dtype=bool)
+    height, width = magnitude.shape
+    for index, (dy, dx) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
+        ahead = padded_magnitude[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+        behind = padded_magnitude[1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
+        keep |= (sector == index) & (magnitude >= ahead) & (magnitude > behind)
+    thin = np.where(keep, magnitude, 0)
+    return Image.fromarray(hysteresis(thin > high, thin > low)).convert("RGB")
+
+
+def hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
+    """255 where a weak pixel connects (8-neighbourhood) to a strong one, else 0.
+
+    A breadth-first walk from the strong pixels over the weak ones: each weak pixel is visited
+    once, so a long faint edge costs its length, not that many passes over the whole image."""
+    height, width = weak.shape
+    padded = np.pad(weak, 1)  # a border of False, so neighbours never wrap around a row
+    visited = np.pad(strong & weak, 1)
+    stride = width + 2
+    flat_weak, flat_visited = padded.ravel(), visited.ravel()
+    queue = deque(np.flatnonzero(flat_visited).tolist())
+    offsets = (-stride - 1, -stride, -stride + 1, -1, 1, stride - 1, stride, stride + 1)
+    while queue:
+        index = queue.popleft()
+        for offset in offsets:
+            neighbour = index + offset
+            if flat_weak[neighbour] and not flat_visited[neighbour]:
+                flat_visited[neighbour] = True
+                queue.append(neighbour)
+    return np.where(visited[1:-1, 1:-1], 255, 0).astype(np.uint8)

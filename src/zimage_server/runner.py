@@ -17,6 +17,7 @@ import gc
 import logging
 import threading
 import time
+from pathlib import Path
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,13 @@ from .variants import VARIANTS, Variant
 log = logging.getLogger("zimage_server.runner")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The diffusers pipeline of each call mode that is not the variant's own pipeline.
+MODE_PIPELINES = {
+    "img2img": "ZImageImg2ImgPipeline",
+    "inpaint": "ZImageInpaintPipeline",
+    "control": "ZImageControlNetPipeline",
+    "control_inpaint": "ZImageControlNetInpaintPipeline",
+}
 PIXELS_PER_TOKEN = 16  # VAE downsamples 8x and the transformer patches 2x2 latents.
 # With torch.compile, warm-up runs these (width, height, prompts): the default size first, so its
 # kernels specialise on it, then a second size and a two-prompt batch of unequal lengths, so the
@@ -119,6 +127,7 @@ class ModelRunner:
         dtype: torch.dtype,
         acceleration: Acceleration | None = None,
         faults: FaultInjector | None = None,
+        controlnet=None,
     ):
         self.pipeline = pipeline
         self.settings = settings
@@ -141,19 +150,31 @@ class ModelRunner:
         )
         self.mode_pipelines = {"generate": pipeline, "omni": pipeline}
         if self.variant.edit_method == "img2img":
-            self.mode_pipelines["img2img"], self.mode_pipelines["inpaint"] = self._edit_pipelines()
+            self.mode_pipelines.update(self._pipelines_over_the_model(img2img=None, inpaint=None))
         # Text-to-image style pipelines take per-prompt embeddings, so prompts go through the cache;
         # Omni's embeddings depend on its condition images, so it encodes prompts itself.
         self.caches_prompts = self.variant.edit_method != "omni"
         self.prompt_cache: PromptEmbeddingCache[torch.Tensor] = PromptEmbeddingCache(settings.prompt_cache)
         # Where embeddings and latents must live; with model offload this is the GPU while weights rest on the CPU.
         self.execution_device = pipeline._execution_device
+        # The ControlNet's own blocks, with the transformer's embedders and refiners (from_transformer):
+        # no second copy of those. The 1.0 Union layout takes control latents only; 2.x adds the
+        # inpainting mask and masked image, so it also drives inpainting.
+        self.controlnet = controlnet
+        self.controlnet_inpaints = False
+        if controlnet is not None:
+            controlnet.to(self.execution_device)
+            self.controlnet_inpaints = controlnet.config.control_in_dim != pipeline.transformer.in_channels
+            modes = {"control": controlnet} | ({"control_inpaint": controlnet} if self.controlnet_inpaints else {})
+            self.mode_pipelines.update(self._pipelines_over_the_model(**modes))
         # What running out of memory looks like here: CUDA's allocator error, or the host's.
         self.out_of_memory_errors: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
 
-    def _edit_pipelines(self) -> tuple:
-        """Image-to-image and inpainting pipelines over the loaded modules: no second copy of the weights."""
-        from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
+    def _pipelines_over_the_model(self, **modes) -> dict:
+        """Pipelines for these modes over the loaded modules: no second copy of the weights.
+
+        Each mode maps to the ControlNet its pipeline adds (None for the edit pipelines)."""
+        import diffusers
         from diffusers.utils import logging as diffusers_logging
 
         verbosity = diffusers_logging.get_verbosity()
@@ -161,15 +182,17 @@ class ModelRunner:
         # silently convert the text-to-image pipeline); it warns about that cast even when it is a no-op.
         diffusers_logging.set_verbosity_error()
         try:
-            pipelines = tuple(
-                cls.from_pipe(self.pipeline, dtype=self.dtype) for cls in (ZImageImg2ImgPipeline, ZImageInpaintPipeline)
-            )
+            pipelines = {}
+            for mode, controlnet in modes.items():
+                extra = {"controlnet": controlnet} if controlnet is not None else {}
+                pipeline_class = getattr(diffusers, MODE_PIPELINES[mode])
+                pipelines[mode] = pipeline_class.from_pipe(self.pipeline, dtype=self.dtype, **extra)
         finally:
             diffusers_logging.set_verbosity(verbosity)
-        for pipeline in pipelines:
+        for pipeline in pipelines.values():
             pipeline.set_progress_bar_config(disable=True)
         if self.pipeline.transformer.dtype != self.dtype:
-            raise RuntimeError(f"edit pipelines changed the model's dtype to {self.pipeline.transformer.dtype}")
+            raise RuntimeError(f"pipelines over the model changed its dtype to {self.pipeline.transformer.dtype}")
         return pipelines
 
     def run_call(self, params: CallParams, rows: Sequence[ImageRow]) -> list[Image.Image]:
@@ -204,13 +227,22 @@ class ModelRunner:
 
     @staticmethod
     def _image_inputs(params: CallParams, rows: Sequence[ImageRow]) -> dict:
-        """An edit call's image arguments: an input (and mask) per image, or Omni's shared references."""
+        """A call's image arguments: an input (and mask) per image, Omni's shared references, or a
+        control image per image (the control pipelines take one per image they make)."""
         if params.mode == "omni":
             return {"image": list(rows[0].spec.images)}
         if params.mode == "generate":
             return {}
-        inputs = {"image": [row.spec.images[0] for row in rows], "strength": params.strength}
-        if params.mode == "inpaint":
+        if params.mode.startswith("control"):
+            inputs = {
+                "control_image": [row.spec.control_image for row in rows],
+                "controlnet_conditioning_scale": params.control_scale,
+            }
+        else:
+            inputs = {"strength": params.strength}
+        if params.mode in ("img2img", "inpaint", "control_inpaint"):
+            inputs["image"] = [row.spec.images[0] for row in rows]
+        if params.mode in ("inpaint", "control_inpaint"):
             inputs["mask_image"] = [row.spec.mask for row in rows]
         return inputs
 
@@ -336,11 +368,28 @@ def load_runner(settings: Settings, faults: FaultInjector | None = None) -> Mode
     weights = sum(path.stat().st_size for path in model_dir.rglob("*.safetensors"))
     with logged_step(log, f"{variant.pipeline_class} from {model_dir} in {dtype}", size_bytes=weights):
         pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    return start_runner(pipeline, settings, device, dtype, faults)
+    controlnet = load_controlnet(settings.controlnet_path, dtype) if settings.controlnet_path else None
+    return start_runner(pipeline, settings, device, dtype, faults, controlnet)
+
+
+def load_controlnet(path: Path, dtype: torch.dtype):
+    """A Z-Image ControlNet from a diffusers folder or a single file (alibaba-pai's Fun ControlNet Union)."""
+    from diffusers import ZImageControlNetModel
+
+    size = sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
+    with logged_step(log, f"ControlNet from {path}", size_bytes=size):
+        if path.is_dir():
+            return ZImageControlNetModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        return ZImageControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
 
 
 def start_runner(
-    pipeline, settings: Settings, device: torch.device, dtype: torch.dtype, faults: FaultInjector | None = None
+    pipeline,
+    settings: Settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    faults: FaultInjector | None = None,
+    controlnet=None,
 ) -> ModelRunner:
     """Place a loaded pipeline (offload, attention, compile as settings say) and warm it up."""
     pipeline.set_progress_bar_config(disable=True)
@@ -348,7 +397,15 @@ def start_runner(
     acceleration = prepare_pipeline(
         pipeline, device, dtype, offload=settings.offload, attention=settings.attention, compile=settings.compile
     )
-    runner = ModelRunner(pipeline, settings, device, dtype, acceleration, faults)
+    if controlnet is not None and VARIANTS[settings.variant].edit_method == "omni":
+        raise SettingsError("Z_IMAGE_CONTROLNET works with the turbo and base variants, not with Omni (edit)")
+    if controlnet is not None and acceleration.offload == "model":
+        # Model offload moves the transformer in and out by hooks on its own forward, which the
+        # ControlNet (running the transformer's embedders and refiners itself) never calls.
+        raise SettingsError(
+            "Z_IMAGE_CONTROLNET needs Z_IMAGE_OFFLOAD=none or text_encoder; model offload cannot run it"
+        )
+    runner = ModelRunner(pipeline, settings, device, dtype, acceleration, faults, controlnet)
     log.info("warm-up took %.2f s", runner.warm_up())
     return runner
 

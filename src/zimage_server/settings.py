@@ -148,6 +148,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             le=100_000,
         ),
     ] = 64
+    controlnet: Annotated[
+        Path | None,
+        setting(
+            "Z_IMAGE_CONTROLNET",
+            "a Z-Image ControlNet (Fun ControlNet Union .safetensors file or diffusers folder), loaded beside the "
+            "model; a relative path is under MODELS_DIR/controlnets",
+        ),
+    ] = None
     log_format: Annotated[
         Literal["text", "json"],
         setting("Z_IMAGE_LOG_FORMAT", "text: one readable line per event; json: one JSON object per line"),
@@ -201,6 +209,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def loras_dir(self) -> Path:
         return Path(self.lora_dir) if self.lora_dir is not None else Path(self.models_dir) / "loras"
+
+    @property
+    def controlnet_path(self) -> Path | None:
+        if self.controlnet is None:
+            return None
+        path = Path(self.controlnet)
+        return path if path.is_absolute() else Path(self.models_dir) / "controlnets" / path
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-# How a call runs: text-to-image, or one of the variant's edit pipelines.
-CallMode = Literal["generate", "img2img", "inpaint", "omni"]
+# How a call runs: text-to-image, one of the variant's edit pipelines, or under a ControlNet
+# (text-to-image, or inpainting with the 2.x Union checkpoints).
+CallMode = Literal["generate", "img2img", "inpaint", "omni", "control", "control_inpaint"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class CallParams:
     references_digest: str | None = None
     # The LoRAs applied to the whole call: canonical (name, scale) pairs (lora_library.merge_requests).
     loras: tuple[tuple[str, float], ...] = ()
+    control_scale: float | None = None  # control modes: how strongly the control image steers
 
 
 class StepObserver(Protocol):
@@ -60,7 +62,8 @@ class GenerationSpec:
 
     Edit inputs: for img2img and inpaint `images` holds one RGB image already at width x height and
     `mask` (mode "L", 255 = repaint) matches it; for omni `images` are the references at their own
-    sizes. Images are PIL images; this module only carries them.
+    sizes. `control_image` (control modes) is the control map at width x height. Images are PIL
+    images; this module only carries them.
     """
 
     prompt: str
@@ -69,6 +72,7 @@ class GenerationSpec:
     params: CallParams
     images: tuple[Any, ...] = field(default=(), repr=False)
     mask: Any = field(default=None, repr=False)
+    control_image: Any = field(default=None, repr=False)
     observer: StepObserver | None = field(default=None, compare=False, repr=False)
 
     @property

@@ -59,6 +59,22 @@ TINY_TRANSFORMER = dict(
     axes_dims=[8, 4, 4],
     axes_lens=[1024, 256, 256],
 )
+# A tiny ZImageControlNetModel over the tiny transformer (its dim, heads and refiner depth):
+# control_in_dim 16 is the 1.0 Union layout (control latents only); 33 adds the inpainting mask and
+# masked image latents (16 + 1 + 16), the layout of the 2.x Union checkpoints.
+TINY_CONTROLNET = dict(
+    control_layers_places=[0],
+    control_refiner_layers_places=[0],
+    add_control_noise_refiner="control_noise_refiner",
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    dim=TINY_TRANSFORMER["dim"],
+    n_refiner_layers=TINY_TRANSFORMER["n_refiner_layers"],
+    n_heads=TINY_TRANSFORMER["n_heads"],
+    n_kv_heads=TINY_TRANSFORMER["n_kv_heads"],
+    norm_eps=1e-5,
+    qk_norm=True,
+)
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -172,6 +188,22 @@ def write_tiny_pipeline(path: str | Path, variant: str = "turbo") -> Path:
     # A marker so people (and logs) can tell a tiny random model from real weights.
     (path / MARKER).write_text(json.dumps({"variant": variant, "random_weights": True}) + "\n")
     return path
+
+
+def write_tiny_controlnet(path: str | Path, inpaint: bool = False, seed: int = 1) -> Path:
+    """A tiny random-weight ControlNet folder for the tiny transformer; `inpaint` gives the 2.x layout."""
+    import torch
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ZImageControlNetModel(**TINY_CONTROLNET, control_in_dim=33 if inpaint else 16)
+    # Random, not zero, output projections: a zero-initialised ControlNet would change nothing.
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if "after_proj" in name or "before_proj" in name:
+                parameter.normal_(0, 0.5)
+    controlnet.save_pretrained(path, safe_serialization=True)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,14 +15,14 @@ import re
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Response, Router, post
+from litestar import Request, Response, post
 from litestar.datastructures import FormMultiDict, State, UploadFile
 from litestar.exceptions import ClientException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from msgspec import Meta
 from PIL import Image
 
-from ..images import ImageInputError, decode_upload, edit_area, fit_size, fit_to, to_rgb
+from ..images import edit_area, fit_size, fit_to, to_rgb
 from ..settings import Settings
 from ..specs import CallMode, GenerationSpec
 from .errors import MISSING_FIELD, ApiError, ClientGoneError
@@ -32,6 +32,8 @@ from .requests import MIN_SIDE, generation_spec, max_sides
 from .responses import OutputOptions, check_raw_image_count, images_response
 from .schemas import GenerationRequest
 from .state import ServerState, server_state
+from .control import controlled
+from .uploads import decode_part
 from .streaming import EDIT_EVENTS, stream_images
 
 MAX_INPUT_IMAGES = 16  # OpenAI's own limit for image[]
@@ -39,7 +41,7 @@ MAX_INPUT_IMAGES = 16  # OpenAI's own limit for image[]
 # repaint a masked area from scratch; clients that want that send strength=1.
 DEFAULT_STRENGTH = 0.6
 IMAGE_FIELDS = ("image", "image[]")
-FILE_FIELDS = (*IMAGE_FIELDS, "mask")
+FILE_FIELDS = (*IMAGE_FIELDS, "mask", "control_image")
 
 
 Strength = Annotated[float, Meta(gt=0, le=1, description="How much of the input to redraw, 0 < s <= 1.")]
@@ -120,21 +122,23 @@ def parse_edit_request(values: dict[str, str]) -> EditRequest:
         raise ApiError(400, f"Invalid value{raw} for '{param}': {reason}.", param=param, code="invalid_value") from None
 
 
-def uploads(form: FormMultiDict) -> tuple[list[UploadFile], UploadFile | None]:
-    """The image file parts (`image` or repeated `image[]`) and the optional mask."""
+def uploads(form: FormMultiDict) -> tuple[list[UploadFile], UploadFile | None, UploadFile | None]:
+    """The image file parts (`image` or repeated `image[]`), the optional mask and control image."""
     images = [value for name in IMAGE_FIELDS for value in form.getall(name, [])]
     masks = [value for value in form.getall("mask", []) if value != ""]
+    controls = [value for value in form.getall("control_image", []) if value != ""]
     if not images:
         raise ApiError(400, "'image' is required: attach the image to edit as a file part.", param="image")
-    for name, parts in (("image", images), ("mask", masks)):
+    for name, parts in (("image", images), ("mask", masks), ("control_image", controls)):
         if any(not isinstance(part, UploadFile) for part in parts):
             message = f"'{name}' must be a file part (curl -F {name}=@file.png), not a text field."
             raise ApiError(400, message, param=name)
     if len(images) > MAX_INPUT_IMAGES:
         raise ApiError(400, f"At most {MAX_INPUT_IMAGES} images per edit; got {len(images)}.", param="image")
-    if len(masks) > 1:
-        raise ApiError(400, "Send at most one 'mask'.", param="mask")
-    return images, masks[0] if masks else None
+    for name, parts in (("mask", masks), ("control_image", controls)):
+        if len(parts) > 1:
+            raise ApiError(400, f"Send at most one '{name}'.", param=name)
+    return images, masks[0] if masks else None, controls[0] if controls else None
 
 
 def edit_mode(server: ServerState, image_count: int, has_mask: bool) -> CallMode:
@@ -156,14 +160,6 @@ def edit_mode(server: ServerState, image_count: int, has_mask: bool) -> CallMode
             param="image",
         )
     return "inpaint" if has_mask else "img2img"
-
-
-def decode_part(data: bytes, param: str) -> Image.Image:
-    try:
-        return decode_upload(data, param)
-    except ImageInputError as exc:
-        code = "unsupported_image_format" if exc.status_code == 415 else "invalid_image"
-        raise ApiError(exc.status_code, exc.message, param=param, code=code) from None
 
 
 def image_digest(images: list[Image.Image]) -> str:
@@ -234,15 +230,27 @@ async def create_edit(request: Request, state: State) -> Response:
     form = await read_form(request, server.settings)
     try:
         data = parse_edit_request(form_values(form))
-        image_parts, mask_part = uploads(form)
+        image_parts, mask_part, control_part = uploads(form)
         mode = edit_mode(server, len(image_parts), mask_part is not None)
+        if control_part is not None and mode != "inpaint":
+            raise ApiError(
+                400,
+                "A control image on an edit needs a mask (ControlNet inpainting); for a controlled image "
+                "from a prompt, send control_image to /v1/images/generations.",
+                param="control_image",
+            )
         check_raw_image_count(request, data.n)
         image_bytes = [await part.read() for part in image_parts]
         mask_bytes = await mask_part.read() if mask_part is not None else None
+        control_bytes = await control_part.read() if control_part is not None else None
     finally:
         await form.close()
     # Decoding and resizing take a while for big photos: off the event loop.
     spec, options = await asyncio.to_thread(prepare_edit, data, mode, image_bytes, mask_bytes, server)
+    if control_bytes is not None:
+        spec = await asyncio.to_thread(
+            controlled, spec, server, control_bytes, data.control_preprocess or "none", data.control_scale
+        )
     if data.stream:
         return stream_images(
             server, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS, request=request
@@ -250,7 +258,3 @@ async def create_edit(request: Request, state: State) -> Response:
     images = await submit_job(server, spec, request).result()
     return await images_response(request, server, spec, options, images)
 
-
-def edits_router(settings: Settings) -> Router:
-    """The edit route under this server's upload limit, which Litestar enforces while the body streams in."""
-    return Router(path="/", route_handlers=[create_edit], request_max_body_size=settings.max_upload_bytes)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from litestar import Request, Response, get, post
+from litestar import Request, Response, Router, get, post
 from litestar.datastructures import State
 
+from ..settings import Settings
+from .edits import create_edit
+from .control import controlled, decode_base64_image
 from .guards import RETRY_AFTER_S, require_json, require_ready
 from .jobs import submit_job
 from .requests import generation_spec, served_model_ids
@@ -15,19 +18,21 @@ from .schemas import GenerationRequest, LoraCard, LoraList, ModelCard, ModelDefa
 from .state import server_state
 from .streaming import GENERATION_EVENTS, stream_images
 
-JSON_BODY_LIMIT = 1024 * 1024
-
-
 @post(
     "/v1/images/generations",
     guards=[require_json, require_ready],
-    request_max_body_size=JSON_BODY_LIMIT,
     status_code=200,
     summary="Create images from a prompt (OpenAI Images API).",
 )
 async def create_images(request: Request, data: GenerationRequest, state: State) -> Response:
     server = server_state(state)
     spec, options = generation_spec(data, server)
+    if data.control_image is not None:
+        control_bytes = decode_base64_image(data.control_image, "control_image")
+        # Decoding, fitting and edge detection take a while for big images: off the event loop.
+        spec = await asyncio.to_thread(
+            controlled, spec, server, control_bytes, data.control_preprocess or "none", data.control_scale
+        )
     if data.stream:
         return stream_images(
             server, spec, options, partial_images=data.partial_images or 0, events=GENERATION_EVENTS, request=request
@@ -78,4 +83,12 @@ async def ready(state: State) -> Response[dict[str, str]]:
     return Response({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
 
 
-ROUTES = [create_images, list_models, list_loras, health, ready]
+ROUTES = [list_models, list_loras, health, ready]
+
+
+def uploads_router(settings: Settings) -> Router:
+    """The routes that take images (an edit's uploads, a generation's base64 control image) under this
+    server's upload limit, which Litestar enforces while the body streams in."""
+    return Router(
+        path="/", route_handlers=[create_images, create_edit], request_max_body_size=settings.max_upload_bytes
+    )
