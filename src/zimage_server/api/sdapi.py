@@ -201,11 +201,12 @@ def base64_image(text: str, param: str) -> bytes:
 
 def prepare_img2img(data: Img2ImgRequest, server: ServerState) -> GenerationSpec:
     """Decode and check the images as /v1/images/edits does, build the spec. Runs in a worker thread."""
-    mode = edit_mode(server, len(data.init_images), data.mask is not None, A1111_UPLOADS)
+    edit = openai_request(data, server, EditRequest, strength=data.denoising_strength)
+    # An empty mask is no mask, as A1111 reads it.
+    mode = edit_mode(server, len(data.init_images), bool(data.mask), A1111_UPLOADS)
     dialect = A1111_INVERTED_UPLOADS if data.inpainting_mask_invert else A1111_UPLOADS
     images = [base64_image(text, "init_images") for text in data.init_images]
-    mask = base64_image(data.mask, "mask") if data.mask is not None else None
-    edit = openai_request(data, server, EditRequest, strength=data.denoising_strength)
+    mask = base64_image(data.mask, "mask") if data.mask else None
     spec, _ = prepare_edit(edit, mode, images, mask, server, dialect)
     return spec
 
