@@ -116,7 +116,7 @@ def test_ignored_openai_fields_and_model_names_are_accepted(client):
         ({"prompt": "a", "response_format": "gif"}, "response_format"),
         ({"prompt": "a", "output_format": "gif"}, "output_format"),
         ({"prompt": "a", "output_compression": 101}, "output_compression"),
-        ({"prompt": "a", "model": "dall-e-3"}, "model"),
+        ({"prompt": "a", "model": "midjourney-v6"}, "model"),  # OpenAI names are aliases (Z_IMAGE_MODEL_ALIASES)
         ({"prompt": "a", "seed": -1}, "seed"),
         ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),

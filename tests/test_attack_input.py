@@ -50,7 +50,17 @@ def api_schema(server):
 
 
 # The JSON routes; multipart edits get the hand-written table below.
-JSON_OPERATIONS = [("POST", GENERATIONS), ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready")]
+JSON_OPERATIONS = [
+    ("POST", GENERATIONS),
+    ("GET", "/v1/models"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    # The AUTOMATIC1111 dialect's JSON routes (their hand-written table is in tests/test_sdapi.py).
+    ("POST", "/sdapi/v1/txt2img"),
+    ("POST", "/sdapi/v1/img2img"),
+    ("POST", "/sdapi/v1/options"),
+    ("GET", "/sdapi/v1/progress"),
+]
 
 
 FUZZ_RUNS = [

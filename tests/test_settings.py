@@ -151,3 +151,16 @@ def test_upload_limit_and_edit_dtype_settings():
         load_settings({"Z_IMAGE_MAX_UPLOAD_BYTES": "lots"})
     with pytest.raises(SettingsError, match="bf16"):
         load_settings({"Z_IMAGE_VARIANT": "edit", "Z_IMAGE_DTYPE": "fp32"})
+
+
+def test_sdapi_sampling_and_model_aliases():
+    defaults = load_settings({})
+    assert defaults.sdapi_sampling == "model"
+    assert defaults.model_aliases == ("dall-e-2", "dall-e-3", "gpt-image-1")
+    settings = load_settings({"Z_IMAGE_SDAPI_SAMPLING": "Client", "Z_IMAGE_MODEL_ALIASES": "my-model, other"})
+    assert settings.sdapi_sampling == "client" and settings.model_aliases == ("my-model", "other")
+    # Empty is strict: a list setting set to nothing is the empty list, not its default.
+    assert load_settings({"Z_IMAGE_MODEL_ALIASES": ""}).model_aliases == ()
+    assert load_settings({"Z_IMAGE_CORS_ORIGINS": ""}).cors_origins == ()
+    with pytest.raises(SettingsError, match="Z_IMAGE_SDAPI_SAMPLING"):
+        load_settings({"Z_IMAGE_SDAPI_SAMPLING": "auto"})

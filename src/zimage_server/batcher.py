@@ -131,6 +131,11 @@ class Batcher(Generic[P, R]):
         return sum(1 for job in self._queue if not job.gone)
 
     @property
+    def running_jobs(self) -> tuple[Job[P, R], ...]:
+        """The jobs of the model call under way (empty between calls)."""
+        return tuple(self._running)
+
+    @property
     def running_images(self) -> int:
         return sum(job.n for job in self._running)
 

@@ -233,6 +233,14 @@ def edit_area(mask: Image.Image) -> Image.Image:
     return to_rgb(mask).convert("L").point(lambda value: 255 if value >= 128 else 0)
 
 
+def a1111_repaint_area(mask: Image.Image) -> Image.Image:
+    """The mask as "L", 255 where the model may repaint, by AUTOMATIC1111's rule: opaque alpha if the
+    mask has transparency (the opposite of OpenAI's alpha rule), else white, as in `edit_area`."""
+    if has_alpha(mask):
+        return mask.convert("RGBA").getchannel("A").point(lambda value: 255 if value > 128 else 0)
+    return edit_area(mask)
+
+
 def fit_size(
     width: int, height: int, *, max_pixels: int, max_side: int, min_side: int = 64, multiple: int = 16
 ) -> tuple[int, int]:

@@ -184,6 +184,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lora_cache: Annotated[
         int, setting("Z_IMAGE_LORA_CACHE", "LoRA files kept loaded on the CPU, least recently used first out", ge=1, le=1000)
     ] = 8
+    sdapi_sampling: Annotated[
+        Literal["model", "client"],
+        setting(
+            "Z_IMAGE_SDAPI_SAMPLING",
+            "steps and CFG on /sdapi routes: model (the variant's recommended ones replace what A1111 clients "
+            "send) or client (run what was sent)",
+        ),
+    ] = "model"
+    model_aliases: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=128)], ...],
+        setting(
+            "Z_IMAGE_MODEL_ALIASES",
+            "comma-separated model names also served by the loaded model, for clients that cannot change "
+            "theirs (empty: only the model's own names)",
+        ),
+    ] = ("dall-e-2", "dall-e-3", "gpt-image-1")
     host: Annotated[str, setting("Z_IMAGE_HOST", "address to bind")] = "127.0.0.1"
     port: Annotated[int, setting("Z_IMAGE_PORT", "port to bind", ge=0, le=65535)] = 8000
 
@@ -287,7 +303,8 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
         if raw is None:
             continue
         if isinstance(raw, str):
-            if raw.strip() == "":  # set but empty: the default, as an unset variable would give
+            # Set but empty: the default, as an unset variable would give; for a list, the empty list.
+            if raw.strip() == "" and not isinstance(spec.default, tuple):
                 continue
             raw = _raw_value(spec, raw)
         values[spec.field], sources[spec.field] = raw, source

@@ -1,20 +1,25 @@
-"""The API key guard: with Z_IMAGE_API_KEY set, every /v1/* route needs `Authorization: Bearer <key>`.
+"""The API key guard: with Z_IMAGE_API_KEY set, every /v1/* and /sdapi/* route needs the key.
 
-Probes, metrics, the OpenAPI schema and the page at / stay open, so orchestrators and browsers
-work without the key.
+/v1 routes take `Authorization: Bearer <key>`, as OpenAI clients send it. /sdapi routes also take
+HTTP Basic with the key as the password and any user name: AUTOMATIC1111 clients authenticate
+with `--api-auth user:pass` and can send nothing else. Without a key, Authorization is ignored
+(SillyTavern always sends a Basic header, empty when unconfigured). Probes, metrics, the OpenAPI
+schema and the page at / stay open, so orchestrators and browsers work without the key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from .errors import ApiError
+from .errors import SDAPI_PREFIX, ApiError
 from .state import server_state
 
-PROTECTED_PREFIX = "/v1/"
+OPENAI_PREFIX = "/v1/"
 
 
 def bearer_token(authorization: str) -> str | None:
@@ -22,21 +27,45 @@ def bearer_token(authorization: str) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def basic_password(authorization: str) -> str | None:
+    """The password of `Basic base64(user:password)`; the user name is not checked."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("latin-1")
+    except (binascii.Error, ValueError):
+        return None
+    _, colon, password = decoded.partition(":")
+    return password if colon and password else None
+
+
 async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """An app-wide guard: it runs before the body is read, so an unauthorised upload costs nothing.
 
     Async, as every guard here: Litestar would run a sync one in a worker thread on each request."""
     key: str | None = server_state(connection).settings.api_key
-    if key is None or not connection.scope["path"].startswith(PROTECTED_PREFIX):
+    path = connection.scope["path"]
+    if key is None or not path.startswith((OPENAI_PREFIX, SDAPI_PREFIX)):
         return
-    token = bearer_token(connection.headers.get("authorization", ""))
+    authorization = connection.headers.get("authorization", "")
+    sdapi = path.startswith(SDAPI_PREFIX)
+    token = bearer_token(authorization) or (basic_password(authorization) if sdapi else None)
     # Constant-time, so response timing does not reveal how much of a guessed key matched. Header
     # values arrive decoded as latin-1; encoding back gives the bytes the client sent.
     if token is None or not hmac.compare_digest(token.encode("latin-1"), key.encode()):
-        raise ApiError(
-            401,
-            "Missing or invalid API key: send 'Authorization: Bearer <key>' with the key this server was given "
-            "(Z_IMAGE_API_KEY).",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorised(sdapi)
+
+
+def unauthorised(sdapi: bool) -> ApiError:
+    if sdapi:
+        how = "HTTP Basic with the key as the password (A1111's --api-auth <any user>:<key>)"
+        challenge = 'Basic realm="zimage-server"'
+    else:
+        how, challenge = "'Authorization: Bearer <key>'", "Bearer"
+    return ApiError(
+        401,
+        f"Missing or invalid API key: send {how} with the key this server was given (Z_IMAGE_API_KEY).",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": challenge},
+    )

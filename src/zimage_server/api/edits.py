@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import hashlib
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
@@ -141,7 +143,27 @@ def uploads(form: FormMultiDict) -> tuple[list[UploadFile], UploadFile | None, U
     return images, masks[0] if masks else None, controls[0] if controls else None
 
 
-def edit_mode(server: ServerState, image_count: int, has_mask: bool) -> CallMode:
+@dataclass(frozen=True)
+class UploadDialect:
+    """How an API names its edit inputs and reads its masks; the checks on them are shared."""
+
+    image_param: str
+    mask_param: str
+    repaint_area: Callable[[Image.Image], Image.Image]  # the mask as "L", 255 where the model may repaint
+    mask_rule: str  # said when a mask marks nothing to repaint
+
+
+OPENAI_UPLOADS = UploadDialect(
+    "image",
+    "mask",
+    edit_area,
+    "with an alpha channel, fully transparent pixels mark the area to edit; without one, white pixels do",
+)
+
+
+def edit_mode(
+    server: ServerState, image_count: int, has_mask: bool, dialect: UploadDialect = OPENAI_UPLOADS
+) -> CallMode:
     """Which pipeline runs this edit: the variant's Omni pipeline, else inpaint with a mask and img2img without."""
     variant = server.variant
     if has_mask and not variant.takes_mask:
@@ -149,7 +171,7 @@ def edit_mode(server: ServerState, image_count: int, has_mask: bool) -> CallMode
             400,
             f"{variant.model_name} does not take a mask: it edits the whole image as the prompt says. "
             "Masks work with the turbo and base variants.",
-            param="mask",
+            param=dialect.mask_param,
         )
     if variant.edit_method == "omni":
         return "omni"
@@ -157,7 +179,7 @@ def edit_mode(server: ServerState, image_count: int, has_mask: bool) -> CallMode
         raise ApiError(
             400,
             f"{variant.model_name} edits one image at a time; several reference images need the edit variant.",
-            param="image",
+            param=dialect.image_param,
         )
     return "inpaint" if has_mask else "img2img"
 
@@ -170,8 +192,28 @@ def image_digest(images: list[Image.Image]) -> str:
     return digest.hexdigest()
 
 
+def decode_mask(data: bytes, image: Image.Image, dialect: UploadDialect) -> Image.Image:
+    """The mask's repaint area; refused unless it matches the image's size and marks something."""
+    mask = decode_part(data, dialect.mask_param)
+    if mask.size != image.size:
+        raise ApiError(
+            400,
+            f"The mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}: they must match.",
+            param=dialect.mask_param,
+        )
+    area = dialect.repaint_area(mask)
+    if area.getextrema()[1] == 0:
+        raise ApiError(400, f"The mask marks nothing to edit: {dialect.mask_rule}.", param=dialect.mask_param)
+    return area
+
+
 def prepare_edit(
-    data: EditRequest, mode: CallMode, image_bytes: list[bytes], mask_bytes: bytes | None, server: ServerState
+    data: EditRequest,
+    mode: CallMode,
+    image_bytes: list[bytes],
+    mask_bytes: bytes | None,
+    server: ServerState,
+    dialect: UploadDialect = OPENAI_UPLOADS,
 ) -> tuple[GenerationSpec, OutputOptions]:
     """Decode and check the uploads, resolve the size, build the spec. Runs in a worker thread."""
     settings = server.settings
@@ -180,24 +222,8 @@ def prepare_edit(
     def fitted(size: tuple[int, int]) -> tuple[int, int]:
         return fit_size(*size, max_pixels=settings.max_pixels, max_side=max_side, min_side=MIN_SIDE)
 
-    first = decode_part(image_bytes[0], "image")
-    mask = decode_part(mask_bytes, "mask") if mask_bytes is not None else None
-    if mask is not None:
-        if mask.size != first.size:
-            raise ApiError(
-                400,
-                f"The mask is {mask.width}x{mask.height} but the image is "
-                f"{first.width}x{first.height}: they must match.",
-                param="mask",
-            )
-        mask = edit_area(mask)
-        if mask.getextrema()[1] == 0:
-            raise ApiError(
-                400,
-                "The mask marks nothing to edit: with an alpha channel, fully transparent pixels mark the area "
-                "to edit; without one, white pixels do.",
-                param="mask",
-            )
+    first = decode_part(image_bytes[0], dialect.image_param)
+    mask = decode_mask(mask_bytes, first, dialect) if mask_bytes is not None else None
     if mode == "omni":
 
         def reference(image: Image.Image) -> Image.Image:
@@ -207,7 +233,10 @@ def prepare_edit(
         # References keep their own aspect. The generator decodes and shrinks one at a time, so at
         # most one full-size upload is in memory. Omni shares its references across a call, so
         # only edits of identical images batch together: their digest joins the call parameters.
-        images = (reference(first), *(reference(decode_part(blob, "image")) for blob in image_bytes[1:]))
+        images = (
+            reference(first),
+            *(reference(decode_part(blob, dialect.image_param)) for blob in image_bytes[1:]),
+        )
         base, options = generation_spec(
             data, server, mode=mode, default_size=fitted(first.size), references_digest=image_digest(list(images))
         )

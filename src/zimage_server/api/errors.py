@@ -19,6 +19,8 @@ from .schemas import ErrorBody, ErrorDetail
 
 log = logging.getLogger("zimage_server.api")
 
+SDAPI_PREFIX = "/sdapi/"  # the AUTOMATIC1111 routes (api/sdapi.py)
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -75,8 +77,11 @@ def error_response(
     if status_code >= 500 and request_id:
         # What the operator greps the log for; nothing else about the failure leaves the server.
         message = f"{message} (request id: {request_id})"
-    detail = error_detail(status_code, message, param=param, code=code)
-    return Response(ErrorBody(error=detail), status_code=status_code, headers=headers, media_type=MediaType.JSON)
+    body = ErrorBody(
+        error=error_detail(status_code, message, param=param, code=code),
+        detail=message if request is not None and request.scope["path"].startswith(SDAPI_PREFIX) else None,
+    )
+    return Response(body, status_code=status_code, headers=headers, media_type=MediaType.JSON)
 
 
 def error_detail(status_code: int, message: str, *, param: str | None = None, code: str | None = None) -> ErrorDetail:
@@ -114,29 +119,31 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[Erro
         message = f"Invalid value for '{param}': {detail}" if param and detail else (detail or exc.detail)
         if detail and detail.endswith("is required"):
             message = detail
-        return error_response(400, message, param=param, code="invalid_value")
+        return error_response(400, message, param=param, code="invalid_value", request=request)
     if status >= 500:
         log.error("request %s: internal error: %s", request_id_of(request.scope), exc.detail)
         return error_response(status, "The server had an error while processing your request.", request=request)
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
-    return error_response(status, exc.detail, code=code.get(status), headers=exc.headers)
+    return error_response(status, exc.detail, code=code.get(status), headers=exc.headers, request=request)
 
 
-def handle_client_gone(_: Request, __: ClientGoneError) -> Response[ErrorBody]:
+def handle_client_gone(request: Request, _: ClientGoneError) -> Response[ErrorBody]:
     # nginx's convention for "client closed request"; nobody reads it, but logs and metrics do.
-    return error_response(499, "The client closed the connection before the images were ready.", code="client_gone")
+    return error_response(
+        499, "The client closed the connection before the images were ready.", code="client_gone", request=request
+    )
 
 
-def handle_bad_encoding(_: Request, __: UnicodeDecodeError) -> Response[ErrorBody]:
+def handle_bad_encoding(request: Request, _: UnicodeDecodeError) -> Response[ErrorBody]:
     # msgspec's JSON decoder raises this for bodies that are not UTF-8, before any handler runs.
-    return error_response(400, "The request body is not valid UTF-8.", code="invalid_encoding")
+    return error_response(400, "The request body is not valid UTF-8.", code="invalid_encoding", request=request)
 
 
 def handle_too_deep(request: Request, exc: RecursionError) -> Response[ErrorBody]:
     # msgspec's JSON decoder raises this for deeply nested bodies ([[[[...), before any handler
     # runs; found by the attack tests. Logged in case one ever comes from our own code.
     log.warning("request %s: RecursionError (%s), answered 400", request_id_of(request.scope), exc)
-    return error_response(400, "The request body is nested too deeply.", code="invalid_json")
+    return error_response(400, "The request body is nested too deeply.", code="invalid_json", request=request)
 
 
 def handle_unexpected(request: Request, exc: Exception) -> Response[ErrorBody]:

@@ -67,6 +67,10 @@ class JobHandle:
         self._reports: asyncio.Queue[StepReport | None] | None = asyncio.Queue() if stream else None
         self._first_image = 0
         self._pass_images = 0
+        # The running pass's last step and its total (0, 0 until the first step), for /sdapi/v1/progress.
+        # Written by the worker thread, read on the loop: two plain attribute writes, nothing to lock.
+        self.step = 0
+        self.total = 0
         self.future: asyncio.Future = None  # type: ignore[assignment]  # the batcher's, set by submit_job
 
     # -- the runner's side (worker thread) ----------------------------------------------------
@@ -81,6 +85,7 @@ class JobHandle:
         return step in partial_image_steps(total, self._partial_images)
 
     def on_step(self, step: int, total: int, latents: Any, previews: list[Any] | None) -> None:
+        self.step, self.total = step, total
         if self._reports is None:
             return
         images = len(latents)

@@ -62,7 +62,9 @@ def check_model(model: str | None, server: ServerState) -> None:
 
 
 def served_model_ids(server: ServerState) -> list[str]:
-    return [server.variant.model_name, server.variant.name]
+    """The names requests may send as `model`: the model's own, then the aliases for clients that
+    cannot change theirs (Z_IMAGE_MODEL_ALIASES: OpenAI's own image model names by default)."""
+    return [server.variant.model_name, server.variant.name, *server.settings.model_aliases]
 
 
 def check_n(n: int, server: ServerState) -> None:

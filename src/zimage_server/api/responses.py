@@ -64,6 +64,13 @@ def lora_hashes(server: ServerState, spec: GenerationSpec) -> dict[str, str]:
     return {name: library.info(name).sha256_short for name, _ in spec.params.loras}
 
 
+def request_parameters(server: ServerState, spec: GenerationSpec) -> list[ImageParameters]:
+    """What made each image of the request, as its PNG parameters chunk says. Reads the LoRA files'
+    hashes (once per file, then cached): not on the event loop the first time."""
+    hashes = lora_hashes(server, spec)
+    return [image_parameters(server, spec, seed, hashes) for seed in spec.seeds]
+
+
 async def encode_for_response(
     server: ServerState, spec: GenerationSpec, images: list[Image.Image], output_format: str, compression: int | None
 ) -> list[bytes]:
@@ -73,10 +80,7 @@ async def encode_for_response(
     worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
 
     def encode_all() -> list[bytes]:
-        # The LoRA files' hashes are read (once per file, then cached): not on the event loop.
-        hashes = lora_hashes(server, spec)
-        parameters = [image_parameters(server, spec, seed, hashes) for seed in spec.seeds]
-        return encode_images(images, parameters, output_format, compression)
+        return encode_images(images, request_parameters(server, spec), output_format, compression)
 
     if spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS and not spec.params.loras:
         return encode_all()

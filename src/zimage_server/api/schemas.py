@@ -128,8 +128,10 @@ class ErrorDetail(msgspec.Struct, kw_only=True):
     code: str | None = None
 
 
-class ErrorBody(msgspec.Struct, kw_only=True):
+class ErrorBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: ErrorDetail
+    # The message again, on /sdapi routes only: AUTOMATIC1111 clients read `detail`, as FastAPI sends it.
+    detail: str | None = None
 
 
 # Server-sent events of `stream: true` (api/streaming.py); `type` repeats the event name, as OpenAI's do.

@@ -1,0 +1,458 @@
+"""The AUTOMATIC1111 API (/sdapi/v1), so SillyTavern, Open WebUI's A1111 engine and webuiapi scripts
+work unchanged: txt2img, img2img, and the discovery routes those clients call before they generate.
+
+A request is translated into the OpenAI routes' request structs and runs through their code:
+the same checks, batcher, model, limits, errors and metrics. Fields A1111 has and this model
+cannot honour (hires fix, face restoration, subseeds, scripts, ...) are ignored, as are fields no
+A1111 struct has (SillyTavern sends its own `url` and `auth`): unknown fields never fail a request.
+docs/sdapi.md says what is honoured, and how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hashlib
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Router, get, post
+from litestar.datastructures import State
+from msgspec import Meta
+
+from .. import __version__
+from ..images import a1111_repaint_area
+from ..settings import Settings
+from ..specs import GenerationSpec
+from .edits import EditRequest, Strength, UploadDialect, edit_mode, prepare_edit
+from .errors import ApiError
+from .guards import require_json, require_ready
+from .jobs import JobHandle, submit_job
+from .requests import MAX_SIDE, MIN_SIDE, generation_spec, served_model_ids
+from .responses import encode_for_response, request_parameters
+from .routes import usable_loras
+from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest, Guidance, Steps
+from .state import ServerState, server_state
+
+# Z-Image's scheduler is flow-matching Euler; there is no other sampler to choose.
+SAMPLER = "Euler"
+SCHEDULER = "automatic"  # the model's own sigma schedule
+# A1111 sizes are multiples of 8, the model's of 16: a multiple of 8 is snapped down (520 -> 512).
+A1111_SIZE_STEP, MODEL_SIZE_STEP = 8, 16
+HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # A1111 titles end in " [<short hash>]"
+MAX_INIT_IMAGES = 16
+OPTIONS_BODY_LIMIT = 1024 * 1024  # a whole options dict, as clients post it back
+
+PromptText = Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
+Side = Annotated[int, Meta(ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8; snapped down to 16.")]
+A1111Seed = Annotated[int, Meta(ge=-1, le=MAX_SEED, description="Seed of the first image, -1 for random.")]
+Count = Annotated[int, Meta(ge=1, le=1024)]
+
+
+class Txt2ImgRequest(msgspec.Struct, kw_only=True):
+    """POST /sdapi/v1/txt2img, as A1111's StableDiffusionTxt2ImgProcessingAPI; other fields are ignored.
+
+    Images: batch_size x n_iter, image i with seed + i. Steps and cfg_scale run only with
+    Z_IMAGE_SDAPI_SAMPLING=client; by default the model's recommended ones replace them."""
+
+    prompt: PromptText = ""
+    negative_prompt: PromptText = ""
+    width: Side = 512
+    height: Side = 512
+    steps: Steps = 50
+    cfg_scale: Guidance = 7.0
+    seed: A1111Seed = -1
+    batch_size: Count = 1
+    n_iter: Count = 1
+    # Accepted; the model has one sampler and one schedule.
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    # Only sd_model_checkpoint is read: it must name the served model.
+    override_settings: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False  # accepted: the server keeps no image store
+
+
+class Img2ImgRequest(Txt2ImgRequest, kw_only=True):
+    """POST /sdapi/v1/img2img: txt2img's fields plus the image to edit and an optional mask."""
+
+    init_images: Annotated[list[str], Meta(max_length=MAX_INIT_IMAGES)] | None = None  # base64, data: prefix optional
+    denoising_strength: Strength = 0.75
+    mask: str | None = None  # base64; white (or opaque, with alpha) = repaint
+    inpainting_mask_invert: Annotated[int, Meta(ge=0, le=1)] = 0
+    mask_blur: Any = 4  # accepted and ignored (docs/sdapi.md)
+    resize_mode: Any = 0  # accepted; the image is always scaled to cover the size and centre-cropped
+
+
+class A1111ImagesResponse(msgspec.Struct, kw_only=True):
+    images: list[str]  # base64 PNGs, no data: prefix
+    parameters: dict[str, Any]  # the request as understood
+    info: str  # a JSON object, as text
+
+
+class CheckpointCard(msgspec.Struct, kw_only=True):
+    title: str
+    model_name: str
+    hash: str
+    sha256: str
+    filename: str
+    config: str | None = None
+
+
+class ProgressState(msgspec.Struct, kw_only=True):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(msgspec.Struct, kw_only=True):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+A1111_UPLOADS = UploadDialect(
+    "init_images", "mask", a1111_repaint_area, "white pixels (or opaque ones, in a mask with alpha) mark it"
+)
+A1111_INVERTED_UPLOADS = UploadDialect(
+    "init_images",
+    "mask",
+    lambda mask: a1111_repaint_area(mask).point(lambda value: 255 - value),
+    "with inpainting_mask_invert=1, black pixels (or transparent ones, in a mask with alpha) mark it",
+)
+
+
+# -- translation into the OpenAI routes' requests ---------------------------------------------
+
+
+def model_size(data: Txt2ImgRequest) -> str:
+    """The size for the model, "WxH": multiples of 8 snapped down to 16; anything else is refused."""
+    for name, side in (("width", data.width), ("height", data.height)):
+        if side % A1111_SIZE_STEP:
+            raise ApiError(400, f"Invalid {name} {side}: sizes are multiples of {A1111_SIZE_STEP}.", param=name)
+    width, height = (side - side % MODEL_SIZE_STEP for side in (data.width, data.height))
+    return f"{width}x{height}"
+
+
+def check_checkpoint(name: Any, server: ServerState) -> None:
+    """A checkpoint a client names must be the served model: one model per process."""
+    if name is None or (isinstance(name, str) and HASH_SUFFIX.sub("", name) in served_model_ids(server)):
+        return
+    raise ApiError(
+        400,
+        f"Checkpoint {name!r} is not served here: this server runs one model per process, "
+        f"'{server.variant.model_name}'. Start another server for another model.",
+        param="sd_model_checkpoint",
+        code="model_not_found",
+    )
+
+
+def openai_request(
+    data: Txt2ImgRequest, server: ServerState, request_type: type[GenerationRequest] = GenerationRequest, **extra: Any
+) -> GenerationRequest:
+    """The A1111 body as the OpenAI routes' struct, so it is checked and run as theirs are."""
+    n = data.batch_size * data.n_iter
+    if n > server.settings.max_n:
+        raise ApiError(
+            400,
+            f"batch_size x n_iter = {n} images: this server makes at most {server.settings.max_n} per request "
+            "(Z_IMAGE_MAX_N).",
+            param="batch_size",
+        )
+    check_checkpoint((data.override_settings or {}).get("sd_model_checkpoint"), server)
+    # A1111 clients send their own defaults (cfg 7, 20-50 steps), which on a distilled model turn
+    # CFG on (twice the compute) for more steps and worse images: by default the model's win.
+    honour_client = server.settings.sdapi_sampling == "client"
+    return request_type(
+        prompt=data.prompt,
+        n=n,
+        size=model_size(data),
+        seed=None if data.seed == -1 else data.seed,
+        negative_prompt=data.negative_prompt or None,
+        num_inference_steps=data.steps if honour_client else None,
+        guidance_scale=data.cfg_scale if honour_client else None,
+        **extra,
+    )
+
+
+def base64_image(text: str, param: str) -> bytes:
+    """The bytes of a base64 image, with or without a `data:image/...;base64,` prefix."""
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, f"'{param}' is a data: URL that is not base64.", param=param, code="invalid_image")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"'{param}' is not valid base64.", param=param, code="invalid_image") from None
+
+
+def prepare_img2img(data: Img2ImgRequest, server: ServerState) -> GenerationSpec:
+    """Decode and check the images as /v1/images/edits does, build the spec. Runs in a worker thread."""
+    edit = openai_request(data, server, EditRequest, strength=data.denoising_strength)
+    # An empty mask is no mask, as A1111 reads it.
+    mode = edit_mode(server, len(data.init_images), bool(data.mask), A1111_UPLOADS)
+    dialect = A1111_INVERTED_UPLOADS if data.inpainting_mask_invert else A1111_UPLOADS
+    images = [base64_image(text, "init_images") for text in data.init_images]
+    mask = base64_image(data.mask, "mask") if data.mask else None
+    spec, _ = prepare_edit(edit, mode, images, mask, server, dialect)
+    return spec
+
+
+# -- the answer ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def checkpoint_sha256(model_dir: Path) -> str:
+    """A stable id for the served checkpoint from its small JSON files (pipeline index, component
+    configs, weight indexes); hashing the weights themselves would read gigabytes at start-up."""
+    digest = hashlib.sha256()
+    for pattern in ("model_index.json", "*/config.json", "*/*.index.json"):
+        for path in sorted(model_dir.glob(pattern)):
+            digest.update(path.relative_to(model_dir).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+async def served_checkpoint_sha256(server: ServerState) -> str:
+    return await asyncio.to_thread(checkpoint_sha256, server.settings.model_dir)
+
+
+def info_text(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState, sha256: str) -> str:
+    """A1111's `info`: what ran, as a JSON string. After encoding, so the LoRA hashes are cached."""
+    params, n = spec.params, spec.n
+    info = {
+        "prompt": data.prompt,
+        "all_prompts": [data.prompt] * n,
+        "negative_prompt": data.negative_prompt,
+        "all_negative_prompts": [data.negative_prompt] * n,
+        "seed": spec.seeds[0],
+        "all_seeds": list(spec.seeds),
+        "subseed": -1,
+        "all_subseeds": [-1] * n,
+        "subseed_strength": 0,
+        "width": params.width,
+        "height": params.height,
+        "sampler_name": SAMPLER,
+        "scheduler": SCHEDULER,
+        "cfg_scale": params.guidance_scale,
+        "steps": params.num_inference_steps,
+        "batch_size": data.batch_size,
+        "n_iter": data.n_iter,
+        "denoising_strength": params.strength,
+        "sampling_policy": server.settings.sdapi_sampling,
+        "restore_faces": False,
+        "sd_model_name": server.variant.model_name,
+        "sd_model_hash": sha256[:10],
+        "sd_vae_name": None,
+        "clip_skip": 1,
+        "index_of_first_image": 0,
+        "infotexts": [parameters.as_text() for parameters in request_parameters(server, spec)],
+        "styles": [],
+        "extra_generation_params": {},
+        "version": f"zimage-server {__version__}",
+    }
+    return msgspec.json.encode(info).decode()
+
+
+async def run_and_answer(
+    request: Request, server: ServerState, spec: GenerationSpec, data: Txt2ImgRequest, parameters: dict[str, Any]
+) -> A1111ImagesResponse:
+    images = await submit_job(server, spec, request).result()
+    encoded = await encode_for_response(server, spec, images, "png", None)
+    return A1111ImagesResponse(
+        images=[base64.b64encode(blob).decode() for blob in encoded] if data.send_images else [],
+        parameters=parameters,
+        info=info_text(data, spec, server, await served_checkpoint_sha256(server)),
+    )
+
+
+# -- generation routes --------------------------------------------------------------------------
+
+
+@post(
+    "/txt2img",
+    guards=[require_json, require_ready],
+    status_code=200,
+    summary="Create images from a prompt (AUTOMATIC1111 API).",
+)
+async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111ImagesResponse:
+    server = server_state(state)
+    spec, _ = generation_spec(openai_request(data, server), server)
+    return await run_and_answer(request, server, spec, data, msgspec.to_builtins(data))
+
+
+@post(
+    "/img2img",
+    guards=[require_json, require_ready],
+    status_code=200,
+    summary="Edit an image from a prompt, optionally within a mask (AUTOMATIC1111 API).",
+)
+async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111ImagesResponse:
+    server = server_state(state)
+    if not data.init_images:
+        raise ApiError(400, "'init_images' is required: the image to edit, base64.", param="init_images")
+    # Decoding and resizing take a while for big photos: off the event loop.
+    spec = await asyncio.to_thread(prepare_img2img, data, server)
+    # As A1111 answers without include_init_images: the inputs are not echoed back.
+    parameters = msgspec.to_builtins(msgspec.structs.replace(data, init_images=None, mask=None))
+    return await run_and_answer(request, server, spec, data, parameters)
+
+
+# -- discovery routes ---------------------------------------------------------------------------
+
+
+@get("/options", summary="Settings A1111 clients read: the served checkpoint, the output format.")
+async def get_options(state: State) -> dict[str, Any]:
+    server = server_state(state)
+    return {
+        "sd_model_checkpoint": server.variant.model_name,
+        "sd_checkpoint_hash": await served_checkpoint_sha256(server),
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "samples_format": "png",
+        "samples_save": False,
+        "sd_checkpoints_limit": 1,
+        "eta_noise_seed_delta": 0,
+    }
+
+
+@post(
+    "/options",
+    guards=[require_json],
+    request_max_body_size=OPTIONS_BODY_LIMIT,
+    status_code=200,
+    summary="Accepted; naming another checkpoint is a 400 (one model per process).",
+)
+async def set_options(data: dict[str, Any], state: State) -> None:
+    # Clients post the whole options dict back to switch models: every other key is accepted.
+    check_checkpoint(data.get("sd_model_checkpoint"), server_state(state))
+
+
+@get("/sd-models", summary="The one checkpoint this server runs.")
+async def sd_models(state: State) -> list[CheckpointCard]:
+    server = server_state(state)
+    sha256 = await served_checkpoint_sha256(server)
+    name = server.variant.model_name
+    return [
+        CheckpointCard(
+            title=name, model_name=name, hash=sha256[:10], sha256=sha256, filename=str(server.settings.model_dir)
+        )
+    ]
+
+
+@get("/samplers", summary="The model's one sampler.")
+async def samplers() -> list[dict[str, Any]]:
+    return [{"name": SAMPLER, "aliases": ["flow_match_euler"], "options": {}}]
+
+
+@get("/schedulers", summary="The model's one schedule.")
+async def schedulers() -> list[dict[str, Any]]:
+    return [{"name": SCHEDULER, "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+
+
+@get("/upscalers", summary="None: hires fix and upscaling are not served.")
+async def upscalers() -> list[dict[str, Any]]:
+    return []
+
+
+@get("/latent-upscale-modes", summary="None: hires fix is not served.")
+async def latent_upscale_modes() -> list[dict[str, Any]]:
+    return []
+
+
+@get("/sd-vae", summary="None: the checkpoint's own VAE always runs.")
+async def sd_vae() -> list[dict[str, Any]]:
+    return []
+
+
+@get("/scripts", summary="None: A1111 scripts and extensions are not served.")
+async def scripts() -> dict[str, list[str]]:
+    return {"txt2img": [], "img2img": []}
+
+
+@get("/loras", guards=[require_ready], summary="The LoRA folder's files; <lora:name:weight> prompt tags apply them.")
+async def loras(state: State) -> list[dict[str, Any]]:
+    server = server_state(state)
+    return [
+        {
+            "name": info.name,
+            "alias": info.name,
+            "path": str(server.runner.lora_library.folder / f"{info.name}.safetensors"),
+            "metadata": {},
+        }
+        for info in await usable_loras(server)
+    ]
+
+
+@get("/progress", summary="The running model call's step, and how many requests are running or queued.")
+async def progress(state: State) -> ProgressResponse:
+    batcher = server_state(state).batcher
+    running = batcher.running_jobs if batcher is not None else ()
+    queued = batcher.queued_jobs if batcher is not None else 0
+    # Every request of a call shares its steps: the first one that has reported speaks for the call.
+    handles = [job.payload.observer for job in running if isinstance(job.payload.observer, JobHandle)]
+    step, total = next(((h.step, h.total) for h in handles if h.total), (0, 0))
+    fraction = step / total if total else 0.0
+    eta = 0.0
+    if step and running[0].started_at is not None:
+        elapsed = time.monotonic() - running[0].started_at
+        eta = elapsed * (total - step) / step
+    return ProgressResponse(
+        progress=fraction,
+        eta_relative=eta,
+        state=ProgressState(job_count=len(running) + queued, sampling_step=step, sampling_steps=total),
+    )
+
+
+@post(
+    "/interrupt", status_code=200, summary="Accepted; stops nothing (a client that disconnects cancels its own work)."
+)
+async def interrupt() -> None:
+    # A1111 has one user; here an interrupt from one client must not cancel others' jobs, and a
+    # client's own request is already cancelled when it hangs up, which is what clients do next.
+    return None
+
+
+@post("/skip", status_code=200, summary="Accepted; skips nothing, as /interrupt.")
+async def skip() -> None:
+    return None
+
+
+def sdapi_router(settings: Settings) -> Router:
+    """Every /sdapi/v1 route; the generation routes' base64 images (init images, control images)
+    are under this server's upload limit."""
+    uploads = Router(path="/", route_handlers=[txt2img, img2img], request_max_body_size=settings.max_upload_bytes)
+    return Router(
+        path="/sdapi/v1",
+        route_handlers=[
+            uploads,
+            get_options,
+            set_options,
+            sd_models,
+            samplers,
+            schedulers,
+            upscalers,
+            latent_upscale_modes,
+            sd_vae,
+            scripts,
+            loras,
+            progress,
+            interrupt,
+            skip,
+        ],
+        tags=["AUTOMATIC1111"],
+    )
