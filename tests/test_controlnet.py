@@ -173,3 +173,47 @@ def test_canny_edges_are_opencvs_edges():
         # The same edges up to ties in the non-maximum suppression (OpenCV tests sectors in fixed point):
         # measured 99.6% and 97.5% agreement on these two.
         assert (ours & reference).sum() / (ours | reference).sum() >= 0.95 and reference.sum() > 100
+
+
+def test_webuiapi_controlnet_units_and_the_extension_routes(control_settings, control_runner):
+    import webuiapi
+
+    from conftest import live_server
+
+    control = control_map()
+    with live_server(control_settings, control_runner, sdapi_sampling="client") as base:
+        host, port = base.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+        unit = webuiapi.ControlNetUnit(image=control, module="none", weight=0.75)
+        common = dict(prompt="a photo of a cat", width=64, height=64, steps=3, cfg_scale=0, seed=5)
+        # Each call gets its own alwayson_scripts: webuiapi's default `{}` is one dict shared by all calls,
+        # and the units it puts there would reach every later call (this test's and other tests').
+        result = api.txt2img(**common, controlnet_units=[unit], alwayson_scripts={})
+        [[expected]] = generate(control_runner, [control_spec("a photo of a cat", (5,), control)])
+        assert np.array_equal(np.asarray(result.image.convert("RGB"), np.int16), np.asarray(expected, np.int16))
+        plain = api.txt2img(**common, alwayson_scripts={})
+        assert not np.array_equal(np.asarray(plain.image), np.asarray(result.image))
+        interface = webuiapi.ControlNetInterface(api)
+        assert interface.model_list() == ["union-1"]
+        assert "canny" in httpx_get(base, "/controlnet/module_list")["module_list"]
+        assert httpx_get(base, "/controlnet/version")["version"] == 2
+        # A second enabled unit, an unknown module, or a weight out of range: 400 with detail.
+        import httpx
+
+        body = {**common, "alwayson_scripts": {"ControlNet": {"args": [unit.to_dict(), unit.to_dict()]}}}
+        for args in ([unit.to_dict(), unit.to_dict()], [unit.to_dict() | {"module": "openpose"}],
+                     [unit.to_dict() | {"weight": 5}], [unit.to_dict() | {"image": "%%%"}]):
+            body["alwayson_scripts"]["ControlNet"]["args"] = args
+            response = httpx.post(base + "/sdapi/v1/txt2img", json=body, timeout=60)
+            assert response.status_code == 400 and response.json()["detail"], response.text[:300]
+        # A disabled unit is no unit.
+        body["alwayson_scripts"]["ControlNet"]["args"] = [unit.to_dict() | {"enabled": False}]
+        assert httpx.post(base + "/sdapi/v1/txt2img", json=body, timeout=60).status_code == 200
+
+
+def httpx_get(base: str, path: str) -> dict:
+    import httpx
+
+    response = httpx.get(base + path, timeout=30)
+    assert response.status_code == 200, response.text[:300]
+    return response.json()

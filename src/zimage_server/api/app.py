@@ -25,7 +25,7 @@ from .errors import EXCEPTION_HANDLERS
 from .observability import ServerMetrics, http_metrics_config, install_request_log, metrics_endpoint
 from .page import PAGE_ROUTES
 from .routes import ROUTES, uploads_router
-from .sdapi import sdapi_router
+from .sdapi import controlnet_router, sdapi_router
 from .state import FetchModel, ServerState
 
 if TYPE_CHECKING:
@@ -129,7 +129,14 @@ def create_app(
     server = ServerState(settings=settings, runner=runner, fetch_model=fetch_model, faults=faults)
     server.metrics = ServerMetrics(server)
     app = Litestar(
-        route_handlers=[*ROUTES, uploads_router(settings), sdapi_router(settings), *PAGE_ROUTES, metrics_endpoint],
+        route_handlers=[
+            *ROUTES,
+            uploads_router(settings),
+            sdapi_router(settings),
+            controlnet_router(),
+            *PAGE_ROUTES,
+            metrics_endpoint,
+        ],
         lifespan=[model_lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         guards=[require_api_key],

@@ -16,7 +16,7 @@ import hmac
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from .errors import SDAPI_PREFIX, ApiError
+from .errors import A1111_PREFIXES, ApiError
 from .state import server_state
 
 OPENAI_PREFIX = "/v1/"
@@ -46,10 +46,10 @@ async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> No
     Async, as every guard here: Litestar would run a sync one in a worker thread on each request."""
     key: str | None = server_state(connection).settings.api_key
     path = connection.scope["path"]
-    if key is None or not path.startswith((OPENAI_PREFIX, SDAPI_PREFIX)):
+    if key is None or not path.startswith((OPENAI_PREFIX, *A1111_PREFIXES)):
         return
     authorization = connection.headers.get("authorization", "")
-    sdapi = path.startswith(SDAPI_PREFIX)
+    sdapi = path.startswith(A1111_PREFIXES)
     token = bearer_token(authorization) or (basic_password(authorization) if sdapi else None)
     # Constant-time, so response timing does not reveal how much of a guessed key matched. Header
     # values arrive decoded as latin-1; encoding back gives the bytes the client sent.

@@ -8,8 +8,6 @@ centre-crop), and with `control_preprocess: canny` becomes the edge map the serv
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 
 from ..images import canny_edges, fit_to, to_rgb
@@ -19,22 +17,7 @@ from .state import ServerState
 from .uploads import decode_part
 
 DEFAULT_CONTROL_SCALE = 0.75
-DATA_URL_PREFIX = "data:"
-
-
-def decode_base64_image(text: str, param: str) -> bytes:
-    """The bytes of a base64 image, or a `data:` URL holding one; 400 for anything else."""
-    if text.startswith(DATA_URL_PREFIX):
-        header, _, text = text.partition(",")
-        if not header.endswith(";base64"):
-            raise ApiError(400, f"'{param}' is a data URL without ';base64'.", param=param, code="invalid_image")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(
-            400, f"'{param}' is not valid base64 (send the image file's bytes, base64-encoded).", param=param,
-            code="invalid_image",
-        ) from None
+CONTROL_PREPROCESSES = ("none", "canny")  # `none`: the image already is a control map
 
 
 def check_controlnet(server: ServerState, inpainting: bool) -> None:

@@ -19,7 +19,8 @@ from .schemas import ErrorBody, ErrorDetail
 
 log = logging.getLogger("zimage_server.api")
 
-SDAPI_PREFIX = "/sdapi/"  # the AUTOMATIC1111 routes (api/sdapi.py)
+# The AUTOMATIC1111 routes (api/sdapi.py): its own API and its ControlNet extension's.
+A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -79,7 +80,7 @@ def error_response(
         message = f"{message} (request id: {request_id})"
     body = ErrorBody(
         error=error_detail(status_code, message, param=param, code=code),
-        detail=message if request is not None and request.scope["path"].startswith(SDAPI_PREFIX) else None,
+        detail=message if request is not None and request.scope["path"].startswith(A1111_PREFIXES) else None,
     )
     return Response(body, status_code=status_code, headers=headers, media_type=MediaType.JSON)
 

@@ -9,7 +9,7 @@ from litestar.datastructures import State
 
 from ..lora_library import LoraInfo
 from ..settings import Settings
-from .control import controlled, decode_base64_image
+from .control import controlled
 from .edits import create_edit
 from .guards import RETRY_AFTER_S, require_json, require_ready
 from .jobs import submit_job
@@ -18,6 +18,7 @@ from .responses import check_raw_image_count, images_response
 from .schemas import GenerationRequest, LoraCard, LoraList, ModelCard, ModelDefaults, ModelList
 from .state import ServerState, server_state
 from .streaming import GENERATION_EVENTS, stream_images
+from .uploads import decode_base64_image
 
 @post(
     "/v1/images/generations",

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import functools
 import hashlib
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,7 +37,9 @@ from .requests import MAX_SIDE, MIN_SIDE, generation_spec, served_model_ids
 from .responses import encode_for_response, request_parameters
 from .routes import usable_loras
 from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest, Guidance, Steps
+from .control import CONTROL_PREPROCESSES, controlled
 from .state import ServerState, server_state
+from .uploads import decode_base64_image
 
 # Z-Image's scheduler is flow-matching Euler; there is no other sampler to choose.
 SAMPLER = "Euler"
@@ -76,6 +78,8 @@ class Txt2ImgRequest(msgspec.Struct, kw_only=True):
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False  # accepted: the server keeps no image store
+    # Only the ControlNet extension's units are read (control_unit); other scripts are ignored.
+    alwayson_scripts: dict[str, Any] | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest, kw_only=True):
@@ -188,28 +192,70 @@ def openai_request(
     )
 
 
-def base64_image(text: str, param: str) -> bytes:
-    """The bytes of a base64 image, with or without a `data:image/...;base64,` prefix."""
-    if text.startswith("data:"):
-        header, _, text = text.partition(",")
-        if not header.endswith(";base64"):
-            raise ApiError(400, f"'{param}' is a data: URL that is not base64.", param=param, code="invalid_image")
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"'{param}' is not valid base64.", param=param, code="invalid_image") from None
-
-
 def prepare_img2img(data: Img2ImgRequest, server: ServerState) -> GenerationSpec:
     """Decode and check the images as /v1/images/edits does, build the spec. Runs in a worker thread."""
     edit = openai_request(data, server, EditRequest, strength=data.denoising_strength)
     # An empty mask is no mask, as A1111 reads it.
     mode = edit_mode(server, len(data.init_images), bool(data.mask), A1111_UPLOADS)
     dialect = A1111_INVERTED_UPLOADS if data.inpainting_mask_invert else A1111_UPLOADS
-    images = [base64_image(text, "init_images") for text in data.init_images]
-    mask = base64_image(data.mask, "mask") if data.mask else None
+    images = [decode_base64_image(text, "init_images") for text in data.init_images]
+    mask = decode_base64_image(data.mask, "mask") if data.mask else None
     spec, _ = prepare_edit(edit, mode, images, mask, server, dialect)
     return spec
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """The one enabled unit of the A1111 ControlNet extension's request: its image, module and weight."""
+
+    image: bytes
+    preprocess: str
+    weight: float
+
+
+# The extension's preprocessor names this server can run (`none`: the image already is the map).
+CONTROL_MODULES = {name: name for name in CONTROL_PREPROCESSES}
+CONTROLNET_API_VERSION = 2  # what webuiapi's ControlNetInterface reads from /controlnet/version
+
+
+def control_unit(data: Txt2ImgRequest) -> ControlUnit | None:
+    """`alwayson_scripts.controlnet.args[i]` as the extension (and webuiapi's ControlNetUnit) sends it."""
+    scripts = {name.lower(): script for name, script in (data.alwayson_scripts or {}).items()}
+    args = (scripts.get("controlnet") or {}).get("args") if isinstance(scripts.get("controlnet"), dict) else None
+    units = []
+    for unit in args if isinstance(args, list) else []:
+        if not isinstance(unit, dict) or unit.get("enabled") is False:
+            continue
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+            image = image.get("image")
+        if image:
+            units.append((unit, image))
+    if not units:
+        return None
+    if len(units) > 1:
+        raise ApiError(400, f"{len(units)} ControlNet units are enabled; this server runs one ControlNet, send one.",
+                       param="alwayson_scripts")
+    unit, image = units[0]
+    module = str(unit.get("module") or "none").lower()
+    if module not in CONTROL_MODULES:
+        raise ApiError(400, f"ControlNet module {module!r} is not available here; use one of "
+                       f"{', '.join(CONTROL_MODULES)} (send a ready-made control map with none).",
+                       param="alwayson_scripts")
+    weight = unit.get("weight", 1.0)
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight <= 2:
+        raise ApiError(400, f"ControlNet weight {weight!r} must be a number in 0..2.", param="alwayson_scripts")
+    if not isinstance(image, str):
+        raise ApiError(400, "The ControlNet unit's image must be base64 text.", param="alwayson_scripts")
+    return ControlUnit(decode_base64_image(image, "alwayson_scripts"), CONTROL_MODULES[module], float(weight))
+
+
+async def with_control(spec: GenerationSpec, data: Txt2ImgRequest, server: ServerState) -> GenerationSpec:
+    unit = control_unit(data)
+    if unit is None:
+        return spec
+    # Decoding, fitting and edge detection take a while for big images: off the event loop.
+    return await asyncio.to_thread(controlled, spec, server, unit.image, unit.preprocess, unit.weight)
 
 
 # -- the answer ---------------------------------------------------------------------------------
@@ -292,7 +338,8 @@ async def run_and_answer(
 async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111ImagesResponse:
     server = server_state(state)
     spec, _ = generation_spec(openai_request(data, server), server)
-    return await run_and_answer(request, server, spec, data, msgspec.to_builtins(data))
+    spec = await with_control(spec, data, server)
+    return await run_and_answer(request, server, spec, data, without_images(data))
 
 
 @post(
@@ -307,9 +354,19 @@ async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111
         raise ApiError(400, "'init_images' is required: the image to edit, base64.", param="init_images")
     # Decoding and resizing take a while for big photos: off the event loop.
     spec = await asyncio.to_thread(prepare_img2img, data, server)
-    # As A1111 answers without include_init_images: the inputs are not echoed back.
-    parameters = msgspec.to_builtins(msgspec.structs.replace(data, init_images=None, mask=None))
-    return await run_and_answer(request, server, spec, data, parameters)
+    if control_unit(data) is not None and spec.params.mode != "inpaint":
+        raise ApiError(400, "A ControlNet unit on img2img needs a mask (ControlNet inpainting); use txt2img "
+                       "for a controlled image from a prompt.", param="alwayson_scripts")
+    spec = await with_control(spec, data, server)
+    return await run_and_answer(request, server, spec, data, without_images(data))
+
+
+def without_images(data: Txt2ImgRequest) -> dict[str, Any]:
+    """The request as understood, for `parameters`: as A1111 answers without include_init_images, the
+    images sent (init images, mask, ControlNet images) are not echoed back."""
+    if isinstance(data, Img2ImgRequest):
+        data = msgspec.structs.replace(data, init_images=None, mask=None)
+    return msgspec.to_builtins(msgspec.structs.replace(data, alwayson_scripts=None))
 
 
 # -- discovery routes ---------------------------------------------------------------------------
@@ -432,6 +489,25 @@ async def skip() -> None:
     return None
 
 
+# -- the ControlNet extension's discovery routes ----------------------------------------------------
+
+
+@get("/model_list", summary="The ControlNet loaded beside the model (Z_IMAGE_CONTROLNET), if any.")
+async def controlnet_models(state: State) -> dict[str, list[str]]:
+    path = server_state(state).settings.controlnet_path
+    return {"model_list": [path.stem] if path is not None else []}
+
+
+@get("/module_list", summary="The preprocessors a ControlNet unit may name.")
+async def controlnet_modules() -> dict[str, list[str]]:
+    return {"module_list": list(CONTROL_MODULES)}
+
+
+@get("/version", summary="The ControlNet extension API version this server answers as.")
+async def controlnet_version() -> dict[str, int]:
+    return {"version": CONTROLNET_API_VERSION}
+
+
 def sdapi_router(settings: Settings) -> Router:
     """Every /sdapi/v1 route; the generation routes' base64 images (init images, control images)
     are under this server's upload limit."""
@@ -454,5 +530,15 @@ def sdapi_router(settings: Settings) -> Router:
             interrupt,
             skip,
         ],
+        tags=["AUTOMATIC1111"],
+    )
+
+
+def controlnet_router() -> Router:
+    """/controlnet/*, as the A1111 ControlNet extension serves it (webuiapi's ControlNetInterface)."""
+    return Router(
+        path="/controlnet",
+        route_handlers=[controlnet_models, controlnet_modules, controlnet_version],
+        guards=[require_ready],
         tags=["AUTOMATIC1111"],
     )
