@@ -217,3 +217,15 @@ def httpx_get(base: str, path: str) -> dict:
     response = httpx.get(base + path, timeout=30)
     assert response.status_code == 200, response.text[:300]
     return response.json()
+
+
+def test_a_missing_controlnet_or_one_that_cannot_run_is_one_line_at_start_up(models_dir):
+    from test_settings import run_cli
+
+    missing = run_cli("serve", env={"MODELS_DIR": str(models_dir), "Z_IMAGE_CONTROLNET": "nope", "Z_IMAGE_OFFLINE": "1"})
+    assert missing.returncode == 3 and missing.stderr.strip().count("\n") == 0
+    assert str(models_dir / "controlnets" / "nope") in missing.stderr and "Z_IMAGE_CONTROLNET" in missing.stderr
+    offloaded = run_cli(
+        "serve", env={"MODELS_DIR": str(models_dir), "Z_IMAGE_CONTROLNET": "union-1", "Z_IMAGE_OFFLOAD": "model"}
+    )
+    assert offloaded.returncode == 2 and "Z_IMAGE_OFFLOAD" in offloaded.stderr.strip().splitlines()[-1]

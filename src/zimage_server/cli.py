@@ -95,6 +95,10 @@ def serve(args: argparse.Namespace) -> None:
         except DownloadError as no_repo:
             fail(str(no_repo), EXIT_NO_MODEL)
         fetch_model = fetch_in_subprocess
+    controlnet = settings.controlnet_path
+    if controlnet is not None and not (controlnet.is_dir() or controlnet.is_file()):
+        fail(f"no ControlNet at {controlnet} (Z_IMAGE_CONTROLNET): give a .safetensors file or a diffusers folder; "
+             "a relative path is under MODELS_DIR/controlnets", EXIT_NO_MODEL)
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
     from .faults import FaultInjector
     from .runner import preflight

@@ -317,6 +317,10 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
             f"Z_IMAGE_MAX_N={settings.max_n} exceeds Z_IMAGE_MAX_QUEUE={settings.max_queue}: "
             "a request of n images could never be queued"
         )
+    if settings.controlnet is not None and (settings.offload == "model" or VARIANTS[settings.variant].edit_method == "omni"):
+        raise SettingsError(
+            "Z_IMAGE_CONTROLNET needs Z_IMAGE_OFFLOAD=none, text_encoder or auto, and the turbo or base variant"
+        )
     if VARIANTS[settings.variant].bf16_only and settings.dtype not in ("auto", "bf16"):
         raise SettingsError(
             f"Z_IMAGE_DTYPE={settings.dtype} cannot run Z_IMAGE_VARIANT={settings.variant}: it runs in bf16 only"
