@@ -65,7 +65,11 @@ def diffusers_reference(models_dir: Path, loras: Path, adapters: dict[str, float
         pipe.load_lora_weights(str(loras / f"{name}.safetensors"), adapter_name=f"a{index}")
     pipe.set_adapters([f"a{index}" for index in range(len(adapters))], list(adapters.values()))
     image = pipe(
-        "a photo of a cat", width=64, height=64, num_inference_steps=2, guidance_scale=0.0,
+        "a photo of a cat",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
         generator=torch.Generator("cpu").manual_seed(5),
     ).images[0]
     return np.asarray(image, dtype=np.int16)
@@ -96,8 +100,10 @@ def test_a_mixed_burst_shares_calls_only_within_one_lora_set(settings, runner, l
         return BASE | {"seed": index} | ({"loras": lora_set} if lora_set else {})
 
     with live_server(settings, runner) as base:
-        solo = [decode(httpx.post(base + URL, json=body(i, s), timeout=60).json()["data"][0]["b64_json"])
-                for i, s in enumerate(sets)]
+        solo = [
+            decode(httpx.post(base + URL, json=body(i, s), timeout=60).json()["data"][0]["b64_json"])
+            for i, s in enumerate(sets)
+        ]
         calls_before = runner.calls
         with ThreadPoolExecutor(len(sets) + 1) as pool:
             runner.lock.acquire()  # the "GPU" is busy with a blocker: the burst queues up behind it
@@ -117,8 +123,13 @@ def test_a_mixed_burst_shares_calls_only_within_one_lora_set(settings, runner, l
 
 
 def test_edits_streams_and_the_png_parameters_carry_the_loras(client, loras):
-    lora_form = form(encoded(picture()), prompt="a cat", num_inference_steps="2", seed="3",
-                     loras=json.dumps([{"name": "pixel-art", "scale": 0.7}]))
+    lora_form = form(
+        encoded(picture()),
+        prompt="a cat",
+        num_inference_steps="2",
+        seed="3",
+        loras=json.dumps([{"name": "pixel-art", "scale": 0.7}]),
+    )
     tagged_form = form(encoded(picture()), prompt="a cat <lora:pixel-art:0.7>", num_inference_steps="2", seed="3")
     plain_form = form(encoded(picture()), prompt="a cat", num_inference_steps="2", seed="3")
     edited = client.post(EDITS, **lora_form).json()["data"][0]["b64_json"]
@@ -129,9 +140,14 @@ def test_edits_streams_and_the_png_parameters_carry_the_loras(client, loras):
     assert text.startswith("a cat <lora:pixel-art:0.7>") and f'Lora hashes: "pixel-art: {digest}"' in text
 
     streamed = client.post(URL, json=BASE | {"stream": True, "loras": [{"name": "pixel-art", "scale": 0.8}]})
-    completed = [json.loads(line[6:]) for line in streamed.text.splitlines()
-                 if line.startswith("data: ") and '.completed"' in line]
-    assert np.array_equal(decode(completed[0]["b64_json"]), generate(client, loras=[{"name": "pixel-art", "scale": 0.8}]))
+    completed = [
+        json.loads(line[6:])
+        for line in streamed.text.splitlines()
+        if line.startswith("data: ") and '.completed"' in line
+    ]
+    assert np.array_equal(
+        decode(completed[0]["b64_json"]), generate(client, loras=[{"name": "pixel-art", "scale": 0.8}])
+    )
 
 
 def test_inpainting_applies_loras_inside_the_mask_only(client, loras):
@@ -153,7 +169,9 @@ def test_omni_edits_take_loras_too(edit_settings, edit_runner, models_dir, loras
         plain = client.post(EDITS, **form(encoded(picture()), **common))
         styled = client.post(EDITS, **form(encoded(picture()), **common, loras='[{"name": "pixel-art"}]'))
         assert plain.status_code == styled.status_code == 200, styled.text[:300]
-        assert np.abs(decode(plain.json()["data"][0]["b64_json"]) - decode(styled.json()["data"][0]["b64_json"])).max() > 0
+        assert (
+            np.abs(decode(plain.json()["data"][0]["b64_json"]) - decode(styled.json()["data"][0]["b64_json"])).max() > 0
+        )
 
 
 def test_the_lora_list_names_sizes_ranks_modules_and_hashes(client, loras):

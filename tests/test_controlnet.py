@@ -75,8 +75,14 @@ def test_a_controlled_image_is_what_the_diffusers_controlnet_pipeline_gives(cont
     pipe.set_progress_bar_config(disable=True)
     for offset, image in enumerate(images):
         expected = pipe(
-            "a cat", width=64, height=64, num_inference_steps=3, guidance_scale=0.0, max_sequence_length=64,
-            control_image=control, controlnet_conditioning_scale=0.75,
+            "a cat",
+            width=64,
+            height=64,
+            num_inference_steps=3,
+            guidance_scale=0.0,
+            max_sequence_length=64,
+            control_image=control,
+            controlnet_conditioning_scale=0.75,
             generator=torch.Generator("cpu").manual_seed(5 + offset),
         ).images[0]
         assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
@@ -89,8 +95,10 @@ def test_scale_zero_is_the_plain_image_and_batching_changes_nothing(control_runn
     [[alone]] = generate(control_runner, [control_spec("a cat", (5,), control_map(1))])
     batched = generate(
         control_runner,
-        [control_spec("a longer prompt about a dog on a beach", (9, 10), control_map(2)),
-         control_spec("a cat", (5,), control_map(1))],
+        [
+            control_spec("a longer prompt about a dog on a beach", (9, 10), control_map(2)),
+            control_spec("a cat", (5,), control_map(1)),
+        ],
     )
     assert np.abs(np.asarray(batched[1][0], np.int16) - np.asarray(alone, np.int16)).max() <= 1
     assert np.abs(np.asarray(alone, np.int16) - np.asarray(plain, np.int16)).max() > 10  # the control steers
@@ -104,7 +112,9 @@ def test_the_generations_route_takes_base64_and_data_urls_and_never_batches_cont
         by_b64 = client.post(URL, json=BASE | {"control_image": b64(control)})
         by_url = client.post(URL, json=BASE | {"control_image": "data:image/png;base64," + b64(control)})
         assert by_b64.status_code == by_url.status_code == 200, by_b64.text[:300]
-        assert np.array_equal(pixels(by_b64.json()["data"][0]["b64_json"]), pixels(by_url.json()["data"][0]["b64_json"]))
+        assert np.array_equal(
+            pixels(by_b64.json()["data"][0]["b64_json"]), pixels(by_url.json()["data"][0]["b64_json"])
+        )
         [[direct]] = generate(control_runner, [control_spec("a photo of a cat", (5,), control)])
         assert np.array_equal(pixels(by_b64.json()["data"][0]["b64_json"]), np.asarray(direct, np.int16))
         plain = client.post(URL, json=BASE).json()["data"][0]["b64_json"]
@@ -115,7 +125,9 @@ def test_the_generations_route_takes_base64_and_data_urls_and_never_batches_cont
         assert fitted.status_code == 200, fitted.text[:300]
         from zimage_server.images import fit_to
 
-        [[expected]] = generate(control_runner, [control_spec("a photo of a cat", (5,), canny_edges(fit_to(photo, (64, 64))))])
+        [[expected]] = generate(
+            control_runner, [control_spec("a photo of a cat", (5,), canny_edges(fit_to(photo, (64, 64))))]
+        )
         assert np.array_equal(pixels(fitted.json()["data"][0]["b64_json"]), np.asarray(expected, np.int16))
     # Mode is part of the call parameters: a controlled and a plain request have different keys.
     assert control_spec("a", (1,), control).params != make_spec("a", (1,)).params
@@ -131,7 +143,10 @@ def test_controlnet_inpainting_on_a_2x_checkpoint_and_loras_on_top(inpaint_setti
         controlled = client.post(EDITS, **edit_form)
         assert controlled.status_code == 200, controlled.text[:300]
         plain = client.post(EDITS, **form(encoded(picture()), encoded(left_half_mask()), **common))
-        assert np.abs(pixels(controlled.json()["data"][0]["b64_json"]) - pixels(plain.json()["data"][0]["b64_json"])).max() > 0
+        assert (
+            np.abs(pixels(controlled.json()["data"][0]["b64_json"]) - pixels(plain.json()["data"][0]["b64_json"])).max()
+            > 0
+        )
 
 
 def test_bad_control_inputs_are_4xx_and_the_server_stays_ready(control_settings, control_runner, client):
@@ -201,8 +216,12 @@ def test_webuiapi_controlnet_units_and_the_extension_routes(control_settings, co
         import httpx
 
         body = {**common, "alwayson_scripts": {"ControlNet": {"args": [unit.to_dict(), unit.to_dict()]}}}
-        for args in ([unit.to_dict(), unit.to_dict()], [unit.to_dict() | {"module": "openpose"}],
-                     [unit.to_dict() | {"weight": 5}], [unit.to_dict() | {"image": "%%%"}]):
+        for args in (
+            [unit.to_dict(), unit.to_dict()],
+            [unit.to_dict() | {"module": "openpose"}],
+            [unit.to_dict() | {"weight": 5}],
+            [unit.to_dict() | {"image": "%%%"}],
+        ):
             body["alwayson_scripts"]["ControlNet"]["args"] = args
             response = httpx.post(base + "/sdapi/v1/txt2img", json=body, timeout=60)
             assert response.status_code == 400 and response.json()["detail"], response.text[:300]
@@ -222,7 +241,9 @@ def httpx_get(base: str, path: str) -> dict:
 def test_a_missing_controlnet_or_one_that_cannot_run_is_one_line_at_start_up(models_dir):
     from test_settings import run_cli
 
-    missing = run_cli("serve", env={"MODELS_DIR": str(models_dir), "Z_IMAGE_CONTROLNET": "nope", "Z_IMAGE_OFFLINE": "1"})
+    missing = run_cli(
+        "serve", env={"MODELS_DIR": str(models_dir), "Z_IMAGE_CONTROLNET": "nope", "Z_IMAGE_OFFLINE": "1"}
+    )
     assert missing.returncode == 3 and missing.stderr.strip().count("\n") == 0
     assert str(models_dir / "controlnets" / "nope") in missing.stderr and "Z_IMAGE_CONTROLNET" in missing.stderr
     offloaded = run_cli(

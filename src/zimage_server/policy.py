@@ -62,7 +62,9 @@ class BatchPolicy:
             images = images[spec.n :]
         return results
 
-    def recovering(self, run: Callable[[list[GenerationSpec]], list[Any]]) -> Callable[[list[GenerationSpec]], list[Any]]:
+    def recovering(
+        self, run: Callable[[list[GenerationSpec]], list[Any]]
+    ) -> Callable[[list[GenerationSpec]], list[Any]]:
         """`run` (specs -> results per spec), made to survive running out of memory.
 
         When a call of several requests runs out of memory, free what the allocator caches and run

@@ -74,7 +74,8 @@ async def read_form(request: Request, settings: Settings) -> FormMultiDict:
     except UnicodeDecodeError:
         # A part without a filename is a text field; binary data there is usually `-F image=<file` for `=@file`.
         raise ApiError(
-            400, "A text field holds bytes that are not UTF-8: send images as file parts (curl -F image=@photo.png).",
+            400,
+            "A text field holds bytes that are not UTF-8: send images as file parts (curl -F image=@photo.png).",
             code="invalid_multipart",
         ) from None
     except InternalServerException as exc:
@@ -286,4 +287,3 @@ async def create_edit(request: Request, state: State) -> Response:
         )
     images = await submit_job(server, spec, request).result()
     return await images_response(request, server, spec, options, images)
-

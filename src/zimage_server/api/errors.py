@@ -149,7 +149,10 @@ def handle_too_deep(request: Request, exc: RecursionError) -> Response[ErrorBody
 
 def handle_unexpected(request: Request, exc: Exception) -> Response[ErrorBody]:
     log.error(
-        "request %s: unhandled error on %s %s", request_id_of(request.scope), request.method, request.url.path,
+        "request %s: unhandled error on %s %s",
+        request_id_of(request.scope),
+        request.method,
+        request.url.path,
         exc_info=exc,
     )
     request.app.state.server.metrics.record_unhandled(exc)

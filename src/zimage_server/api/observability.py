@@ -43,9 +43,7 @@ UNMEASURED_PATHS = ["^/metrics$", "^/health$", "^/ready$"]
 
 def http_metrics_config() -> PrometheusConfig:
     """Litestar's HTTP metrics, labelled by route template so paths do not explode cardinality."""
-    return PrometheusConfig(
-        app_name="zimage-server", prefix="zimage_http", group_path=True, exclude=UNMEASURED_PATHS
-    )
+    return PrometheusConfig(app_name="zimage-server", prefix="zimage_http", group_path=True, exclude=UNMEASURED_PATHS)
 
 
 class ServerMetrics:
@@ -59,9 +57,9 @@ class ServerMetrics:
             return lambda: getattr(server.batcher, name, 0)
 
         # The Kubernetes HPA scales on zimage_queue_images; keep the name.
-        Gauge(
-            "zimage_queue_images", "Images waiting in the queue (not yet running)", registry=registry
-        ).set_function(batcher_value("queued_images"))
+        Gauge("zimage_queue_images", "Images waiting in the queue (not yet running)", registry=registry).set_function(
+            batcher_value("queued_images")
+        )
         Gauge("zimage_queue_requests", "Requests waiting in the queue", registry=registry).set_function(
             batcher_value("queued_jobs")
         )
@@ -73,9 +71,9 @@ class ServerMetrics:
             "Queued requests dropped unrun since start because their client left or they timed out",
             registry=registry,
         ).set_function(lambda: server.batcher.stats.dropped if server.batcher is not None else 0)
-        Gauge(
-            "zimage_queue_capacity_images", "Z_IMAGE_MAX_QUEUE: queued images before 429", registry=registry
-        ).set(server.settings.max_queue)
+        Gauge("zimage_queue_capacity_images", "Z_IMAGE_MAX_QUEUE: queued images before 429", registry=registry).set(
+            server.settings.max_queue
+        )
         Gauge("zimage_ready", "1 while the server takes new work", registry=registry).set_function(
             lambda: float(server.taking_work)
         )
@@ -108,7 +106,9 @@ class ServerMetrics:
             "zimage_requests_timed_out", "Requests that waited past Z_IMAGE_REQUEST_TIMEOUT_S (504)", registry=registry
         )
         self.errors = Counter(
-            "zimage_errors", "Failures by exception type (pipeline calls, requests, handlers)", ["type"],
+            "zimage_errors",
+            "Failures by exception type (pipeline calls, requests, handlers)",
+            ["type"],
             registry=registry,
         )
         self.cancelled_batches = Counter(

@@ -42,7 +42,9 @@ def check_raw_image_count(request: Request, n: int) -> None:
         raise ApiError(400, "A raw image response holds one image: send n=1, or Accept: application/json.", param="n")
 
 
-def image_parameters(server: ServerState, spec: GenerationSpec, seed: int, lora_hashes: dict[str, str]) -> ImageParameters:
+def image_parameters(
+    server: ServerState, spec: GenerationSpec, seed: int, lora_hashes: dict[str, str]
+) -> ImageParameters:
     params = spec.params
     return ImageParameters(
         prompt=spec.prompt,
@@ -99,7 +101,9 @@ async def images_response(
         return Response(encoded[0], media_type=raw_type, headers={"X-Seed": str(spec.seeds[0])})
     body = ImagesResponse(
         created=int(time.time()),
-        data=[ImageData(b64_json=base64.b64encode(blob).decode(), seed=seed) for blob, seed in zip(encoded, spec.seeds)],
+        data=[
+            ImageData(b64_json=base64.b64encode(blob).decode(), seed=seed) for blob, seed in zip(encoded, spec.seeds)
+        ],
         output_format=output_format,
         size=f"{spec.params.width}x{spec.params.height}",
     )

@@ -20,6 +20,7 @@ from .state import ServerState, server_state
 from .streaming import GENERATION_EVENTS, stream_images
 from .uploads import decode_base64_image
 
+
 @post(
     "/v1/images/generations",
     guards=[require_json, require_ready],
@@ -49,7 +50,9 @@ async def list_models(state: State) -> ModelList:
     server = server_state(state)
     variant = server.variant
     defaults = ModelDefaults(
-        num_inference_steps=variant.default_steps, guidance_scale=variant.default_guidance, takes_mask=variant.takes_mask
+        num_inference_steps=variant.default_steps,
+        guidance_scale=variant.default_guidance,
+        takes_mask=variant.takes_mask,
     )
     card = ModelCard(id=served_model_ids(server)[0], created=int(server.started_at), defaults=defaults)
     return ModelList(data=[card])

@@ -65,11 +65,19 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     max_sequence_length: Annotated[int, Meta(ge=16, le=512)] | None = None
     loras: Loras | None = None
     # ControlNet (a server started with Z_IMAGE_CONTROLNET); on edits control_image is a file part.
-    control_image: Annotated[
-        str, Meta(description="A control map (pose, depth, edges, lines) or, with control_preprocess, a photo: "
-                  "base64 or a data: URL.")
-    ] | None = None
-    control_scale: Annotated[float, Meta(ge=0, le=2, description="How strongly it steers, 0..2 (default 0.75).")] | None = None
+    control_image: (
+        Annotated[
+            str,
+            Meta(
+                description="A control map (pose, depth, edges, lines) or, with control_preprocess, a photo: "
+                "base64 or a data: URL."
+            ),
+        ]
+        | None
+    ) = None
+    control_scale: (
+        Annotated[float, Meta(ge=0, le=2, description="How strongly it steers, 0..2 (default 0.75).")] | None
+    ) = None
     control_preprocess: Literal["none", "canny"] | None = None
 
 

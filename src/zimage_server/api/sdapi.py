@@ -234,14 +234,20 @@ def control_unit(data: Txt2ImgRequest) -> ControlUnit | None:
     if not units:
         return None
     if len(units) > 1:
-        raise ApiError(400, f"{len(units)} ControlNet units are enabled; this server runs one ControlNet, send one.",
-                       param="alwayson_scripts")
+        raise ApiError(
+            400,
+            f"{len(units)} ControlNet units are enabled; this server runs one ControlNet, send one.",
+            param="alwayson_scripts",
+        )
     unit, image = units[0]
     module = str(unit.get("module") or "none").lower()
     if module not in CONTROL_MODULES:
-        raise ApiError(400, f"ControlNet module {module!r} is not available here; use one of "
-                       f"{', '.join(CONTROL_MODULES)} (send a ready-made control map with none).",
-                       param="alwayson_scripts")
+        raise ApiError(
+            400,
+            f"ControlNet module {module!r} is not available here; use one of "
+            f"{', '.join(CONTROL_MODULES)} (send a ready-made control map with none).",
+            param="alwayson_scripts",
+        )
     weight = unit.get("weight", 1.0)
     if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight <= 2:
         raise ApiError(400, f"ControlNet weight {weight!r} must be a number in 0..2.", param="alwayson_scripts")
@@ -355,8 +361,12 @@ async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111
     # Decoding and resizing take a while for big photos: off the event loop.
     spec = await asyncio.to_thread(prepare_img2img, data, server)
     if control_unit(data) is not None and spec.params.mode != "inpaint":
-        raise ApiError(400, "A ControlNet unit on img2img needs a mask (ControlNet inpainting); use txt2img "
-                       "for a controlled image from a prompt.", param="alwayson_scripts")
+        raise ApiError(
+            400,
+            "A ControlNet unit on img2img needs a mask (ControlNet inpainting); use txt2img "
+            "for a controlled image from a prompt.",
+            param="alwayson_scripts",
+        )
     spec = await with_control(spec, data, server)
     return await run_and_answer(request, server, spec, data, without_images(data))
 

@@ -44,7 +44,9 @@ async def drain(app: Litestar, timeout: float) -> None:
         return
     log.info(
         "draining: refusing new work; waiting up to %g s for %d queued and %d running images",
-        timeout, batcher.queued_images, batcher.running_images,
+        timeout,
+        batcher.queued_images,
+        batcher.running_images,
     )
     started = time.monotonic()
     await batcher.stop(timeout)
