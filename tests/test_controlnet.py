@@ -250,3 +250,23 @@ def test_a_missing_controlnet_or_one_that_cannot_run_is_one_line_at_start_up(mod
         "serve", env={"MODELS_DIR": str(models_dir), "Z_IMAGE_CONTROLNET": "union-1", "Z_IMAGE_OFFLOAD": "model"}
     )
     assert offloaded.returncode == 2 and "Z_IMAGE_OFFLOAD" in offloaded.stderr.strip().splitlines()[-1]
+
+
+def test_loras_apply_under_the_controlnet(control_settings, control_runner, models_dir):
+    from safetensors.torch import save_file
+
+    from test_loras import LAYOUTS, random_lora
+
+    assert control_runner.lora_slot is not None  # MODELS_DIR/loras exists (conftest)
+    save_file(
+        LAYOUTS["diffusers"](random_lora(control_runner.pipeline.transformer, 3)),
+        models_dir / "loras" / "cn.safetensors",
+    )
+    with serving(control_settings, control_runner) as client:
+        controlled = BASE | {"control_image": b64(control_map())}
+        plain = pixels(client.post(URL, json=controlled).json()["data"][0]["b64_json"])
+        styled = client.post(URL, json=controlled | {"loras": [{"name": "cn", "scale": 0.8}]})
+        assert styled.status_code == 200, styled.text[:300]
+        assert np.abs(pixels(styled.json()["data"][0]["b64_json"]) - plain).max() > 10
+        again = pixels(client.post(URL, json=controlled).json()["data"][0]["b64_json"])
+        assert np.array_equal(again, plain)  # no LoRA after a LoRA: bit-exact
