@@ -13,7 +13,7 @@ from .model_layout import IncompleteModelError, verify_model_dir
 from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 
 EXIT_BAD_SETTING = 2
-EXIT_NO_MODEL = 3
+EXIT_NO_MODEL = 3  # the model folder, or the Z_IMAGE_TRANSFORMER file, is missing or unusable
 EXIT_DOWNLOAD_FAILED = 4
 EXIT_START_FAILED = 5  # loading or warming up the model failed, or the port could not be bound
 EXIT_WORKER_DIED = 6  # the batcher's worker stopped: restart the process
@@ -85,7 +85,7 @@ def serve(args: argparse.Namespace) -> None:
     logs.configure_logging(settings.log_format, settings.log_level)
     fetch_model = None
     try:
-        verify_model_dir(settings.model_dir)
+        verify_model_dir(settings.model_dir, weights_elsewhere=("transformer",) if settings.transformer else ())
     except IncompleteModelError as exc:
         # Fetch only into a folder that is not there: an incomplete one is someone's half copy.
         if settings.offline or settings.model_dir.exists():
@@ -96,14 +96,17 @@ def serve(args: argparse.Namespace) -> None:
             fail(str(no_repo), EXIT_NO_MODEL)
         fetch_model = fetch_in_subprocess
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
+    from .checkpoints import CheckpointError
     from .faults import FaultInjector
     from .runner import preflight
 
     logs.route_model_library_logs()
     try:
-        preflight(settings)  # the device exists and the attention backend runs on it, before any weights load
+        preflight(settings)  # device, attention backend, quantization, transformer file: before any weights load
     except SettingsError as exc:
         fail(str(exc), EXIT_BAD_SETTING)
+    except CheckpointError as exc:
+        fail(str(exc), EXIT_NO_MODEL)
 
     from .api import create_app
     from .api.shutdown import draining_server

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .logs import human_size, propagate_to_root
-from .model_layout import WEIGHTLESS, IncompleteModelError, pipeline_components, verify_model_dir
+from .model_layout import WEIGHTLESS, IncompleteModelError, is_safetensors, pipeline_components, verify_model_dir
 from .settings import Settings
 from .variants import VARIANTS
 
@@ -498,16 +498,6 @@ def download_lora(
     shutil.rmtree(staging, ignore_errors=True)
     log.info("downloaded %s: LoRA %r is ready", target, target.stem)
     return target
-
-
-def is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with the length of its JSON header, then the header."""
-    try:
-        with path.open("rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-            return 2 <= length <= 100_000_000 and file.read(1) == b"{"
-    except OSError:
-        return False
 
 
 async def fetch_in_subprocess(settings: Settings) -> None:

@@ -23,10 +23,17 @@ import torch
 from PIL import Image
 
 from .acceleration import Acceleration, AttentionPlan, captions_need_mask, prepare_pipeline, resolve_attention
+from .checkpoints import (
+    TransformerFile,
+    check_quantization,
+    inspect_transformer_file,
+    load_transformer,
+    quantize_components,
+)
 from .faults import FaultInjector
+from .logs import logged_step
 from .lora_library import LoraLibrary
 from .loras import LoraSlot, installed_slot, read_info
-from .logs import logged_step
 from .model_layout import verify_model_dir
 from .prompt_cache import PromptEmbeddingCache
 from .settings import Settings, SettingsError
@@ -152,24 +159,16 @@ class ModelRunner:
         self.out_of_memory_errors: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
 
     def _edit_pipelines(self) -> tuple:
-        """Image-to-image and inpainting pipelines over the loaded modules: no second copy of the weights."""
-        from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
-        from diffusers.utils import logging as diffusers_logging
+        """Image-to-image and inpainting pipelines over the loaded modules: no second copy of the weights.
 
-        verbosity = diffusers_logging.get_verbosity()
-        # from_pipe casts the shared modules to dtype (float32 when none is given, which would also
-        # silently convert the text-to-image pipeline); it warns about that cast even when it is a no-op.
-        diffusers_logging.set_verbosity_error()
-        try:
-            pipelines = tuple(
-                cls.from_pipe(self.pipeline, dtype=self.dtype) for cls in (ZImageImg2ImgPipeline, ZImageInpaintPipeline)
-            )
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
+        Built from the loaded components, the heart of `from_pipe` without its last step: that casts
+        every module to a dtype (float32 unless told), which a quantized transformer (GGUF, torchao)
+        refuses. The modules and the scheduler are shared, as with `from_pipe`."""
+        from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
+
+        pipelines = tuple(cls(**self.pipeline.components) for cls in (ZImageImg2ImgPipeline, ZImageInpaintPipeline))
         for pipeline in pipelines:
             pipeline.set_progress_bar_config(disable=True)
-        if self.pipeline.transformer.dtype != self.dtype:
-            raise RuntimeError(f"edit pipelines changed the model's dtype to {self.pipeline.transformer.dtype}")
         return pipelines
 
     def run_call(self, params: CallParams, rows: Sequence[ImageRow]) -> list[Image.Image]:
@@ -324,19 +323,37 @@ class ModelRunner:
 
 
 def load_runner(settings: Settings, faults: FaultInjector | None = None) -> ModelRunner:
-    """Load MODELS_DIR/z-image-<variant> onto the chosen device and warm it up. Never touches the network."""
+    """Load MODELS_DIR/z-image-<variant> onto the chosen device and warm it up. Never touches the network.
+
+    With Z_IMAGE_TRANSFORMER the transformer comes from that file and the folder gives the rest;
+    with Z_IMAGE_QUANTIZE the chosen components are quantized before they are placed."""
     import diffusers
 
     variant = VARIANTS[settings.variant]
     model_dir = settings.model_dir
-    verify_model_dir(model_dir)
+    checkpoint = inspect_checkpoint(settings)
+    verify_model_dir(model_dir, weights_elsewhere=("transformer",) if checkpoint else ())
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, variant)
+    check_quantization(settings.quantization, device, checkpoint)
     pipeline_class = getattr(diffusers, variant.pipeline_class)
-    weights = sum(path.stat().st_size for path in model_dir.rglob("*.safetensors"))
+    components = {}
+    if checkpoint is not None:
+        size = checkpoint.path.stat().st_size
+        with logged_step(log, f"transformer from {checkpoint.path}, {checkpoint.describe()}", size_bytes=size):
+            components["transformer"] = load_transformer(checkpoint, model_dir / "transformer", dtype)
+    weight_files = [p for p in model_dir.rglob("*.safetensors") if not (checkpoint and p.parent.name == "transformer")]
+    weights = sum(path.stat().st_size for path in weight_files)
     with logged_step(log, f"{variant.pipeline_class} from {model_dir} in {dtype}", size_bytes=weights):
-        pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **components)
+    quantize_components(pipeline, settings.quantization)
     return start_runner(pipeline, settings, device, dtype, faults)
+
+
+def inspect_checkpoint(settings: Settings) -> TransformerFile | None:
+    """The Z_IMAGE_TRANSFORMER file, checked against the model folder's transformer config; None when unset."""
+    path = settings.transformer_file
+    return None if path is None else inspect_transformer_file(path, settings.model_dir / "transformer")
 
 
 def start_runner(
@@ -373,13 +390,18 @@ def install_lora_slot(pipeline, settings: Settings) -> None:
 
 
 def preflight(settings: Settings) -> None:
-    """Checks that need torch but no weights: the device exists and the attention backend runs on it.
+    """Checks that need torch but no weights: the device exists, the attention backend and the
+    quantization run on it, and a Z_IMAGE_TRANSFORMER file is a Z-Image transformer of the folder's shape.
 
-    Raises SettingsError, so `zimage-server serve` fails with one line before loading anything.
+    Raises SettingsError or CheckpointError, so `zimage-server serve` fails with one line before loading anything.
     """
     try:
         device = resolve_device(settings.device)
     except RuntimeError as exc:
         raise SettingsError(f"invalid Z_IMAGE_DEVICE={settings.device!r}: {exc}") from None
     resolve_attention(settings.attention, device, resolve_dtype(settings.dtype, device, VARIANTS[settings.variant]))
+    # The transformer file is checked when the folder holding its config is there (not yet when
+    # serve is about to fetch the folder: then the loader checks it).
+    has_config = (settings.model_dir / "transformer" / "config.json").is_file()
+    check_quantization(settings.quantization, device, inspect_checkpoint(settings) if has_config else None)
 
