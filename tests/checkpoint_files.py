@@ -91,9 +91,10 @@ def write_gguf(path: Path, state_dict: dict[str, torch.Tensor], quant_type: str)
         if not key.endswith(".weight") or data.ndim != 2 or data.shape[-1] % block:
             writer.add_tensor(key, data)
             kept.append(key)
+        elif qtype == gguf.GGMLQuantizationType.Q6_K:
+            writer.add_tensor(key, quantize_q6_k(data), raw_dtype=qtype)
         else:
-            encode = quantize_q6_k if qtype == gguf.GGMLQuantizationType.Q6_K else gguf.quants.quantize
-            writer.add_tensor(key, encode(data) if encode is quantize_q6_k else encode(data, qtype), raw_dtype=qtype)
+            writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
