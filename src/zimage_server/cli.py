@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch a LoRA file from this hub repo into the LoRA folder instead of the model",
     )
     download.add_argument("--file", help="with --lora: the file in the repo [default: its only .safetensors file]")
+    download.add_argument(
+        "--transformer",
+        metavar="REPO_ID:FILENAME",
+        help="fetch this single-file transformer (.safetensors or .gguf) into MODELS_DIR/transformers, and the "
+        "model folder without its own transformer weights",
+    )
     download.add_argument("--verbose", action="store_true", help="log the hub libraries' detail and tracebacks")
     return parser
 
@@ -146,11 +152,18 @@ def download(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, exit_on_signal)
     signal.signal(signal.SIGTERM, exit_on_signal)
 
-    from .download import DownloadError, download_lora, download_model
+    from .download import DownloadError, download_lora, download_model, download_transformer
 
+    if args.transformer and ":" not in args.transformer:
+        fail(f"--transformer {args.transformer!r}: expected REPO_ID:FILENAME, e.g. owner/repo:model-Q8_0.gguf", EXIT_BAD_SETTING)
     try:
         if args.lora:
             download_lora(settings, args.lora, args.file, revision=args.revision, progress_bars=progress_bars)
+        elif args.transformer:
+            repo_id, filename = args.transformer.split(":", 1)
+            download_transformer(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
+            # The folder's own transformer weights (24.6 GB for Turbo) would never be loaded.
+            download_model(settings, progress_bars=progress_bars, weights_elsewhere=("transformer",))
         else:
             download_model(settings, revision=args.revision, progress_bars=progress_bars)
     except Exception as exc:
