@@ -1,7 +1,7 @@
 """The model runner: load the pipelines, hold the lock, encode prompts, run one call. Imports torch.
 
-With acceleration.py (placement) this is the only module that imports torch and diffusers. It
-knows nothing of requests, batching or retries (policy.py): `run_call(params, rows)` makes one
+With acceleration.py (placement) and checkpoints.py (single-file transformers, quantization) this
+is the only module that imports torch and diffusers. It knows nothing of requests, batching or retries (policy.py): `run_call(params, rows)` makes one
 pipeline call for the given image rows, all sharing `params`, and returns one image per row.
 
 All pipeline calls go through `ModelRunner.lock`: a diffusers pipeline keeps per-call state on the
