@@ -58,6 +58,8 @@ def hub(models_dir: Path):
         fake.repos["test/lora"] = FakeRepo({"pixel-art.safetensors": lora, "README.md": b"# a LoRA\n"})
         fake.repos["test/loras"] = FakeRepo({"a.safetensors": lora, "b/c.safetensors": lora})
         fake.repos["test/fake-lora"] = FakeRepo({"broken.safetensors": b"PK\x03\x04 not safetensors"})
+        # Only the first bytes matter to the download (tests/test_checkpoints.py loads real ones).
+        fake.repos["test/gguf"] = FakeRepo({"z-image-turbo-Q8_0.gguf": b"GGUF" + bytes(2000), "README.md": b"# quants\n"})
         yield fake
 
 
@@ -299,12 +301,18 @@ def test_a_repo_without_safetensors_weights_is_refused_before_fetching_them(hub,
     assert {r.path for r in hub.body_requests()} == {"model_index.json"}
 
 
+def fetch_one_file(hub: FakeHub, tmp_path: Path, source: str, repo: str, name: str, folder: str, *args: str) -> Path:
+    """Run a download that fetches `name` from `repo` into MODELS_DIR/<folder>; returns where it landed, checked."""
+    result = run_download(hub.url, tmp_path, source, *args)
+    assert result.returncode == 0, result.stderr
+    landed = tmp_path / "models" / folder / name
+    assert landed.read_bytes() == hub.repos[repo].files[name]
+    return landed
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_download_lora_fetches_one_file_into_the_lora_folder(hub, tmp_path, source):
-    result = run_download(hub.url, tmp_path, source, "--lora", "test/lora")
-    assert result.returncode == 0, result.stderr
-    landed = tmp_path / "models" / "loras" / "pixel-art.safetensors"
-    assert landed.read_bytes() == hub.repos["test/lora"].files["pixel-art.safetensors"]
+    landed = fetch_one_file(hub, tmp_path, source, "test/lora", "pixel-art.safetensors", "loras", "--lora", "test/lora")
     assert {r.path for r in hub.body_requests()} == {"pixel-art.safetensors"}  # not the README
     assert sorted(p.name for p in landed.parent.iterdir()) == ["pixel-art.safetensors"]  # no staging left
     hub.reset()
@@ -326,6 +334,25 @@ def test_download_lora_failures_are_one_line(hub, tmp_path):
     assert broken.stderr.strip().splitlines()[-1].startswith("zimage-server: ") and "not a readable" in broken.stderr
     assert_one_line_failure(run_download(hub.url, tmp_path, "modelscope", "--lora", "test/nope"), "test/nope")
     assert not (tmp_path / "models" / "loras" / "broken.safetensors").exists()
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_download_transformer_fetches_the_file_and_the_folder_without_its_transformer_weights(hub, tmp_path, source):
+    name = "z-image-turbo-Q8_0.gguf"
+    fetch_one_file(hub, tmp_path, source, "test/gguf", name, "transformers", "--transformer", f"test/gguf:{name}")
+    folder = tmp_path / "models" / "z-image-turbo"
+    assert model_files(folder) == pipeline_files(hub.repos[TURBO]) - {WEIGHTS}
+    assert WEIGHTS not in {r.path for r in hub.body_requests()}
+    hub.reset()
+    again = run_download(hub.url, tmp_path, source, "--transformer", f"test/gguf:{name}")
+    assert again.returncode == 0 and hub.body_requests() == []
+
+
+def test_download_transformer_failures_are_one_line(hub, tmp_path):
+    assert_one_line_failure(run_download(hub.url, tmp_path, "huggingface", "--transformer", "test/gguf"), "REPO_ID:FILENAME")
+    missing = run_download(hub.url, tmp_path, "huggingface", "--transformer", "test/gguf:other.gguf")
+    assert_one_line_failure(missing, "other.gguf", "--transformer")
+    assert not (tmp_path / "models" / "z-image-turbo").exists()
 
 
 def test_edit_without_model_id_says_there_is_no_public_checkpoint(hub, tmp_path):

@@ -13,7 +13,7 @@ from .model_layout import IncompleteModelError, verify_model_dir
 from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 
 EXIT_BAD_SETTING = 2
-EXIT_NO_MODEL = 3
+EXIT_NO_MODEL = 3  # the model folder, or the Z_IMAGE_TRANSFORMER file, is missing or unusable
 EXIT_DOWNLOAD_FAILED = 4
 EXIT_START_FAILED = 5  # loading or warming up the model failed, or the port could not be bound
 EXIT_WORKER_DIED = 6  # the batcher's worker stopped: restart the process
@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch a LoRA file from this hub repo into the LoRA folder instead of the model",
     )
     download.add_argument("--file", help="with --lora: the file in the repo [default: its only .safetensors file]")
+    download.add_argument(
+        "--transformer",
+        metavar="REPO_ID:FILENAME",
+        help="fetch this single-file transformer (.safetensors or .gguf) into MODELS_DIR/transformers, and the "
+        "model folder without its own transformer weights",
+    )
     download.add_argument("--verbose", action="store_true", help="log the hub libraries' detail and tracebacks")
     return parser
 
@@ -85,7 +91,7 @@ def serve(args: argparse.Namespace) -> None:
     logs.configure_logging(settings.log_format, settings.log_level)
     fetch_model = None
     try:
-        verify_model_dir(settings.model_dir)
+        verify_model_dir(settings.model_dir, weights_elsewhere=("transformer",) if settings.transformer else ())
     except IncompleteModelError as exc:
         # Fetch only into a folder that is not there: an incomplete one is someone's half copy.
         if settings.offline or settings.model_dir.exists():
@@ -100,14 +106,17 @@ def serve(args: argparse.Namespace) -> None:
         fail(f"no ControlNet at {controlnet} (Z_IMAGE_CONTROLNET): give a .safetensors file or a diffusers folder; "
              "a relative path is under MODELS_DIR/controlnets", EXIT_NO_MODEL)
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
+    from .checkpoints import CheckpointError
     from .faults import FaultInjector
     from .runner import preflight
 
     logs.route_model_library_logs()
     try:
-        preflight(settings)  # the device exists and the attention backend runs on it, before any weights load
+        preflight(settings)  # device, attention backend, quantization, transformer file: before any weights load
     except SettingsError as exc:
         fail(str(exc), EXIT_BAD_SETTING)
+    except CheckpointError as exc:
+        fail(str(exc), EXIT_NO_MODEL)
 
     from .api import create_app
     from .api.shutdown import draining_server
@@ -147,11 +156,18 @@ def download(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, exit_on_signal)
     signal.signal(signal.SIGTERM, exit_on_signal)
 
-    from .download import DownloadError, download_lora, download_model
+    from .download import DownloadError, download_lora, download_model, download_transformer
 
+    if args.transformer and ":" not in args.transformer:
+        fail(f"--transformer {args.transformer!r}: expected REPO_ID:FILENAME, e.g. owner/repo:model-Q8_0.gguf", EXIT_BAD_SETTING)
     try:
         if args.lora:
             download_lora(settings, args.lora, args.file, revision=args.revision, progress_bars=progress_bars)
+        elif args.transformer:
+            repo_id, filename = args.transformer.split(":", 1)
+            download_transformer(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
+            # The folder's own transformer weights (24.6 GB for Turbo) would never be loaded.
+            download_model(settings, progress_bars=progress_bars, weights_elsewhere=("transformer",))
         else:
             download_model(settings, revision=args.revision, progress_bars=progress_bars)
     except Exception as exc:

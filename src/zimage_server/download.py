@@ -27,13 +27,20 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .logs import human_size, propagate_to_root
-from .model_layout import WEIGHTLESS, IncompleteModelError, pipeline_components, verify_model_dir
+from .model_layout import (
+    WEIGHTLESS,
+    IncompleteModelError,
+    is_gguf,
+    is_safetensors,
+    pipeline_components,
+    verify_model_dir,
+)
 from .settings import Settings
 from .variants import VARIANTS
 
@@ -85,9 +92,15 @@ def staging_dir_for(target: Path) -> Path:
     return target.parent / f".{target.name}.partial"
 
 
-def select_files(files: Iterable[RemoteFile], components: Iterable[str]) -> list[RemoteFile]:
-    """model_index.json and what the pipeline loads from the folders it names; nothing else."""
+def select_files(
+    files: Iterable[RemoteFile], components: Iterable[str], weights_elsewhere: Collection[str] = ()
+) -> list[RemoteFile]:
+    """model_index.json and what the pipeline loads from the folders it names; nothing else.
+
+    weights_elsewhere: components whose weights come from another file (`--transformer`): only
+    their configs are fetched."""
     folders = tuple(f"{name}/" for name in components)
+    skipped = tuple(f"{name}/" for name in weights_elsewhere)
     wanted = []
     for file in files:
         name = file.path.rsplit("/", 1)[-1]
@@ -96,17 +109,20 @@ def select_files(files: Iterable[RemoteFile], components: Iterable[str]) -> list
         elif not file.path.startswith(folders) or name.lower().endswith(DOC_SUFFIXES):
             continue
         elif name.endswith(WEIGHT_SUFFIXES) or ".index." in name:
-            if LOADED_WEIGHTS.fullmatch(name):
+            if LOADED_WEIGHTS.fullmatch(name) and not file.path.startswith(skipped):
                 wanted.append(file)
         else:
             wanted.append(file)
     return sorted(wanted, key=lambda file: file.path)
 
 
-def components_without_weights(wanted: list[RemoteFile], components: Iterable[str]) -> list[str]:
+def components_without_weights(
+    wanted: list[RemoteFile], components: Iterable[str], weights_elsewhere: Collection[str] = ()
+) -> list[str]:
     """Components that need weights but have no safetensors among the chosen files (a .bin-only repo)."""
     with_weights = {f.path.split("/", 1)[0] for f in wanted if LOADED_WEIGHTS.fullmatch(f.path.rsplit("/", 1)[-1])}
-    return [name for name in components if name not in WEIGHTLESS and name not in with_weights]
+    needed = [name for name in components if name not in WEIGHTLESS and name not in weights_elsewhere]
+    return [name for name in needed if name not in with_weights]
 
 
 def bytes_under(folder: Path) -> int:
@@ -360,12 +376,12 @@ def errors_as_download_errors(hub: HuggingFaceHub | ModelScopeHub, repo_id: str,
         raise translated from exc
 
 
-def already_complete(target: Path) -> bool:
+def already_complete(target: Path, weights_elsewhere: Collection[str] = ()) -> bool:
     """True for a verified model folder, False for none; a folder that fails verification is refused."""
     if not target.exists():
         return False
     try:
-        verify_model_dir(target)
+        verify_model_dir(target, weights_elsewhere)
     except IncompleteModelError as exc:
         message = f"{target} exists but is incomplete ({exc}); move it aside or delete it, then rerun"
         raise DownloadError(message) from None
@@ -389,7 +405,12 @@ def exclusive_download(target: Path) -> Iterator[None]:
 
 
 def fetch_pipeline(
-    hub: HuggingFaceHub | ModelScopeHub, repo_id: str, revision: str | None, staging: Path, progress_bars: bool
+    hub: HuggingFaceHub | ModelScopeHub,
+    repo_id: str,
+    revision: str | None,
+    staging: Path,
+    progress_bars: bool,
+    weights_elsewhere: Collection[str] = (),
 ) -> None:
     """Fetch model_index.json, then the files of the components it names, into the staging folder."""
     listing = hub.list_files(repo_id, revision)
@@ -401,8 +422,8 @@ def fetch_pipeline(
         components = pipeline_components(staging)
     except IncompleteModelError as exc:
         raise DownloadError(f"{repo_id}: {exc}") from None
-    wanted = select_files(listing.files.values(), components)
-    unloadable = components_without_weights(wanted, components)
+    wanted = select_files(listing.files.values(), components, weights_elsewhere)
+    unloadable = components_without_weights(wanted, components, weights_elsewhere)
     if unloadable:
         raise DownloadError(
             f"{repo_id} has no safetensors weights for {', '.join(unloadable)}, and safetensors is all the server loads"
@@ -425,9 +446,9 @@ def fetch_pipeline(
             hub.fetch(listing, [f.path for f in wanted], staging)
 
 
-def move_into_place(staging: Path, target: Path) -> None:
+def move_into_place(staging: Path, target: Path, weights_elsewhere: Collection[str] = ()) -> None:
     try:
-        verify_model_dir(staging)
+        verify_model_dir(staging, weights_elsewhere)
     except IncompleteModelError as exc:
         raise DownloadError(f"the download ended incomplete ({exc}); rerun to fetch what is missing") from None
     # Hidden entries are the libraries' bookkeeping (resume metadata, locks), not part of the model.
@@ -437,24 +458,31 @@ def move_into_place(staging: Path, target: Path) -> None:
     os.replace(staging, target)
 
 
-def download_model(settings: Settings, *, revision: str | None = None, progress_bars: bool = False) -> Path:
+def download_model(
+    settings: Settings,
+    *,
+    revision: str | None = None,
+    progress_bars: bool = False,
+    weights_elsewhere: Collection[str] = (),
+) -> Path:
     """Make settings.model_dir a complete model folder, downloading what it lacks; returns it.
 
     progress_bars: the libraries' bars (for a terminal); otherwise plain periodic log lines.
+    weights_elsewhere: components whose weights are not fetched (the transformer, with `--transformer`).
     """
     target = settings.model_dir
-    if already_complete(target):
+    if already_complete(target, weights_elsewhere):
         return target
     repo_id = repo_id_for(settings)
     with exclusive_download(target):
-        if already_complete(target):  # the download we waited for
+        if already_complete(target, weights_elsewhere):  # the download we waited for
             return target
         hub = open_hub(settings.download_source, progress_bars)
         staging = staging_dir_for(target)
         started = time.monotonic()
         with errors_as_download_errors(hub, repo_id, revision, staging):
-            fetch_pipeline(hub, repo_id, revision, staging, progress_bars)
-        move_into_place(staging, target)
+            fetch_pipeline(hub, repo_id, revision, staging, progress_bars, weights_elsewhere)
+        move_into_place(staging, target, weights_elsewhere)
     log.info("downloaded %s in %.0f s: %s is ready", repo_id, time.monotonic() - started, target)
     return target
 
@@ -463,25 +491,63 @@ def download_lora(
     settings: Settings, repo_id: str, filename: str | None = None, *, revision: str | None = None,
     progress_bars: bool = False,
 ) -> Path:
-    """Fetch one LoRA file from a hub repo into the LoRA folder; returns where it landed.
+    """Fetch one LoRA file into the LoRA folder (filename: without it, the repo's only .safetensors file)."""
+    target = download_file(
+        settings, repo_id, filename, settings.loras_dir, LORA_FILE, revision=revision, progress_bars=progress_bars
+    )
+    log.info("downloaded %s: LoRA %r is ready", target, target.stem)
+    return target
 
-    filename: the file in the repo; without it, the repo's only .safetensors file. It is fetched
-    into a hidden staging folder beside the LoRA folder, checked to be a safetensors file, and only
-    then moved to LORA_DIR/<its name>, so a half-fetched file is never offered to requests.
+
+def download_transformer(
+    settings: Settings, repo_id: str, filename: str, *, revision: str | None = None, progress_bars: bool = False
+) -> Path:
+    """Fetch one single-file transformer (.safetensors or .gguf) into MODELS_DIR/transformers."""
+    target = download_file(
+        settings, repo_id, filename, settings.transformers_dir, TRANSFORMER_FILE, revision=revision,
+        progress_bars=progress_bars,
+    )
+    log.info("downloaded %s: serve it with Z_IMAGE_TRANSFORMER=%s", target, target.name)
+    return target
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """What `download_file` accepts: a kind of single weights file, how to recognise it, the flag naming it."""
+
+    what: str
+    suffixes: tuple[str, ...]
+    is_valid: Callable[[Path], bool]
+    flag: str
+
+
+LORA_FILE = FileKind("safetensors", (".safetensors",), is_safetensors, "--file")
+TRANSFORMER_FILE = FileKind("safetensors or GGUF", (".safetensors", ".gguf"), lambda p: is_safetensors(p) or is_gguf(p),
+                            "--transformer REPO_ID:FILENAME")
+
+
+def download_file(
+    settings: Settings, repo_id: str, filename: str | None, folder: Path, kind: FileKind, *,
+    revision: str | None = None, progress_bars: bool = False,
+) -> Path:
+    """Fetch one weights file from a hub repo into `folder`; returns where it landed.
+
+    filename: the file in the repo; without it, the repo's only file of this kind. It is fetched
+    into a hidden staging folder beside its destination, checked to be a file of its kind, and only
+    then moved to FOLDER/<its name>, so a half-fetched file is never loaded.
     """
-    folder = settings.loras_dir
     hub = open_hub(settings.download_source, progress_bars)
     staging = folder / f".{repo_id.replace('/', '--')}.partial"
     with errors_as_download_errors(hub, repo_id, revision, staging):
         listing = hub.list_files(repo_id, revision)
-        candidates = [f for f in listing.files.values() if f.path.endswith(".safetensors")]
+        candidates = [f for f in listing.files.values() if f.path.endswith(kind.suffixes)]
         if filename is not None:
             candidates = [f for f in candidates if f.path == filename]
             if not candidates:
-                raise DownloadError(f"{repo_id} has no safetensors file {filename!r}; check --file")
+                raise DownloadError(f"{repo_id} has no {kind.what} file {filename!r}; check {kind.flag}")
         elif len(candidates) != 1:
             shown = ", ".join(f.path for f in candidates[:5]) or "none"
-            raise DownloadError(f"{repo_id} holds {len(candidates)} safetensors files ({shown}); name one with --file")
+            raise DownloadError(f"{repo_id} holds {len(candidates)} {kind.what} files ({shown}); name one with {kind.flag}")
         (remote,) = candidates
         target = folder / Path(remote.path).name
         if target.is_file() and target.stat().st_size == remote.size:
@@ -492,22 +558,11 @@ def download_lora(
         log.info("downloading %s from %s %s (%s) into %s", remote.path, hub.name, repo_id, human_size(remote.size), folder)
         hub.fetch(listing, [remote.path], staging)
     fetched = staging / remote.path
-    if not is_safetensors(fetched):
-        raise DownloadError(f"{repo_id}/{remote.path} is not a readable safetensors file; the server loads only those")
+    if not kind.is_valid(fetched):
+        raise DownloadError(f"{repo_id}/{remote.path} is not a readable {kind.what} file; the server loads only those")
     os.replace(fetched, target)
     shutil.rmtree(staging, ignore_errors=True)
-    log.info("downloaded %s: LoRA %r is ready", target, target.stem)
     return target
-
-
-def is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with the length of its JSON header, then the header."""
-    try:
-        with path.open("rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-            return 2 <= length <= 100_000_000 and file.read(1) == b"{"
-    except OSError:
-        return False
 
 
 async def fetch_in_subprocess(settings: Settings) -> None:

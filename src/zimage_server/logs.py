@@ -33,17 +33,22 @@ HARMLESS_WARNINGS = (
     (
         "diffusers",
         "Unable to import `torchao` Tensor objects",
-        "only torchao-serialized checkpoints need them; Z-Image weights are plain safetensors",
+        "only torchao-serialized checkpoints need them; the server quantizes on load (Z_IMAGE_QUANTIZE) instead",
     ),
     (
         "torchao",
         "Failed to load",
         (
-            "torchao's optional fused kernels, built for other Python or GPU versions; diffusers imports "
-            "torchao for its quantizer, which we never use"
+            "torchao's optional fused kernels (mxfp8, cutlass), built for other Python or GPU versions; "
+            "int8 and fp8 weight-only quantization (Z_IMAGE_QUANTIZE) do not use them"
         ),
     ),
     ("torchao", "Detected no triton", "the same: kernels of torchao that we never call"),
+    (
+        "py.warnings",
+        "TorchaoLoraLinear was instantiated without `get_apply_tensor_subclass`",
+        "peft says merging a LoRA into a torchao layer would fail; the LoRA slot is never merged (loras.py)",
+    ),
     (
         "torch.utils._pytree",
         "is an Enum subclass and is now natively supported by torch.compile",

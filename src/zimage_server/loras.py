@@ -212,6 +212,12 @@ def lora_target_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Line
     return targets
 
 
+def adapter_dtype(linear: torch.nn.Linear) -> torch.dtype:
+    """What a LoRA on this layer computes in: its weight's dtype, or for a GGUF layer (whose weight
+    holds the quantized bytes) the dtype it dequantizes to."""
+    return getattr(linear, "compute_dtype", None) or linear.weight.dtype
+
+
 PEFT_INTERNALS = {"base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 
 
@@ -270,8 +276,9 @@ class LoraSlot:
         # parameters, and later swaps write into them.
         placeholder = {}
         for module, linear in self.targets.items():
-            placeholder[f"transformer.{module}.lora_A.weight"] = linear.weight.new_zeros(max_rank, linear.in_features)
-            placeholder[f"transformer.{module}.lora_B.weight"] = linear.weight.new_zeros(linear.out_features, max_rank)
+            dtype, device = adapter_dtype(linear), linear.weight.device
+            placeholder[f"transformer.{module}.lora_A.weight"] = torch.zeros(max_rank, linear.in_features, dtype=dtype, device=device)
+            placeholder[f"transformer.{module}.lora_B.weight"] = torch.zeros(linear.out_features, max_rank, dtype=dtype, device=device)
         pipe.load_lora_weights(placeholder, adapter_name=SLOT_ADAPTER)
         # Found again by `installed_slot`: every runner over this transformer must swap through it.
         pipe.transformer.zimage_lora_slot = self
@@ -351,7 +358,7 @@ class LoraSlot:
                     up[:, : layer.rank] = layer.up.float() * scale
                 downs.append(down)
                 ups.append(up)
-            dtype = linear.weight.dtype
+            dtype = adapter_dtype(linear)
             state_dict[f"transformer.{module}.lora_A.weight"] = torch.cat(downs).to(dtype)
             state_dict[f"transformer.{module}.lora_B.weight"] = torch.cat(ups, dim=1).to(dtype)
         return state_dict

@@ -1,12 +1,14 @@
 """Is a folder a complete diffusers pipeline? Pure file checks, no torch, so it runs in milliseconds.
 
 Used at start-up (refuse to start on a half-copied folder) and after a download (only a verified
-folder is moved into place).
+folder is moved into place); `is_safetensors` and `is_gguf` tell single weight files apart by
+their first bytes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 # Files that hold a component's configuration, by component kind; any one of them is enough.
@@ -59,8 +61,11 @@ def shard_files(component_dir: Path) -> list[Path]:
     return []
 
 
-def verify_model_dir(model_dir: Path) -> None:
-    """Raise IncompleteModelError unless every declared component has its config and all its weights."""
+def verify_model_dir(model_dir: Path, weights_elsewhere: Collection[str] = ()) -> None:
+    """Raise IncompleteModelError unless every declared component has its config and all its weights.
+
+    weights_elsewhere: components whose weights come from another file (a single-file transformer,
+    Z_IMAGE_TRANSFORMER); their folder needs only its config."""
     if not model_dir.is_dir():
         raise IncompleteModelError(f"{model_dir} does not exist")
     for name in pipeline_components(model_dir):
@@ -69,7 +74,7 @@ def verify_model_dir(model_dir: Path) -> None:
             raise IncompleteModelError(f"{component_dir} is missing")
         if not any((component_dir / config).exists() for config in CONFIG_FILES):
             raise IncompleteModelError(f"{component_dir} has no config file")
-        if name in WEIGHTLESS:
+        if name in WEIGHTLESS or name in weights_elsewhere:
             continue
         shards = shard_files(component_dir)
         if not shards:
@@ -77,3 +82,22 @@ def verify_model_dir(model_dir: Path) -> None:
         missing = [shard.name for shard in shards if not shard.exists() or shard.stat().st_size == 0]
         if missing:
             raise IncompleteModelError(f"{component_dir} lacks weight shards: {', '.join(missing)}")
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the length of its JSON header, then the header."""
+    try:
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            return 2 <= length <= 100_000_000 and file.read(1) == b"{"
+    except OSError:
+        return False
+
+
+def is_gguf(path: Path) -> bool:
+    """A GGUF file starts with the magic bytes "GGUF"."""
+    try:
+        with path.open("rb") as file:
+            return file.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -1,11 +1,11 @@
 """The model runner: load the pipelines, hold the lock, encode prompts, run one call. Imports torch.
 
-With acceleration.py (placement) this is the only module that imports torch and diffusers. It
-knows nothing of requests, batching or retries (policy.py): `run_call(params, rows)` makes one
+With acceleration.py (placement) and checkpoints.py (single-file transformers, quantization) this
+is the only module that imports torch and diffusers. It knows nothing of requests, batching or retries (policy.py): `run_call(params, rows)` makes one
 pipeline call for the given image rows, all sharing `params`, and returns one image per row.
 
 All pipeline calls go through `ModelRunner.lock`: a diffusers pipeline keeps per-call state on the
-object (and pipelines made with `from_pipe` share modules and the scheduler), so two calls must
+object (and the edit and control pipelines share its modules and scheduler), so two calls must
 never overlap. The lock covers the device work only: the decoded pixels leave the lock as a
 tensor, and their copy to the host and conversion to images happen after it is released, so the
 next call starts while this one's images are made.
@@ -24,10 +24,17 @@ import torch
 from PIL import Image
 
 from .acceleration import Acceleration, AttentionPlan, captions_need_mask, prepare_pipeline, resolve_attention
+from .checkpoints import (
+    TransformerFile,
+    check_quantization,
+    inspect_transformer_file,
+    load_transformer,
+    quantize_components,
+)
 from .faults import FaultInjector
+from .logs import logged_step
 from .lora_library import LoraLibrary
 from .loras import LoraSlot, installed_slot, read_info
-from .logs import logged_step
 from .model_layout import verify_model_dir
 from .prompt_cache import PromptEmbeddingCache
 from .settings import Settings, SettingsError
@@ -173,26 +180,17 @@ class ModelRunner:
     def _pipelines_over_the_model(self, **modes) -> dict:
         """Pipelines for these modes over the loaded modules: no second copy of the weights.
 
-        Each mode maps to the ControlNet its pipeline adds (None for the edit pipelines)."""
+        Each mode maps to the ControlNet its pipeline adds (None for the edit pipelines). Built from
+        the loaded components, the heart of `from_pipe` without its last step: that casts every
+        module to a dtype (float32 unless told), which a quantized transformer (GGUF, torchao)
+        refuses. The modules and the scheduler are shared, as with `from_pipe`."""
         import diffusers
-        from diffusers.utils import logging as diffusers_logging
 
-        verbosity = diffusers_logging.get_verbosity()
-        # from_pipe casts the shared modules to dtype (float32 when none is given, which would also
-        # silently convert the text-to-image pipeline); it warns about that cast even when it is a no-op.
-        diffusers_logging.set_verbosity_error()
-        try:
-            pipelines = {}
-            for mode, controlnet in modes.items():
-                extra = {"controlnet": controlnet} if controlnet is not None else {}
-                pipeline_class = getattr(diffusers, MODE_PIPELINES[mode])
-                pipelines[mode] = pipeline_class.from_pipe(self.pipeline, dtype=self.dtype, **extra)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-        for pipeline in pipelines.values():
-            pipeline.set_progress_bar_config(disable=True)
-        if self.pipeline.transformer.dtype != self.dtype:
-            raise RuntimeError(f"pipelines over the model changed its dtype to {self.pipeline.transformer.dtype}")
+        pipelines = {}
+        for mode, controlnet in modes.items():
+            extra = {"controlnet": controlnet} if controlnet is not None else {}
+            pipelines[mode] = getattr(diffusers, MODE_PIPELINES[mode])(**self.pipeline.components, **extra)
+            pipelines[mode].set_progress_bar_config(disable=True)
         return pipelines
 
     def run_call(self, params: CallParams, rows: Sequence[ImageRow]) -> list[Image.Image]:
@@ -356,18 +354,30 @@ class ModelRunner:
 
 
 def load_runner(settings: Settings, faults: FaultInjector | None = None) -> ModelRunner:
-    """Load MODELS_DIR/z-image-<variant> onto the chosen device and warm it up. Never touches the network."""
+    """Load MODELS_DIR/z-image-<variant> onto the chosen device and warm it up. Never touches the network.
+
+    With Z_IMAGE_TRANSFORMER the transformer comes from that file and the folder gives the rest;
+    with Z_IMAGE_QUANTIZE the chosen components are quantized before they are placed."""
     import diffusers
 
     variant = VARIANTS[settings.variant]
     model_dir = settings.model_dir
-    verify_model_dir(model_dir)
+    checkpoint = inspect_checkpoint(settings)
+    verify_model_dir(model_dir, weights_elsewhere=("transformer",) if checkpoint else ())
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, variant)
+    check_quantization(settings.quantization, device, checkpoint)
     pipeline_class = getattr(diffusers, variant.pipeline_class)
-    weights = sum(path.stat().st_size for path in model_dir.rglob("*.safetensors"))
+    components = {}
+    if checkpoint is not None:
+        size = checkpoint.path.stat().st_size
+        with logged_step(log, f"transformer from {checkpoint.path}, {checkpoint.describe()}", size_bytes=size):
+            components["transformer"] = load_transformer(checkpoint, model_dir / "transformer", dtype)
+    weight_files = [p for p in model_dir.rglob("*.safetensors") if not (checkpoint and p.parent.name == "transformer")]
+    weights = sum(path.stat().st_size for path in weight_files)
     with logged_step(log, f"{variant.pipeline_class} from {model_dir} in {dtype}", size_bytes=weights):
-        pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **components)
+    quantize_components(pipeline, settings.quantization)
     controlnet = load_controlnet(settings.controlnet_path, dtype) if settings.controlnet_path else None
     return start_runner(pipeline, settings, device, dtype, faults, controlnet)
 
@@ -381,6 +391,12 @@ def load_controlnet(path: Path, dtype: torch.dtype):
         if path.is_dir():
             return ZImageControlNetModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         return ZImageControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+
+
+def inspect_checkpoint(settings: Settings) -> TransformerFile | None:
+    """The Z_IMAGE_TRANSFORMER file, checked against the model folder's transformer config; None when unset."""
+    path = settings.transformer_file
+    return None if path is None else inspect_transformer_file(path, settings.model_dir / "transformer")
 
 
 def start_runner(
@@ -430,13 +446,18 @@ def install_lora_slot(pipeline, settings: Settings) -> None:
 
 
 def preflight(settings: Settings) -> None:
-    """Checks that need torch but no weights: the device exists and the attention backend runs on it.
+    """Checks that need torch but no weights: the device exists, the attention backend and the
+    quantization run on it, and a Z_IMAGE_TRANSFORMER file is a Z-Image transformer of the folder's shape.
 
-    Raises SettingsError, so `zimage-server serve` fails with one line before loading anything.
+    Raises SettingsError or CheckpointError, so `zimage-server serve` fails with one line before loading anything.
     """
     try:
         device = resolve_device(settings.device)
     except RuntimeError as exc:
         raise SettingsError(f"invalid Z_IMAGE_DEVICE={settings.device!r}: {exc}") from None
     resolve_attention(settings.attention, device, resolve_dtype(settings.dtype, device, VARIANTS[settings.variant]))
+    # The transformer file is checked when the folder holding its config is there (not yet when
+    # serve is about to fetch the folder: then the loader checks it).
+    has_config = (settings.model_dir / "transformer" / "config.json").is_file()
+    check_quantization(settings.quantization, device, inspect_checkpoint(settings) if has_config else None)
 

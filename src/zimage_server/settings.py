@@ -62,6 +62,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         str | None,
         setting("Z_IMAGE_MODEL_ID", "hub repo id to fetch instead of the default; an existing local folder is loaded directly"),
     ] = None
+    transformer: Annotated[
+        Path | None,
+        setting(
+            "Z_IMAGE_TRANSFORMER",
+            "a single-file transformer to load instead of the model folder's: .safetensors (original/ComfyUI "
+            "or diffusers layout) or .gguf; a relative path is under MODELS_DIR/transformers",
+        ),
+    ] = None
+    quantize: Annotated[
+        str,
+        setting(
+            "Z_IMAGE_QUANTIZE",
+            "quantize on load with torchao: none, int8 or fp8 (transformer and text encoder), or per component, "
+            "e.g. transformer=int8,text_encoder=none",
+            pattern=r"^[a-z0-9_=,]+$",
+        ),
+    ] = "none"
     device: Annotated[
         Literal["auto", "cuda", "mps", "cpu"], setting("Z_IMAGE_DEVICE", "auto picks cuda, then mps, then cpu")
     ] = "auto"
@@ -223,6 +240,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return Path(self.models_dir) / VARIANTS[self.variant].model_name
 
     @property
+    def transformer_file(self) -> Path | None:
+        """Z_IMAGE_TRANSFORMER as a path: absolute as given, relative under MODELS_DIR/transformers."""
+        if self.transformer is None:
+            return None
+        return Path(self.transformer) if Path(self.transformer).is_absolute() else self.transformers_dir / self.transformer
+
+    @property
+    def transformers_dir(self) -> Path:
+        return Path(self.models_dir) / "transformers"
+
+    @property
+    def quantization(self) -> dict[str, str]:
+        """Z_IMAGE_QUANTIZE as component -> "int8" or "fp8"; components left unquantized are absent."""
+        return parse_quantize(self.quantize)
+
+    @property
     def loras_dir(self) -> Path:
         return Path(self.lora_dir) if self.lora_dir is not None else Path(self.models_dir) / "loras"
 
@@ -270,7 +303,7 @@ def _declared_settings() -> tuple[SettingSpec, ...]:
                 help=meta.description,
                 default=field.default,
                 choices=choices,
-                lowercase=bool(choices) or field.name == "attention",
+                lowercase=bool(choices) or field.name in ("attention", "quantize"),
                 **meta.extra,
             )
         )
@@ -325,7 +358,29 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
         raise SettingsError(
             f"Z_IMAGE_DTYPE={settings.dtype} cannot run Z_IMAGE_VARIANT={settings.variant}: it runs in bf16 only"
         )
+    parse_quantize(settings.quantize)
     return settings
+
+
+QUANTIZE_KINDS = ("none", "int8", "fp8")
+# Components worth quantizing: the two that hold nearly all the weights (the VAE is 0.16 GiB of convolutions).
+QUANTIZABLE = ("transformer", "text_encoder")
+
+
+def parse_quantize(text: str) -> dict[str, str]:
+    """"int8" -> both components in int8; "transformer=int8,text_encoder=none" -> per component."""
+    choices: dict[str, str] = {}
+    for part in text.split(","):
+        component, _, kind = part.rpartition("=")
+        targets = (component,) if component else QUANTIZABLE
+        if kind not in QUANTIZE_KINDS or not set(targets) <= set(QUANTIZABLE):
+            raise SettingsError(
+                f"invalid Z_IMAGE_QUANTIZE={text!r}: expected one of {', '.join(QUANTIZE_KINDS)}, or "
+                f"comma-separated COMPONENT=KIND with COMPONENT one of {', '.join(QUANTIZABLE)}"
+            )
+        for target in targets:
+            choices[target] = kind
+    return {component: kind for component, kind in choices.items() if kind != "none"}
 
 
 def _decode_path(kind: type, value: Any) -> Any:
