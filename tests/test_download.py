@@ -324,6 +324,17 @@ def test_download_lora_fetches_one_file_into_the_lora_folder(hub, tmp_path, sour
     assert (tmp_path / "models" / "loras" / "c.safetensors").is_file()
 
 
+@pytest.mark.parametrize("source", SOURCES)
+def test_download_controlnet_fetches_the_named_file_into_the_controlnet_folder(hub, tmp_path, source):
+    result = run_download(hub.url, tmp_path, source, "--controlnet", "test/loras:b/c.safetensors")
+    assert result.returncode == 0, result.stderr
+    landed = tmp_path / "models" / "controlnets" / "c.safetensors"
+    assert landed.read_bytes() == hub.repos["test/loras"].files["b/c.safetensors"]
+    assert {r.path for r in hub.body_requests()} == {"b/c.safetensors"}
+    assert "Z_IMAGE_CONTROLNET=c.safetensors" in result.stderr
+    assert_one_line_failure(run_download(hub.url, tmp_path, source, "--controlnet", "test/loras"), "REPO_ID:FILENAME")
+
+
 def test_download_lora_failures_are_one_line(hub, tmp_path):
     assert_one_line_failure(run_download(hub.url, tmp_path, "huggingface", "--lora", "test/loras"), "--file", "2")
     missing = run_download(hub.url, tmp_path, "huggingface", "--lora", "test/loras", "--file", "x.safetensors")

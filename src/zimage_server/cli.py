@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch this single-file transformer (.safetensors or .gguf) into MODELS_DIR/transformers, and the "
         "model folder without its own transformer weights",
     )
+    download.add_argument(
+        "--controlnet",
+        metavar="REPO_ID:FILENAME",
+        help="fetch this ControlNet checkpoint (.safetensors) into MODELS_DIR/controlnets instead of the model",
+    )
     download.add_argument("--verbose", action="store_true", help="log the hub libraries' detail and tracebacks")
     return parser
 
@@ -156,13 +161,17 @@ def download(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, exit_on_signal)
     signal.signal(signal.SIGTERM, exit_on_signal)
 
-    from .download import DownloadError, download_lora, download_model, download_transformer
+    from .download import DownloadError, download_controlnet, download_lora, download_model, download_transformer
 
-    if args.transformer and ":" not in args.transformer:
-        fail(f"--transformer {args.transformer!r}: expected REPO_ID:FILENAME, e.g. owner/repo:model-Q8_0.gguf", EXIT_BAD_SETTING)
+    for flag, value in (("--transformer", args.transformer), ("--controlnet", args.controlnet)):
+        if value and ":" not in value:
+            fail(f"{flag} {value!r}: expected REPO_ID:FILENAME, e.g. owner/repo:file.safetensors", EXIT_BAD_SETTING)
     try:
         if args.lora:
             download_lora(settings, args.lora, args.file, revision=args.revision, progress_bars=progress_bars)
+        elif args.controlnet:
+            repo_id, filename = args.controlnet.split(":", 1)
+            download_controlnet(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
         elif args.transformer:
             repo_id, filename = args.transformer.split(":", 1)
             download_transformer(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)

@@ -511,6 +511,18 @@ def download_transformer(
     return target
 
 
+def download_controlnet(
+    settings: Settings, repo_id: str, filename: str, *, revision: str | None = None, progress_bars: bool = False
+) -> Path:
+    """Fetch one ControlNet checkpoint (a single .safetensors file) into MODELS_DIR/controlnets."""
+    target = download_file(
+        settings, repo_id, filename, Path(settings.models_dir) / "controlnets", CONTROLNET_FILE, revision=revision,
+        progress_bars=progress_bars,
+    )
+    log.info("downloaded %s: serve it with Z_IMAGE_CONTROLNET=%s", target, target.name)
+    return target
+
+
 @dataclass(frozen=True)
 class FileKind:
     """What `download_file` accepts: a kind of single weights file, how to recognise it, the flag naming it."""
@@ -522,6 +534,7 @@ class FileKind:
 
 
 LORA_FILE = FileKind("safetensors", (".safetensors",), is_safetensors, "--file")
+CONTROLNET_FILE = FileKind("safetensors", (".safetensors",), is_safetensors, "--controlnet REPO_ID:FILENAME")
 TRANSFORMER_FILE = FileKind("safetensors or GGUF", (".safetensors", ".gguf"), lambda p: is_safetensors(p) or is_gguf(p),
                             "--transformer REPO_ID:FILENAME")
 
