@@ -270,3 +270,12 @@ def test_loras_apply_under_the_controlnet(control_settings, control_runner, mode
         assert np.abs(pixels(styled.json()["data"][0]["b64_json"]) - plain).max() > 10
         again = pixels(client.post(URL, json=controlled).json()["data"][0]["b64_json"])
         assert np.array_equal(again, plain)  # no LoRA after a LoRA: bit-exact
+
+
+def test_the_text_encoder_offload_mode_gives_the_same_controlled_image(control_settings, control_runner):
+    # On a CPU the mode saves nothing, but its placement code and hooks run as on a GPU.
+    offloaded = load_runner(control_settings.replace(offload="text_encoder"))
+    assert offloaded.acceleration.offload == "text_encoder"
+    request = control_spec("a cat", (5,), control_map())
+    [[expected]], [[image]] = generate(control_runner, [request]), generate(offloaded, [request])
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
