@@ -128,7 +128,8 @@ def place_pipeline(pipeline, device: torch.device, mode: str) -> None:
     pipeline.text_encoder.to("cpu")
     # Block by block from pinned CPU memory on a side stream, so copying block i+1 overlaps
     # computing block i, and offloading is a pointer swap back to the pinned copy (no copy out).
-    streams = device.type == "cuda"
+    # Streams wherever the backend has them, as diffusers checks (CUDA; the memory simulation's device).
+    streams = device.type != "cpu" and hasattr(torch.get_device_module(device), "Stream")
     apply_group_offloading(
         pipeline.text_encoder,
         onload_device=device,
