@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from .acceleration import component_sizes, place_pipeline
 from .architecture import build_models
+from .memory_plan import ComponentSizes
 
 DEVICE_TYPE = "simgpu"
 ALLOCATION_ROUNDING = 512  # bytes; the CUDA caching allocator's smallest block size
@@ -66,7 +67,7 @@ class SimulatedCall:
     batch: int
     vae_slicing: bool
     peak_bytes: int
-    weight_bytes: dict[str, int]
+    sizes: ComponentSizes  # weight bytes per component, as the server measures them
     stages: dict[str, StagePeak] = field(default_factory=dict)
 
     def activation_bytes(self, stage: str) -> int:
@@ -291,7 +292,6 @@ def simulate_call(
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     pipeline = build_fake_pipeline(config, dtype, fake_mode)
     sizes = component_sizes(pipeline)
-    weights = {"text_encoder": sizes.text_encoder, "transformer": sizes.transformer, "vae": sizes.vae}
     tracker = DeviceMemoryTracker()
     pipeline.text_encoder.forward = _Staged(tracker, "text_encoder", pipeline.text_encoder.forward)
     pipeline.transformer.forward = _Staged(tracker, "transformer_step", pipeline.transformer.forward)
@@ -320,6 +320,6 @@ def simulate_call(
         batch=batch,
         vae_slicing=vae_slicing,
         peak_bytes=tracker.peak,
-        weight_bytes=weights,
+        sizes=sizes,
         stages=dict(tracker.stages),
     )

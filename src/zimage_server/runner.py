@@ -346,7 +346,13 @@ def start_runner(
     pipeline.set_progress_bar_config(disable=True)
     install_lora_slot(pipeline, settings)
     acceleration = prepare_pipeline(
-        pipeline, device, dtype, offload=settings.offload, attention=settings.attention, compile=settings.compile
+        pipeline,
+        device,
+        dtype,
+        offload=settings.offload,
+        attention=settings.attention,
+        compile=settings.compile,
+        max_batch_size=settings.max_batch_size,
     )
     runner = ModelRunner(pipeline, settings, device, dtype, acceleration, faults)
     log.info("warm-up took %.2f s", runner.warm_up())
