@@ -521,7 +521,8 @@ class Bench:
         return {name: median(values) for name, values in added.items()}
 
     def offload(self) -> dict:
-        from zimage_server.acceleration import place_pipeline
+        from zimage_server.acceleration import component_sizes, place_pipeline
+        from zimage_server.memory_plan import GIB, predict_peak
 
         runner, plan = self.runner, self.plan
         size = max(plan.sizes)
@@ -544,10 +545,12 @@ class Bench:
             self.whole_call(size, f"offload warm {mode}")
             self.reset_peak()
             times = [self.whole_call(size, f"offload {mode} {rep}") for rep in range(max(2, plan.reps))]
-            out[mode] = {"whole_call_s": median(times), "placing_s": placed[0]} | self.memory()
+            # The memory model's prediction for the same call, so measured and predicted sit side by side.
+            predicted = predict_peak(component_sizes(runner.pipeline), mode, size, size, 1, False).peak_bytes / GIB
+            out[mode] = {"whole_call_s": median(times), "placing_s": placed[0], "predicted_gib": predicted} | self.memory()
             peak = out[mode]["max_allocated_gib"]
-            shown = f"{median(times):.3f} / " + (f"{peak:.2f}" if peak is not None else "n/a")
-            self.table.append([f"{size}: offload {mode}: call (s) / peak alloc (GiB)", shown])
+            shown = f"{median(times):.3f} / " + (f"{peak:.2f}" if peak is not None else "n/a") + f" / {predicted:.2f}"
+            self.table.append([f"{size}: offload {mode}: call (s) / peak alloc / predicted (GiB)", shown])
         return out
 
 
