@@ -36,58 +36,9 @@ import torch
 
 from common import add_standard_options, free_port, median, print_table, write_record
 from zimage_server.runner import COMPILE_WARM_UP
-from zimage_server.testing import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE, build_tokenizer
+from zimage_server.architecture import FULL_SIZE, TINY, build_models
+from zimage_server.testing import build_tokenizer
 
-# The real Z-Image-Turbo architecture (REFERENCE.md): Qwen3-4B text encoder, the 6.15B
-# single-stream transformer, the FLUX-style VAE.
-FULL = {
-    "transformer": dict(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=3840,
-        n_layers=30,
-        n_refiner_layers=2,
-        n_heads=30,
-        n_kv_heads=30,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=2560,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[32, 48, 48],
-        axes_lens=[1536, 512, 512],
-    ),
-    "text_encoder": dict(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
-    "vae": dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 256, 512, 512],
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ),
-}
-# The tiny test pipeline's configs, for --smoke on a CPU.
-SMOKE = {"transformer": TINY_TRANSFORMER, "text_encoder": TINY_TEXT_ENCODER, "vae": TINY_VAE}
 SECTIONS = ("startup", "stages", "offload", "compile", "http", "attention", "throughput")
 # Never timed: they need hub downloads or other hardware; flex is only fast compiled.
 SKIPPED_BACKENDS = ("_native_npu", "_native_xla", "flex")
@@ -128,8 +79,7 @@ class Clock:
 
 def build_pipeline(plan: Plan):
     """ZImagePipeline with random weights, every tensor created on the target device in the target dtype."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     tokenizer = build_tokenizer()  # a small offline vocabulary; every id is valid for the real embedding table
     previous = torch.get_default_dtype()
@@ -138,12 +88,10 @@ def build_pipeline(plan: Plan):
         # Allocated and initialised in place: on a GPU, no 10B-parameter pass through the CPU.
         torch.set_default_dtype(plan.dtype)
         with torch.device(plan.device):
-            text_config = {"vocab_size": len(tokenizer)} | plan.config["text_encoder"]
-            text_encoder = Qwen3Model(Qwen3Config(**text_config, pad_token_id=tokenizer.pad_token_id))
-            transformer = ZImageTransformer2DModel(**plan.config["transformer"])
-            vae = AutoencoderKL(**plan.config["vae"])
+            models = build_models(plan.config, tokenizer)
     finally:
         torch.set_default_dtype(previous)
+    text_encoder, transformer, vae = models["text_encoder"], models["transformer"], models["vae"]
     with torch.no_grad():
         for token in (transformer.x_pad_token, transformer.cap_pad_token):
             token.fill_(1.0)
@@ -573,7 +521,8 @@ class Bench:
         return {name: median(values) for name, values in added.items()}
 
     def offload(self) -> dict:
-        from zimage_server.acceleration import place_pipeline
+        from zimage_server.acceleration import component_sizes, place_pipeline
+        from zimage_server.memory_plan import GIB, predict_peak
 
         runner, plan = self.runner, self.plan
         size = max(plan.sizes)
@@ -596,10 +545,12 @@ class Bench:
             self.whole_call(size, f"offload warm {mode}")
             self.reset_peak()
             times = [self.whole_call(size, f"offload {mode} {rep}") for rep in range(max(2, plan.reps))]
-            out[mode] = {"whole_call_s": median(times), "placing_s": placed[0]} | self.memory()
+            # The memory model's prediction for the same call, so measured and predicted sit side by side.
+            predicted = predict_peak(component_sizes(runner.pipeline), mode, size, size, 1, False).peak_bytes / GIB
+            out[mode] = {"whole_call_s": median(times), "placing_s": placed[0], "predicted_gib": predicted} | self.memory()
             peak = out[mode]["max_allocated_gib"]
-            shown = f"{median(times):.3f} / " + (f"{peak:.2f}" if peak is not None else "n/a")
-            self.table.append([f"{size}: offload {mode}: call (s) / peak alloc (GiB)", shown])
+            shown = f"{median(times):.3f} / " + (f"{peak:.2f}" if peak is not None else "n/a") + f" / {predicted:.2f}"
+            self.table.append([f"{size}: offload {mode}: call (s) / peak alloc / predicted (GiB)", shown])
         return out
 
 
@@ -635,7 +586,7 @@ def main() -> None:
         plan = Plan(
             device=torch.device("cpu"),
             dtype=torch.float32,  # CPU bf16 kernels are slow to first use; the smoke checks code, not speed
-            config=SMOKE,
+            config=TINY,
             sizes=(64, 128),
             steps=2,
             reps=1,
@@ -650,7 +601,7 @@ def main() -> None:
         plan = Plan(
             device=torch.device("cuda"),
             dtype=torch.bfloat16,
-            config=FULL,
+            config=FULL_SIZE,
             sizes=(512, 1024),
             steps=8,
             reps=args.reps,

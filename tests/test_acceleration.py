@@ -8,35 +8,42 @@ import torch
 from conftest import generate
 from test_settings import run_cli
 from zimage_server.acceleration import (
-    GIB,
     AttentionPlan,
-    ComponentSizes,
     captions_need_mask,
     choose_offload,
     component_sizes,
     resolve_attention,
 )
+from zimage_server.memory_plan import GIB, full_size_components
 from zimage_server.settings import SettingsError
 
-# The real Z-Image-Turbo in bf16 (REFERENCE.md): text encoder 7.5 GiB, transformer 11.5 GiB, VAE 0.16 GiB.
-REAL = ComponentSizes(
-    text_encoder=int(7.5 * GIB), text_encoder_streamed=int(1.2 * GIB), transformer=int(11.5 * GIB), vae=int(0.16 * GIB)
-)
+# The real Z-Image-Turbo in bf16: the memory model's full-size sizes (memory_plan.py).
+REAL = full_size_components()
 
 
+# The ladder at 1024x1024, batch 1, with the 1.25 GiB margin: everything resident needs ~21.9 GiB,
+# the text encoder streamed ~14.4, model offload ~13.2.
 @pytest.mark.parametrize(
     "free_gib, mode",
-    [(79, "none"), (23, "none"), (21, "text_encoder"), (15.5, "text_encoder"), (14.6, "model"), (8, "model")],
+    [(79, "none"), (23, "none"), (21, "text_encoder"), (15.5, "text_encoder"), (14.6, "text_encoder"), (13.3, "model"),
+     (8, "model")],
 )
 def test_offload_is_the_lightest_mode_that_fits(free_gib, mode):
-    chosen, reason = choose_offload(int(free_gib * GIB), REAL, working_bytes=3 * GIB)
+    chosen, _slicing, reason = choose_offload(int(free_gib * GIB), REAL)
     assert chosen == mode
     assert f"{free_gib:.1f} GiB" in reason
 
 
-def test_offload_reason_says_when_even_model_offload_may_not_fit():
-    chosen, reason = choose_offload(4 * GIB, REAL, working_bytes=3 * GIB)
-    assert chosen == "model" and "may not fit" in reason
+def test_offload_reason_says_when_even_model_offload_does_not_fit():
+    chosen, _slicing, reason = choose_offload(4 * GIB, REAL)
+    assert chosen == "model" and "does not fit" in reason
+
+
+def test_a_full_batch_on_a_24_gb_card_stays_resident_with_vae_slicing():
+    # Unsliced, four 1024x1024 decodes need ~25 GiB: the bug where `none` ran out of memory.
+    chosen, slicing, _reason = choose_offload(24 * GIB, REAL, batch=4)
+    assert (chosen, slicing) == ("none", True)
+    assert choose_offload(79 * GIB, REAL, batch=4)[:2] == ("none", False)
 
 
 def test_component_sizes_count_two_streamed_text_encoder_blocks(runner):

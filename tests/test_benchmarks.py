@@ -94,7 +94,18 @@ def test_lora(tmp_path):
     assert len(results["switches"]) == 4 and results["repeat_activate_s"] >= 0
 
 
-@pytest.mark.parametrize("script", ["server_overhead", "batching", "startup", "gpu_full_size", "encoders", "lora"])
+def test_memory_plan(tmp_path):
+    results = run_smoke("memory_plan", tmp_path)
+    assert set(results["activation_fit"]) == {"text_encoder", "transformer_step", "vae_decode"}
+    assert len(results["checks"]) == 11 and all(c["simulated_bytes"] > 0 for c in results["checks"])
+    assert sum(c["fresh"] for c in results["checks"]) == 2
+    # The tiny model's megabyte is mostly fixed costs the lines do not separate; full size is within 2 MiB.
+    assert results["max_abs_error_bytes"] < 2**20
+
+
+@pytest.mark.parametrize(
+    "script", ["server_overhead", "batching", "startup", "gpu_full_size", "encoders", "lora", "memory_plan"]
+)
 def test_help_names_the_command(script):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--help"],

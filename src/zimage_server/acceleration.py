@@ -5,8 +5,8 @@ device in the chosen offload mode, picks and checks the attention backend, and c
 transformer if asked. Compilation itself happens lazily on the first call, which is why the
 runner's warm-up runs at the sizes users send (see `ModelRunner.warm_up`).
 
-The choice of offload mode is a pure function of free GPU memory and component sizes
-(`choose_offload`), so it is unit-tested without a GPU.
+The choice of offload mode and VAE slicing is a pure function of free GPU memory and component
+sizes through the memory model (`choose_offload`, memory_plan.py), so it is unit-tested without a GPU.
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory_plan import OFFLOAD_MODES, ComponentSizes, choose, plan_mode
 from .settings import SettingsError
 
 log = logging.getLogger("zimage_server.acceleration")
 
-GIB = 1024**3
-# Activations of one 1024x1024 call with VAE slicing, plus allocator slack. A first estimate:
-# benchmark 3 records the real peak per mode (docs/benchmarks.md) and this should follow it.
-WORKING_MEMORY_BYTES = 3 * GIB
 # Tried in order when Z_IMAGE_ATTENTION=auto on CUDA; the first that runs and agrees with a
 # float32 reference wins. FA3 and cuDNN beat PyTorch's built-in flash kernel on Hopper; benchmark 3
 # times each one available so this order can follow measurements.
@@ -34,38 +31,17 @@ AUTO_ATTENTION_CUDA = ("_flash_3", "_native_cudnn", "flash", "native")
 # masks run those calls with this one instead.
 MASKED_FALLBACK_ATTENTION = "native"
 TEXT_ENCODER_BLOCKS_ON_DEVICE = 2  # the block being run and the one prefetched by the copy stream
+# The size `auto` plans for: the models' native one. Larger requests that do not fit fail alone
+# with an out-of-memory error (policy.py retries a batch one image at a time).
+PLANNING_SIZE = 1024
 
 
-@dataclass(frozen=True)
-class ComponentSizes:
-    """Bytes of weights per component at the loaded dtype; `text_encoder_streamed` is what the text
-    encoder holds on the device while it encodes block by block (embeddings, norms, two blocks)."""
-
-    text_encoder: int
-    text_encoder_streamed: int
-    transformer: int
-    vae: int
-
-
-def choose_offload(free_bytes: int, sizes: ComponentSizes, working_bytes: int = WORKING_MEMORY_BYTES) -> tuple[str, str]:
-    """The lightest offload mode whose peak fits in `free_bytes`, and why, in words for the log."""
-    everything = sizes.text_encoder + sizes.transformer + sizes.vae + working_bytes
-    if everything <= free_bytes:
-        return "none", f"all components need ~{everything / GIB:.1f} GiB and {free_bytes / GIB:.1f} GiB is free"
-    # Streamed, the text encoder's blocks are on the device only while it encodes, when the
-    # denoising activations are not, so the two share the same room.
-    streamed = sizes.transformer + sizes.vae + max(sizes.text_encoder_streamed, working_bytes)
-    if streamed <= free_bytes:
-        return "text_encoder", (
-            f"all components need ~{everything / GIB:.1f} GiB but {free_bytes / GIB:.1f} GiB is free; "
-            f"with the text encoder streamed in to encode, ~{streamed / GIB:.1f} GiB"
-        )
-    largest = max(sizes.text_encoder, sizes.transformer, sizes.vae) + working_bytes
-    fits = "fits" if largest <= free_bytes else "may not fit either"
-    return "model", (
-        f"with the text encoder streamed in, ~{streamed / GIB:.1f} GiB is needed but {free_bytes / GIB:.1f} GiB is free; "
-        f"one component at a time needs ~{largest / GIB:.1f} GiB, which {fits}"
-    )
+def choose_offload(free_bytes: int, sizes: ComponentSizes, batch: int = 1) -> tuple[str, bool, str]:
+    """The lightest offload mode whose predicted peak (memory_plan) fits in `free_bytes` for a
+    1024x1024 call of `batch` images, whether it needs VAE slicing, and why, in words for the log."""
+    rows = [plan_mode(sizes, mode, free_bytes, PLANNING_SIZE, PLANNING_SIZE, batch) for mode in OFFLOAD_MODES]
+    row, reason = choose(rows)
+    return row.offload, row.vae_slicing, reason
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -90,12 +66,11 @@ def _block_list(module: torch.nn.Module) -> Sequence[torch.nn.Module]:
     return max(lists, key=len, default=[])
 
 
-def resolve_offload(setting: str, pipeline, device: torch.device) -> tuple[str, str]:
-    """The offload mode to use and the reason, for Z_IMAGE_OFFLOAD=`setting` on `device`."""
-    if setting != "auto":
-        return setting, f"Z_IMAGE_OFFLOAD={setting}"
+def resolve_offload(setting: str, pipeline, device: torch.device, max_batch_size: int = 1) -> tuple[str, bool, str]:
+    """The offload mode, whether to slice VAE decodes, and the reason, for Z_IMAGE_OFFLOAD=`setting` on `device`."""
     if device.type != "cuda":
-        return "none", f"the device is {device.type}; offloading only saves accelerator memory"
+        mode = "none" if setting == "auto" else setting
+        return mode, False, f"the device is {device.type}; offloading and VAE slicing only save accelerator memory"
     free, _total = torch.cuda.mem_get_info(device)
     # Weights already on this GPU (a pipeline built there) count as room they already take.
     on_device = sum(
@@ -104,7 +79,12 @@ def resolve_offload(setting: str, pipeline, device: torch.device) -> tuple[str, 
         for t in getattr(pipeline, name).parameters()
         if t.device.type == "cuda"
     )
-    return choose_offload(free + on_device, component_sizes(pipeline))
+    sizes = component_sizes(pipeline)
+    if setting == "auto":
+        return choose_offload(free + on_device, sizes, max_batch_size)
+    # A mode chosen by hand still gets the plan's VAE slicing decision: a batch that fits only sliced.
+    row = plan_mode(sizes, setting, free + on_device, PLANNING_SIZE, PLANNING_SIZE, max_batch_size)
+    return setting, row.vae_slicing, f"Z_IMAGE_OFFLOAD={setting}; {row.describe()}"
 
 
 def place_pipeline(pipeline, device: torch.device, mode: str) -> None:
@@ -112,9 +92,6 @@ def place_pipeline(pipeline, device: torch.device, mode: str) -> None:
     if mode == "none":
         pipeline.to(device)
         return
-    # Offload modes are the memory-tight ones: decode batched images one at a time, since a
-    # batched VAE decode at 1024x1024 needs several GiB per image of activations at once.
-    pipeline.vae.enable_slicing()
     if mode == "model":
         pipeline.to("cpu")
         pipeline.enable_model_cpu_offload(device=device)
@@ -128,7 +105,8 @@ def place_pipeline(pipeline, device: torch.device, mode: str) -> None:
     pipeline.text_encoder.to("cpu")
     # Block by block from pinned CPU memory on a side stream, so copying block i+1 overlaps
     # computing block i, and offloading is a pointer swap back to the pinned copy (no copy out).
-    streams = device.type == "cuda"
+    # Streams wherever the backend has them, as diffusers checks (CUDA; the memory simulation's device).
+    streams = device.type != "cpu" and hasattr(torch.get_device_module(device), "Stream")
     apply_group_offloading(
         pipeline.text_encoder,
         onload_device=device,
@@ -234,6 +212,7 @@ class Acceleration:
     offload_reason: str
     attention: AttentionPlan
     compile: str
+    vae_slicing: bool = False
 
 
 def prepare_pipeline(
@@ -245,20 +224,24 @@ def prepare_pipeline(
     attention: str,
     compile: str,
     compile_backend: str = "inductor",
+    max_batch_size: int = 1,
 ) -> Acceleration:
     """Place the pipeline, choose attention, mark compilation. Raises SettingsError for an unusable backend."""
     plan = resolve_attention(attention, device, dtype)
-    mode, reason = resolve_offload(offload, pipeline, device)
+    mode, vae_slicing, reason = resolve_offload(offload, pipeline, device, max_batch_size)
     place_pipeline(pipeline, device, mode)
+    if vae_slicing:
+        # A batched decode's activations grow with the batch (1.5 GiB per 1024x1024 image); one at a time they do not.
+        pipeline.vae.enable_slicing()
     apply_compile(pipeline.transformer, compile, compile_backend)
-    log.info("offload: %s (%s)", mode, reason)
+    log.info("offload: %s, VAE slicing %s (%s)", mode, "on" if vae_slicing else "off", reason)
     log.info(
         "attention: %s%s; compile: %s",
         plan.backend,
         "" if plan.handles_masks else f" ({MASKED_FALLBACK_ATTENTION} for mixed-length batches, which need masks)",
         compile,
     )
-    return Acceleration(offload=mode, offload_reason=reason, attention=plan, compile=compile)
+    return Acceleration(offload=mode, offload_reason=reason, attention=plan, compile=compile, vae_slicing=vae_slicing)
 
 
 def captions_need_mask(lengths: Sequence[int], multiple: int) -> bool:

@@ -1,9 +1,11 @@
-"""`zimage-server serve | download`: flags built from the settings table, errors as one line on stderr."""
+"""`zimage-server serve | download | plan`: flags built from the settings table, errors as one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import os
 import signal
 import sys
@@ -71,7 +73,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch this ControlNet checkpoint (.safetensors) into MODELS_DIR/controlnets instead of the model",
     )
     download.add_argument("--verbose", action="store_true", help="log the hub libraries' detail and tracebacks")
+    plan = commands.add_parser(
+        "plan",
+        help="predict peak GPU memory per offload mode for a card, and the settings to use (no weights needed)",
+        description="Predict each offload mode's peak GPU memory for the full-size model from the committed memory "
+        "model (docs/benchmarks.md, benchmark 7), with a margin for the CUDA context, cuDNN workspace and "
+        "fragmentation, and say which settings fit. Assumes bf16 compute, 512-token prompts and "
+        "flash/memory-efficient attention; --transformer and --quantize change only the transformer's weight bytes.",
+    )
+    plan.add_argument("--gpu-memory", default="24GiB", type=parse_bytes,
+                      help="the card's memory, e.g. 24GiB, 16GB (10^9), 12288MiB [default: 24GiB]")
+    plan.add_argument("--size", default="1024x1024", type=parse_size, help="WIDTHxHEIGHT [default: 1024x1024]")
+    plan.add_argument("--batch", default=1, type=int, help="images per pipeline call [default: 1]")
+    plan.add_argument("--transformer", default="bf16", metavar="FILE_OR_FORMAT",
+                      help="a transformer file (.gguf or .safetensors, its tensor types read from the header) or a "
+                      "format: bf16, fp16, fp32, int8, fp8, q8_0, q6_k, q5_k, q4_k, q5_1, q5_0, q4_1, q4_0 [default: bf16]")
+    plan.add_argument("--quantize", metavar="FORMAT", help="the format the transformer is quantized to at load (int8, fp8, ...)")
+    plan.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
     return parser
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "g": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 24GiB, 16GB, 12288MiB)")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1024x1024)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def plan(args: argparse.Namespace) -> None:
+    from .memory_plan import GIB, WEIGHT_FORMATS, choose
+    from .memory_plan import plan as plan_rows
+
+    width, height = args.size
+    try:
+        rows = plan_rows(args.gpu_memory, width, height, args.batch, args.transformer, args.quantize)
+    except (ValueError, OSError) as exc:
+        fail(str(exc), EXIT_BAD_SETTING)
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    first = rows[0]
+    print(f"full-size Z-Image, transformer {first.transformer}{f' quantized to {args.quantize}' if args.quantize else ''}, "
+          f"{width}x{height} x{args.batch}, {args.gpu_memory / GIB:.2f} GiB card, {first.margin_bytes / GIB:.2f} GiB margin:")
+    for row in rows:
+        print(f"  {row.offload:<13} {row.predicted_peak_bytes / GIB:6.2f} GiB  {'fits' if row.fits else 'does not fit':<12}"
+              f" peak in {row.limiting_stage}, VAE slicing {'on' if row.vae_slicing else 'off'}")
+    chosen, reason = choose(rows)
+    if chosen.fits:
+        print(f"use: Z_IMAGE_OFFLOAD={chosen.offload} (auto picks it; VAE slicing {'on' if chosen.vae_slicing else 'off'})")
+        return
+    # Nothing fits in bf16: the largest quantized format that does, if any.
+    for name in ("fp8", "int8", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"):
+        candidate, _ = choose(plan_rows(args.gpu_memory, width, height, args.batch, name))
+        if candidate.fits and WEIGHT_FORMATS[name].bytes_per_weight < 2:
+            print(f"nothing fits as given; a {name} transformer does: Z_IMAGE_OFFLOAD={candidate.offload}, "
+                  f"~{candidate.predicted_peak_bytes / GIB:.2f} GiB")
+            return
+    print("nothing fits, even with a 4-bit transformer; use a smaller size or batch")
 
 
 def fail(message: str, code: int) -> None:
@@ -194,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(args)
     elif args.command == "download":
         download(args)
+    elif args.command == "plan":
+        plan(args)
 
 
 if __name__ == "__main__":

@@ -411,7 +411,13 @@ def start_runner(
     pipeline.set_progress_bar_config(disable=True)
     install_lora_slot(pipeline, settings)
     acceleration = prepare_pipeline(
-        pipeline, device, dtype, offload=settings.offload, attention=settings.attention, compile=settings.compile
+        pipeline,
+        device,
+        dtype,
+        offload=settings.offload,
+        attention=settings.attention,
+        compile=settings.compile,
+        max_batch_size=settings.max_batch_size,
     )
     if controlnet is not None and VARIANTS[settings.variant].edit_method == "omni":
         raise SettingsError("Z_IMAGE_CONTROLNET works with the turbo and base variants, not with Omni (edit)")

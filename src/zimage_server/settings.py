@@ -136,7 +136,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         setting(
             "Z_IMAGE_OFFLOAD",
             "GPU memory mode: none (all resident), text_encoder (streamed in to encode), model (each component "
-            "moved in turn); auto picks none when everything fits, else the lightest mode that does",
+            "moved in turn); auto picks the lightest mode the memory plan predicts fits (`zimage-server plan`), "
+            "VAE slicing included",
         ),
     ] = "auto"
     attention: Annotated[

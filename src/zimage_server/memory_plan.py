@@ -1,0 +1,286 @@
+"""The memory model: predicted peak accelerator memory per offload mode, and the plan built from it. No torch.
+
+Peak memory is weights resident during a stage plus that stage's activations, maximised over the
+three stages of a call (text encoding, one denoising step, VAE decode):
+
+  none          all weights + the largest stage's activations
+  text_encoder  transformer + VAE + max(text encoder's streamed part + encoding, step, decode)
+  model         max(text encoder + encoding, transformer + step, VAE + decode)
+
+Weight bytes are exact for the full-size configs (parameter counts below) and for each weight
+format; a loaded pipeline passes its own measured sizes instead. Activation bytes per stage are
+straight lines fitted to simulation runs (memory_sim.py, `python benchmarks/memory_plan.py`), in
+bf16 with flash/memory-efficient attention and 512-token prompts (the server's maximum):
+
+  text encoding     a + b * batch
+  denoising step    a + b * batch * (pixels / 256 + 512)   (image tokens + caption tokens)
+  VAE decode        a + b * pixels * images decoded at once (1 with VAE slicing, else the batch)
+
+`MARGIN_BYTES` is added for what the simulation does not see: the CUDA context and kernels,
+cuDNN workspace in the VAE, allocator fragmentation (0.5-1.5 GiB together, REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+GIB = 1024**3
+MARGIN_BYTES = GIB + GIB // 4  # 1.25 GiB: the middle of REFERENCE.md's 0.5-1.5 GiB, rounded up
+OFFLOAD_MODES = ("none", "text_encoder", "model")  # lightest first: the plan picks the first that fits
+PIXELS_PER_TOKEN = 256  # 8x VAE downsampling, then 2x2 patches
+CAPTION_TOKENS = 512  # max_sequence_length: prompts are padded to it in the simulation's worst case
+COMPUTE_BYTES = 2  # bf16/fp16: what unquantized weights and all activations are held in
+
+# Exact parameter counts of the full-size models (architecture.FULL_SIZE), as a fake-tensor build
+# counts them; tests/test_memory_plan.py checks them against one.
+TEXT_ENCODER_PARAMS = 4_022_468_096
+TEXT_ENCODER_STREAMED_PARAMS = 590_820_608  # embeddings + final norm + the two blocks on the device at a time
+TRANSFORMER_PARAMS = 6_154_908_736
+# The transformer's linear weights whose input width is a multiple of 256: what a quantizer
+# converts (everything except the 64-wide patch embedder, the norms and the biases).
+TRANSFORMER_QUANTIZABLE_PARAMS = 6_153_617_408
+TRANSFORMER_QUANTIZABLE_ROWS = 1_849_664  # their output rows: one scale each for int8/fp8
+TRANSFORMER_LARGEST_LINEAR_PARAMS = 39_321_600  # the feed-forward's 3840x10240: GGUF dequantizes one at a time
+VAE_PARAMS = 83_819_683
+
+# Fitted by `python benchmarks/memory_plan.py` (2026-12, full size, bf16): bytes = a + b * x,
+# x as in the module docstring. Checked against fresh simulation points in docs/benchmarks.md.
+ACTIVATION_FIT = {
+    "text_encoder": (313402, 205263360.0),
+    "transformer_step": (441914, 122622.0),
+    "vae_decode": (441914, 1541.0),
+}
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """Bytes of weights per component; `text_encoder_streamed` is what the text encoder holds on
+    the device while it encodes block by block (embeddings, norms, two blocks)."""
+
+    text_encoder: int
+    text_encoder_streamed: int
+    transformer: int
+    vae: int
+    # Transient bytes a quantized transformer adds per layer (GGUF dequantizes each weight as it runs).
+    transformer_transient: int = 0
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a transformer format stores its quantizable weights; everything else stays in bf16."""
+
+    name: str
+    bytes_per_weight: Fraction
+    scale_bytes_per_row: int = 0
+    dequantized_per_layer: bool = False  # GGUF: each weight is expanded to bf16 just before its matmul
+
+
+WEIGHT_FORMATS = {
+    f.name: f
+    for f in (
+        WeightFormat("bf16", Fraction(2)),
+        WeightFormat("fp16", Fraction(2)),
+        WeightFormat("fp32", Fraction(4)),
+        WeightFormat("int8", Fraction(1), scale_bytes_per_row=2),  # torchao int8 weight-only: a bf16 scale per row
+        WeightFormat("fp8", Fraction(1), scale_bytes_per_row=4),  # torchao float8 weight-only: an fp32 scale per row
+        # GGUF block formats, bytes per block / values per block. F16/BF16 GGUF load as plain parameters.
+        WeightFormat("q8_0", Fraction(34, 32), dequantized_per_layer=True),
+        WeightFormat("q6_k", Fraction(210, 256), dequantized_per_layer=True),
+        WeightFormat("q5_k", Fraction(176, 256), dequantized_per_layer=True),
+        WeightFormat("q4_k", Fraction(144, 256), dequantized_per_layer=True),
+        WeightFormat("q5_1", Fraction(24, 32), dequantized_per_layer=True),
+        WeightFormat("q5_0", Fraction(22, 32), dequantized_per_layer=True),
+        WeightFormat("q4_1", Fraction(20, 32), dequantized_per_layer=True),
+        WeightFormat("q4_0", Fraction(18, 32), dequantized_per_layer=True),
+        WeightFormat("f16", Fraction(2)),
+    )
+}
+# GGUF tensor type numbers (ggml's enum) to the formats above; F32 tensors load in the compute dtype.
+GGUF_TYPES = {0: "bf16", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 12: "q4_k", 13: "q5_k",
+              14: "q6_k", 30: "bf16"}
+
+
+def transformer_bytes(fmt: WeightFormat) -> int:
+    """Bytes of the full-size transformer's weights in `fmt`."""
+    other = TRANSFORMER_PARAMS - TRANSFORMER_QUANTIZABLE_PARAMS
+    other_bytes = other * (4 if fmt.name == "fp32" else COMPUTE_BYTES)
+    quantized = TRANSFORMER_QUANTIZABLE_PARAMS * fmt.bytes_per_weight + TRANSFORMER_QUANTIZABLE_ROWS * fmt.scale_bytes_per_row
+    return other_bytes + int(quantized)
+
+
+def full_size_components(fmt: WeightFormat = WEIGHT_FORMATS["bf16"]) -> ComponentSizes:
+    """The full-size model's sizes, text encoder and VAE in bf16 and the transformer in `fmt`."""
+    return ComponentSizes(
+        text_encoder=TEXT_ENCODER_PARAMS * COMPUTE_BYTES,
+        text_encoder_streamed=TEXT_ENCODER_STREAMED_PARAMS * COMPUTE_BYTES,
+        transformer=transformer_bytes(fmt),
+        vae=VAE_PARAMS * COMPUTE_BYTES,
+        transformer_transient=TRANSFORMER_LARGEST_LINEAR_PARAMS * COMPUTE_BYTES if fmt.dequantized_per_layer else 0,
+    )
+
+
+def activation_bytes(stage: str, width: int, height: int, batch: int, vae_slicing: bool = False) -> int:
+    """A stage's activations (and the small tensors carried through it) for one call, from the fit."""
+    a, b = ACTIVATION_FIT[stage]
+    if stage == "text_encoder":
+        x = batch
+    elif stage == "transformer_step":
+        x = batch * (width * height / PIXELS_PER_TOKEN + CAPTION_TOKENS)
+    else:
+        x = width * height * (1 if vae_slicing else batch)
+    return int(a + b * x)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    peak_bytes: int
+    stage: str  # the stage that sets the peak
+
+
+def predict_peak(sizes: ComponentSizes, offload: str, width: int, height: int, batch: int, vae_slicing: bool) -> Prediction:
+    """Predicted peak device bytes of one call in `offload` mode (the margin not included)."""
+    encode = activation_bytes("text_encoder", width, height, batch)
+    step = activation_bytes("transformer_step", width, height, batch) + sizes.transformer_transient
+    decode = activation_bytes("vae_decode", width, height, batch, vae_slicing)
+    if offload == "none":
+        resident = sizes.text_encoder + sizes.transformer + sizes.vae
+        stages = {"text_encoder": resident + encode, "transformer_step": resident + step, "vae_decode": resident + decode}
+    elif offload == "text_encoder":
+        # Streamed, the text encoder's blocks are on the device only while it encodes.
+        resident = sizes.transformer + sizes.vae
+        stages = {
+            "text_encoder": resident + sizes.text_encoder_streamed + encode,
+            "transformer_step": resident + step,
+            "vae_decode": resident + decode,
+        }
+    elif offload == "model":
+        stages = {
+            "text_encoder": sizes.text_encoder + encode,
+            "transformer_step": sizes.transformer + step,
+            "vae_decode": sizes.vae + decode,
+        }
+    else:
+        raise ValueError(f"unknown offload mode {offload!r}")
+    stage = max(stages, key=stages.get)
+    return Prediction(stages[stage], stage)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One offload mode for one configuration: its predicted peak and whether it fits with the margin."""
+
+    offload: str
+    transformer: str  # the transformer's weight format, or the file it was read from
+    quantize: str | None
+    width: int
+    height: int
+    batch: int
+    vae_slicing: bool
+    predicted_peak_bytes: int
+    limiting_stage: str
+    margin_bytes: int
+    gpu_memory_bytes: int
+    fits: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        verdict = "fits" if self.fits else "does not fit"
+        return (
+            f"{self.offload}: ~{self.predicted_peak_bytes / GIB:.2f} GiB at {self.width}x{self.height} x{self.batch}"
+            f" (peak in {self.limiting_stage}; VAE slicing {'on' if self.vae_slicing else 'off'})"
+            f" + {self.margin_bytes / GIB:.2f} GiB margin {verdict} in {self.gpu_memory_bytes / GIB:.1f} GiB"
+        )
+
+
+def plan_mode(
+    sizes: ComponentSizes, offload: str, gpu_memory: int, width: int, height: int, batch: int,
+    transformer: str = "bf16", quantize: str | None = None, margin: int = MARGIN_BYTES,
+) -> PlanRow:
+    """`offload` mode's row, VAE slicing on exactly when the unsliced decode would not fit (it never saves time)."""
+    vae_slicing = False
+    prediction = predict_peak(sizes, offload, width, height, batch, vae_slicing=False)
+    if batch > 1 and prediction.peak_bytes + margin > gpu_memory:
+        sliced = predict_peak(sizes, offload, width, height, batch, vae_slicing=True)
+        vae_slicing, prediction = sliced.peak_bytes < prediction.peak_bytes, min(prediction, sliced, key=lambda p: p.peak_bytes)
+    return PlanRow(
+        offload=offload, transformer=transformer, quantize=quantize, width=width, height=height, batch=batch,
+        vae_slicing=vae_slicing, predicted_peak_bytes=prediction.peak_bytes, limiting_stage=prediction.stage,
+        margin_bytes=margin, gpu_memory_bytes=gpu_memory, fits=prediction.peak_bytes + margin <= gpu_memory,
+    )
+
+
+def plan(
+    gpu_memory: int, width: int = 1024, height: int = 1024, batch: int = 1,
+    transformer: str | Path = "bf16", quantize: str | None = None, margin: int = MARGIN_BYTES,
+) -> list[PlanRow]:
+    """Every offload mode's row for the full-size model, lightest first; the first that fits is the one to use."""
+    sizes, label = transformer_sizes(transformer, quantize)
+    return [plan_mode(sizes, mode, gpu_memory, width, height, batch, label, quantize, margin) for mode in OFFLOAD_MODES]
+
+
+def choose(rows: list[PlanRow]) -> tuple[PlanRow, str]:
+    """The lightest row that fits (else the heaviest offload, which needs least), and the reason in words."""
+    chosen = next((row for row in rows if row.fits), rows[-1])
+    lighter = [row.describe() for row in rows[: rows.index(chosen)]]
+    reason = chosen.describe() + (f"; lighter modes do not fit ({'; '.join(lighter)})" if lighter else "")
+    return chosen, reason
+
+
+def transformer_sizes(transformer: str | Path = "bf16", quantize: str | None = None) -> tuple[ComponentSizes, str]:
+    """Sizes for a transformer named by format (`bf16`, `q4_k`, ...) or by file, then quantized if asked.
+
+    A file's weight bytes are read from its header (GGUF tensor types, safetensors dtypes), with
+    float32 tensors counted in bf16 as the loader casts them; `quantize` replaces that with its format."""
+    if quantize is not None:
+        return full_size_components(weight_format(quantize)), Path(str(transformer)).name
+    path = Path(str(transformer))
+    if path.is_file():
+        sizes = full_size_components()
+        weights, dequantized = file_weight_bytes(path)
+        transient = TRANSFORMER_LARGEST_LINEAR_PARAMS * COMPUTE_BYTES if dequantized else 0
+        return ComponentSizes(sizes.text_encoder, sizes.text_encoder_streamed, weights, sizes.vae, transient), path.name
+    fmt = weight_format(str(transformer))
+    return full_size_components(fmt), fmt.name
+
+
+def weight_format(name: str) -> WeightFormat:
+    key = name.lower().removeprefix("gguf-").removeprefix("gguf_")
+    if key not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {name!r}; known: {', '.join(WEIGHT_FORMATS)}")
+    return WEIGHT_FORMATS[key]
+
+
+def file_weight_bytes(path: Path) -> tuple[int, bool]:
+    """Bytes a transformer file's tensors take once loaded, and whether they are dequantized per layer."""
+    if path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        total, quantized = 0, False
+        for tensor in GGUFReader(path).tensors:
+            name = GGUF_TYPES.get(int(tensor.tensor_type))
+            if name is None or WEIGHT_FORMATS[name].bytes_per_weight >= COMPUTE_BYTES:  # F32 and friends: cast to bf16
+                total += int(tensor.n_elements) * COMPUTE_BYTES
+            else:
+                total += int(tensor.n_bytes)
+                quantized = True
+        return total, quantized
+    if path.suffix == ".safetensors":
+        with path.open("rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        itemsize = {"F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
+        total = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            total += count * itemsize.get(info["dtype"], COMPUTE_BYTES)
+        return total, False
+    raise ValueError(f"{path}: only .gguf and .safetensors transformer files are read")

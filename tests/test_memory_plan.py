@@ -1,0 +1,153 @@
+"""The memory simulation on the tiny config, the committed memory model, and `zimage-server plan`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zimage_server.acceleration import choose_offload
+from zimage_server.memory_plan import (
+    GIB,
+    TEXT_ENCODER_PARAMS,
+    TEXT_ENCODER_STREAMED_PARAMS,
+    TRANSFORMER_PARAMS,
+    VAE_PARAMS,
+    WEIGHT_FORMATS,
+    full_size_components,
+    plan,
+    predict_peak,
+    transformer_bytes,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# benchmarks/memory_plan.py, full size, 1024x1024, bf16 (docs/benchmarks.md; REFERENCE.md has the same figures).
+SIMULATED_GIB = {
+    ("none", 1, False): 20.618,
+    ("none", 4, False): 25.133,
+    ("none", 4, True): 21.218,
+    ("text_encoder", 1, False): 13.126,
+    ("text_encoder", 4, False): 17.640,
+    ("text_encoder", 4, True): 13.726,
+    ("model", 1, False): 11.991,
+    ("model", 4, True): 13.570,
+}
+TOLERANCE_GIB = 0.02
+
+
+def test_the_simulation_counts_the_tiny_models_weights_and_every_stage():
+    import torch
+
+    from zimage_server.architecture import TINY
+    from zimage_server.memory_sim import STAGES, simulate_call
+
+    call = simulate_call(TINY, offload="none", width=64, height=64, batch=2, vae_slicing=False, steps=2, dtype=torch.float32)
+    # Direct count: every parameter and buffer is one allocation, rounded up to 512 bytes.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zimage_server.memory_sim import build_fake_pipeline
+
+    pipeline = build_fake_pipeline(TINY, torch.float32, FakeTensorMode(allow_non_fake_inputs=True))
+    rounded = sum(
+        -(-t.numel() * t.element_size() // 512) * 512
+        for name in ("text_encoder", "transformer", "vae")
+        for t in [*getattr(pipeline, name).parameters(), *getattr(pipeline, name).buffers()]
+    )
+    assert set(call.stages) == set(STAGES)
+    for stage in STAGES:
+        assert call.stages[stage].start >= rounded  # all weights resident in mode none
+        assert call.activation_bytes(stage) > 0
+    assert call.peak_bytes == max(s.peak for s in call.stages.values())
+
+
+def test_model_offload_in_the_simulation_holds_one_component_at_a_time():
+    from zimage_server.architecture import TINY
+    from zimage_server.memory_sim import simulate_call
+
+    resident = simulate_call(TINY, offload="none", width=64, height=64, batch=1, vae_slicing=False, steps=2)
+    offloaded = simulate_call(TINY, offload="model", width=64, height=64, batch=1, vae_slicing=False, steps=2)
+    assert offloaded.stages["text_encoder"].start < resident.stages["text_encoder"].start
+
+
+def test_full_size_parameter_counts_match_a_fake_build():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zimage_server.acceleration import component_sizes
+    from zimage_server.architecture import FULL_SIZE
+    from zimage_server.memory_sim import build_fake_pipeline
+
+    pipeline = build_fake_pipeline(FULL_SIZE, torch.bfloat16, FakeTensorMode(allow_non_fake_inputs=True))
+    counts = {name: sum(p.numel() for p in getattr(pipeline, name).parameters()) for name in ("text_encoder", "transformer", "vae")}
+    assert counts == {"text_encoder": TEXT_ENCODER_PARAMS, "transformer": TRANSFORMER_PARAMS, "vae": VAE_PARAMS}
+    assert component_sizes(pipeline).text_encoder_streamed == 2 * TEXT_ENCODER_STREAMED_PARAMS
+
+
+@pytest.mark.parametrize("key", SIMULATED_GIB)
+def test_the_model_reproduces_the_simulated_full_size_peaks(key):
+    mode, batch, sliced = key
+    predicted = predict_peak(full_size_components(), mode, 1024, 1024, batch, sliced).peak_bytes / GIB
+    assert abs(predicted - SIMULATED_GIB[key]) <= TOLERANCE_GIB
+
+
+def test_weight_formats_shrink_the_transformer_by_their_bytes_per_weight():
+    bf16 = transformer_bytes(WEIGHT_FORMATS["bf16"])
+    assert abs(bf16 / GIB - 11.46) < 0.01
+    assert abs(transformer_bytes(WEIGHT_FORMATS["q8_0"]) / bf16 - 34 / 64) < 0.001
+    assert abs(transformer_bytes(WEIGHT_FORMATS["q4_k"]) / bf16 - 144 / 512) < 0.001
+    assert transformer_bytes(WEIGHT_FORMATS["int8"]) < transformer_bytes(WEIGHT_FORMATS["fp8"]) < bf16 // 2 + GIB // 10
+
+
+@pytest.mark.parametrize("gpu_gib, mode", [(24, "none"), (16, "text_encoder"), (13.5, "model")])
+def test_choose_offload_follows_the_ladder(gpu_gib, mode):
+    assert choose_offload(int(gpu_gib * GIB), full_size_components())[0] == mode
+
+
+def test_a_24_gib_card_at_batch_4_slices_the_vae_decode():
+    [none, *_] = plan(24 * GIB, 1024, 1024, 4)
+    assert none.offload == "none" and none.vae_slicing and none.fits
+
+
+def test_smaller_cards_fit_with_a_quantized_transformer():
+    assert plan(12 * GIB, transformer="bf16", quantize="int8")[1].fits  # text encoder streamed
+    assert plan(8 * GIB, transformer="q6_k")[1].fits
+    assert not any(row.fits for row in plan(8 * GIB, transformer="q8_0")[:1])
+
+
+def test_plan_json_runs_without_weights_or_torch():
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    code = "import sys; from zimage_server.cli import main; main(sys.argv[1:]); assert 'torch' not in sys.modules"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "plan", "--gpu-memory", "16GiB", "--batch", "4", "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    keys = {"offload", "transformer", "quantize", "width", "height", "batch", "vae_slicing", "predicted_peak_bytes", "fits"}
+    assert [row["offload"] for row in rows] == ["none", "text_encoder", "model"]
+    assert all(keys <= set(row) for row in rows)
+    assert rows[1]["fits"] and rows[1]["vae_slicing"] and not rows[0]["fits"]
+
+
+def test_plan_reads_a_gguf_files_tensor_types(tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    from zimage_server.memory_plan import file_weight_bytes
+
+    path = tmp_path / "transformer.gguf"
+    writer = GGUFWriter(str(path), "z-image")
+    weight = quantize(np.ones((256, 256), dtype=np.float32), GGMLQuantizationType.Q8_0)
+    writer.add_tensor("w", weight, raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.add_tensor("norm", np.ones(256, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    total, dequantized = file_weight_bytes(path)
+    assert dequantized and total == 256 * 256 * 34 // 32 + 256 * 2
