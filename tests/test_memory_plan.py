@@ -151,3 +151,26 @@ def test_plan_reads_a_gguf_files_tensor_types(tmp_path):
     writer.close()
     total, dequantized = file_weight_bytes(path)
     assert dequantized and total == 256 * 256 * 34 // 32 + 256 * 2
+
+
+def test_a_controlnet_counts_in_the_plan_and_at_start_up(tmp_path, runner):
+    import torch
+    from safetensors.torch import save_file
+
+    from zimage_server.acceleration import component_sizes
+    from zimage_server.testing import write_tiny_controlnet
+
+    # A ControlNet file of 2 MiB of bf16 tensors: the plan reads their sizes from the header.
+    path = tmp_path / "union.safetensors"
+    save_file({"w": torch.zeros(1024, 1024, dtype=torch.bfloat16)}, path)
+    with_controlnet = plan(16 * GIB, controlnet=path)
+    without = plan(16 * GIB)
+    for a, b in zip(with_controlnet, without):
+        assert a.predicted_peak_bytes - b.predicted_peak_bytes == 1024 * 1024 * 2
+    # At start-up the runner passes the ControlNet's own blocks (before from_transformer joins it).
+    from diffusers import ZImageControlNetModel
+
+    folder = write_tiny_controlnet(tmp_path / "tiny")
+    controlnet = ZImageControlNetModel.from_pretrained(folder)
+    own = sum(p.numel() * p.element_size() for p in controlnet.parameters())
+    assert component_sizes(runner.pipeline, controlnet).controlnet == own > 0

@@ -48,7 +48,8 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def component_sizes(pipeline) -> ComponentSizes:
+def component_sizes(pipeline, controlnet: torch.nn.Module | None = None) -> ComponentSizes:
+    """The pipeline's weight bytes; `controlnet` before `from_transformer` joins it (its own blocks only)."""
     text_encoder = module_bytes(pipeline.text_encoder)
     blocks = [module_bytes(block) for block in _block_list(pipeline.text_encoder)]
     resident = text_encoder - sum(blocks) + TEXT_ENCODER_BLOCKS_ON_DEVICE * max(blocks, default=0)
@@ -57,6 +58,7 @@ def component_sizes(pipeline) -> ComponentSizes:
         text_encoder_streamed=resident,
         transformer=module_bytes(pipeline.transformer),
         vae=module_bytes(pipeline.vae),
+        controlnet=module_bytes(controlnet) if controlnet is not None else 0,
     )
 
 
@@ -66,7 +68,9 @@ def _block_list(module: torch.nn.Module) -> Sequence[torch.nn.Module]:
     return max(lists, key=len, default=[])
 
 
-def resolve_offload(setting: str, pipeline, device: torch.device, max_batch_size: int = 1) -> tuple[str, bool, str]:
+def resolve_offload(
+    setting: str, pipeline, device: torch.device, max_batch_size: int = 1, controlnet: torch.nn.Module | None = None
+) -> tuple[str, bool, str]:
     """The offload mode, whether to slice VAE decodes, and the reason, for Z_IMAGE_OFFLOAD=`setting` on `device`."""
     if device.type != "cuda":
         mode = "none" if setting == "auto" else setting
@@ -79,7 +83,7 @@ def resolve_offload(setting: str, pipeline, device: torch.device, max_batch_size
         for t in getattr(pipeline, name).parameters()
         if t.device.type == "cuda"
     )
-    sizes = component_sizes(pipeline)
+    sizes = component_sizes(pipeline, controlnet)
     if setting == "auto":
         return choose_offload(free + on_device, sizes, max_batch_size)
     # A mode chosen by hand still gets the plan's VAE slicing decision: a batch that fits only sliced.
@@ -225,10 +229,11 @@ def prepare_pipeline(
     compile: str,
     compile_backend: str = "inductor",
     max_batch_size: int = 1,
+    controlnet: torch.nn.Module | None = None,
 ) -> Acceleration:
     """Place the pipeline, choose attention, mark compilation. Raises SettingsError for an unusable backend."""
     plan = resolve_attention(attention, device, dtype)
-    mode, vae_slicing, reason = resolve_offload(offload, pipeline, device, max_batch_size)
+    mode, vae_slicing, reason = resolve_offload(offload, pipeline, device, max_batch_size, controlnet)
     place_pipeline(pipeline, device, mode)
     if vae_slicing:
         # A batched decode's activations grow with the batch (1.5 GiB per 1024x1024 image); one at a time they do not.

@@ -9,6 +9,7 @@ import re
 import os
 import signal
 import sys
+from pathlib import Path
 
 from . import logs
 from .model_layout import IncompleteModelError, verify_model_dir
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a transformer file (.gguf or .safetensors, its tensor types read from the header) or a "
                       "format: bf16, fp16, fp32, int8, fp8, q8_0, q6_k, q5_k, q4_k, q5_1, q5_0, q4_1, q4_0 [default: bf16]")
     plan.add_argument("--quantize", metavar="FORMAT", help="the format the transformer is quantized to at load (int8, fp8, ...)")
+    plan.add_argument("--controlnet", metavar="FILE", type=Path,
+                      help="a ControlNet checkpoint (.safetensors) served beside the model: its weights count too")
     plan.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
     return parser
 
@@ -116,7 +119,9 @@ def plan(args: argparse.Namespace) -> None:
 
     width, height = args.size
     try:
-        rows = plan_rows(args.gpu_memory, width, height, args.batch, args.transformer, args.quantize)
+        rows = plan_rows(
+            args.gpu_memory, width, height, args.batch, args.transformer, args.quantize, controlnet=args.controlnet
+        )
     except (ValueError, OSError) as exc:
         fail(str(exc), EXIT_BAD_SETTING)
     if args.json:
@@ -134,7 +139,7 @@ def plan(args: argparse.Namespace) -> None:
         return
     # Nothing fits in bf16: the largest quantized format that does, if any.
     for name in ("fp8", "int8", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"):
-        candidate, _ = choose(plan_rows(args.gpu_memory, width, height, args.batch, name))
+        candidate, _ = choose(plan_rows(args.gpu_memory, width, height, args.batch, name, controlnet=args.controlnet))
         if candidate.fits and WEIGHT_FORMATS[name].bytes_per_weight < 2:
             print(f"nothing fits as given; a {name} transformer does: Z_IMAGE_OFFLOAD={candidate.offload}, "
                   f"~{candidate.predicted_peak_bytes / GIB:.2f} GiB")

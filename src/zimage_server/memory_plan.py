@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -66,6 +66,8 @@ class ComponentSizes:
     vae: int
     # Transient bytes a quantized transformer adds per layer (GGUF dequantizes each weight as it runs).
     transformer_transient: int = 0
+    # A ControlNet's own blocks (Z_IMAGE_CONTROLNET): resident beside the transformer, which it shares.
+    controlnet: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,11 @@ def predict_peak(sizes: ComponentSizes, offload: str, width: int, height: int, b
     step = activation_bytes("transformer_step", width, height, batch) + sizes.transformer_transient
     decode = activation_bytes("vae_decode", width, height, batch, vae_slicing)
     if offload == "none":
-        resident = sizes.text_encoder + sizes.transformer + sizes.vae
+        resident = sizes.text_encoder + sizes.transformer + sizes.controlnet + sizes.vae
         stages = {"text_encoder": resident + encode, "transformer_step": resident + step, "vae_decode": resident + decode}
     elif offload == "text_encoder":
         # Streamed, the text encoder's blocks are on the device only while it encodes.
-        resident = sizes.transformer + sizes.vae
+        resident = sizes.transformer + sizes.controlnet + sizes.vae
         stages = {
             "text_encoder": resident + sizes.text_encoder_streamed + encode,
             "transformer_step": resident + step,
@@ -159,7 +161,7 @@ def predict_peak(sizes: ComponentSizes, offload: str, width: int, height: int, b
     elif offload == "model":
         stages = {
             "text_encoder": sizes.text_encoder + encode,
-            "transformer_step": sizes.transformer + step,
+            "transformer_step": sizes.transformer + sizes.controlnet + step,
             "vae_decode": sizes.vae + decode,
         }
     else:
@@ -217,9 +219,14 @@ def plan_mode(
 def plan(
     gpu_memory: int, width: int = 1024, height: int = 1024, batch: int = 1,
     transformer: str | Path = "bf16", quantize: str | None = None, margin: int = MARGIN_BYTES,
+    controlnet: Path | None = None,
 ) -> list[PlanRow]:
-    """Every offload mode's row for the full-size model, lightest first; the first that fits is the one to use."""
+    """Every offload mode's row for the full-size model, lightest first; the first that fits is the one to use.
+
+    controlnet: a ControlNet checkpoint file, whose tensors (at bf16) are resident beside the transformer."""
     sizes, label = transformer_sizes(transformer, quantize)
+    if controlnet is not None:
+        sizes = replace(sizes, controlnet=file_weight_bytes(Path(controlnet))[0])
     return [plan_mode(sizes, mode, gpu_memory, width, height, batch, label, quantize, margin) for mode in OFFLOAD_MODES]
 
 

@@ -418,6 +418,7 @@ def start_runner(
         attention=settings.attention,
         compile=settings.compile,
         max_batch_size=settings.max_batch_size,
+        controlnet=controlnet,  # its weights count in the memory plan
     )
     if controlnet is not None and VARIANTS[settings.variant].edit_method == "omni":
         raise SettingsError("Z_IMAGE_CONTROLNET works with the turbo and base variants, not with Omni (edit)")
