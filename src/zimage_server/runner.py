@@ -378,19 +378,23 @@ def load_runner(settings: Settings, faults: FaultInjector | None = None) -> Mode
     with logged_step(log, f"{variant.pipeline_class} from {model_dir} in {dtype}", size_bytes=weights):
         pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **components)
     quantize_components(pipeline, settings.quantization)
-    controlnet = load_controlnet(settings.controlnet_path, dtype) if settings.controlnet_path else None
+    controlnet = load_controlnet(settings.controlnet_path, dtype, settings.offline) if settings.controlnet_path else None
     return start_runner(pipeline, settings, device, dtype, faults, controlnet)
 
 
-def load_controlnet(path: Path, dtype: torch.dtype):
-    """A Z-Image ControlNet from a diffusers folder or a single file (alibaba-pai's Fun ControlNet Union)."""
+def load_controlnet(path: Path, dtype: torch.dtype, offline: bool):
+    """A Z-Image ControlNet from a diffusers folder or a single file (alibaba-pai's Fun ControlNet Union).
+
+    A single file carries weights only: diffusers recognises the Union version from its keys and reads
+    the matching config (a few hundred bytes, from the hub's hlky/Z-Image-Turbo-Fun-Controlnet-Union*
+    repos) from the Hugging Face cache, fetching it once when it is not there unless offline."""
     from diffusers import ZImageControlNetModel
 
     size = sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
     with logged_step(log, f"ControlNet from {path}", size_bytes=size):
         if path.is_dir():
             return ZImageControlNetModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        return ZImageControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+        return ZImageControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline)
 
 
 def inspect_checkpoint(settings: Settings) -> TransformerFile | None:
