@@ -13,6 +13,7 @@ next call starts while this one's images are made.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -350,6 +351,9 @@ class ModelRunner:
         params = self.warm_up_params(self.variant.edit_method, 64, 64)
         gray = Image.new("RGB", (64, 64), (128, 128, 128))
         self.run_call(params, [ImageRow(GenerationSpec("warm-up", None, (0,), params, images=(gray,)), 0)])
+        if self.controlnet is not None:  # and the ControlNet's blocks theirs
+            params = dataclasses.replace(self.warm_up_params("control", 64, 64), control_scale=0.75)
+            self.run_call(params, [ImageRow(GenerationSpec("warm-up", None, (0,), params, control_image=gray), 0)])
         return time.perf_counter() - started
 
 
