@@ -147,3 +147,16 @@ def test_a_mixed_length_batch_on_a_maskless_backend_runs_on_the_fallback(runner,
     flash.acceleration = dataclasses.replace(flash.acceleration, attention=AttentionPlan("_native_flash", True))
     with pytest.raises(ValueError, match="attn_mask"):
         generate(flash, mixed)
+
+
+def test_component_sizes_count_quantized_weights_at_their_real_size():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from zimage_server.acceleration import module_bytes
+
+    layers = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 256, bias=False))
+    layers = layers.to(torch.bfloat16)
+    assert module_bytes(layers) == 2 * 256 * 256 * 2
+    quantize_(layers, Int8WeightOnlyConfig())
+    # One byte a weight plus a bf16 scale per row, not the two bytes a weight the int8 tensor reports.
+    assert 2 * 256 * 256 <= module_bytes(layers) <= 2 * 256 * 256 + 2 * 256 * 8

@@ -45,7 +45,17 @@ def choose_offload(free_bytes: int, sizes: ComponentSizes, batch: int = 1) -> tu
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds. A tensor subclass (torchao's int8 and fp8 weights) reports its logical
+    dtype's element size, so count the inner tensors it is made of (`__tensor_flatten__`) instead."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def component_sizes(pipeline, controlnet: torch.nn.Module | None = None) -> ComponentSizes:
