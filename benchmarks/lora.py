@@ -42,6 +42,28 @@ def write_loras(folder, transformer) -> None:
         save_file(state_dict, folder / f"{name}.safetensors")
 
 
+def full_size_slot(rank: int = 64) -> dict:
+    """What the slot costs the full-size transformer, computed from its real config on the meta device
+    (no weights): rank x (in + out) values per linear layer, against the layers' own multiply-adds."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage_server.architecture import FULL_SIZE
+
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel(**FULL_SIZE["transformer"])
+    linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+    per_rank = sum(m.in_features + m.out_features for m in linears)
+    weights = sum(m.in_features * m.out_features for m in linears)
+    return {
+        "linear_layers": len(linears),
+        "rank": rank,
+        "slot_params": rank * per_rank,
+        "slot_gib_bf16": rank * per_rank * 2 / 2**30,
+        "extra_linear_work": rank * per_rank / weights,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=30)
@@ -93,11 +115,17 @@ def main() -> None:
     table += [[f"call, {name}", 1000 * median(samples), median(samples) / base] for name, samples in calls.items()]
     table += [[f"switch to {name}", 1000 * median(samples), ""] for name, samples in switches.items()]
     table += [["activate the set already active", 1000 * repeat_s, ""]]
+    full = full_size_slot()
+    print(
+        f"full-size slot at rank {full['rank']}: {full['linear_layers']} linear layers, {full['slot_params'] / 1e6:.0f} M "
+        f"parameters ({full['slot_gib_bf16']:.2f} GiB bf16), +{100 * full['extra_linear_work']:.1f}% of their multiply-adds"
+    )
     print_table(table)
     results = {
         "calls": {name: {"median_s": median(samples), "samples_s": samples} for name, samples in calls.items()},
         "switches": {name: {"median_s": median(samples), "samples_s": samples} for name, samples in switches.items()},
         "repeat_activate_s": repeat_s,
+        "full_size_slot": full,
     }
     config = {"smoke": args.smoke, "iterations": iterations, "threads": args.threads, "slot_rank": SLOT_RANK,
               "lora_rank": LORA_RANK, "size": "64x64", "steps": 2}

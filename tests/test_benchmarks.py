@@ -92,6 +92,8 @@ def test_lora(tmp_path):
     assert set(results["calls"]) == {"no slot", "zero slot", "slot with a LoRA"}
     assert all(len(arm["samples_s"]) == 3 and arm["median_s"] > 0 for arm in results["calls"].values())
     assert len(results["switches"]) == 4 and results["repeat_activate_s"] >= 0
+    slot = results["full_size_slot"]
+    assert slot["linear_layers"] > 200 and 0 < slot["extra_linear_work"] < 0.1
 
 
 def test_memory_plan(tmp_path):

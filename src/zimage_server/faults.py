@@ -35,14 +35,12 @@ class InjectedFault(RuntimeError):
 class FaultInjector:
     """Raises or stalls inside a pipeline call whose prompts carry a marker."""
 
-    oom_error: type[BaseException] = MemoryError  # the runner's device error on a GPU
-
     @classmethod
-    def from_env(cls, oom_error: type[BaseException] = MemoryError) -> FaultInjector | None:
+    def from_env(cls) -> FaultInjector | None:
         if os.environ.get(ENV_VAR, "").strip() != "1":
             return None
         log.warning("fault injection is ON (%s=1): prompts with [[fault:...]] markers fail on purpose", ENV_VAR)
-        return cls(oom_error=oom_error)
+        return cls()
 
     @staticmethod
     def _faults(prompts: list[str]) -> dict[str, float]:
@@ -56,7 +54,8 @@ class FaultInjector:
         """Called inside the pipeline call after each step, with one prompt per image in the call."""
         faults = self._faults(prompts)
         if "oom" in faults or ("oom-shared" in faults and requests > 1):
-            raise self.oom_error(f"out of memory (injected) in a call of {len(prompts)} images")
+            # The host's out-of-memory error: the policy treats it as CUDA's (runner.out_of_memory_errors).
+            raise MemoryError(f"out of memory (injected) in a call of {len(prompts)} images")
         if "error" in faults:
             raise InjectedFault("injected failure inside the pipeline call")
         if "slow" in faults:

@@ -50,7 +50,6 @@ def setting(
 
 
 Variant = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
-Positive = Annotated[float, Meta(gt=0)]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):

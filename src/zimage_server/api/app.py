@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
@@ -24,7 +24,8 @@ from .auth import require_api_key
 from .errors import EXCEPTION_HANDLERS
 from .observability import ServerMetrics, http_metrics_config, install_request_log, metrics_endpoint
 from .page import PAGE_ROUTES
-from .routes import ROUTES, uploads_router
+from .edits import create_edit
+from .routes import ROUTES, create_images
 from .sdapi import controlnet_router, sdapi_router
 from .state import FetchModel, ServerState
 
@@ -99,6 +100,14 @@ async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
                 await starting
         if server.batcher is not None:
             await server.batcher.stop(server.settings.drain_timeout_s)
+
+
+def uploads_router(settings: Settings) -> Router:
+    """The routes that take images (an edit's uploads, a generation's base64 control image) under this
+    server's upload limit, which Litestar enforces while the body streams in."""
+    return Router(
+        path="/", route_handlers=[create_images, create_edit], request_max_body_size=settings.max_upload_bytes
+    )
 
 
 def cors_config(settings: Settings) -> CORSConfig | None:

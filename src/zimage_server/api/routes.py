@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from litestar import Request, Response, Router, get, post
+from litestar import Request, Response, get, post
 from litestar.datastructures import State
 
-from ..lora_library import LoraInfo
-from ..settings import Settings
 from .control import controlled
-from .edits import create_edit
 from .guards import RETRY_AFTER_S, require_json, require_ready
 from .jobs import submit_job
 from .requests import generation_spec, served_model_ids
 from .responses import check_raw_image_count, images_response
 from .schemas import GenerationRequest, LoraCard, LoraList, ModelCard, ModelDefaults, ModelList
-from .state import ServerState, server_state
+from .state import server_state
 from .streaming import GENERATION_EVENTS, stream_images
 from .uploads import decode_base64_image
 
@@ -58,16 +55,9 @@ async def list_models(state: State) -> ModelList:
     return ModelList(data=[card])
 
 
-async def usable_loras(server: ServerState) -> list[LoraInfo]:
-    """The LoRA folder's usable files; none with LoRA off."""
-    library = server.runner.lora_library
-    # Reading a new file for its rank and hash takes a while: off the event loop (cached by mtime).
-    return await asyncio.to_thread(library.list) if library is not None else []
-
-
 @get("/v1/loras", guards=[require_ready], summary="The LoRAs requests may name, from the LoRA folder.")
 async def list_loras(state: State) -> LoraList:
-    infos = await usable_loras(server_state(state))
+    infos = await server_state(state).usable_loras()
     return LoraList(
         data=[
             LoraCard(name=i.name, size_bytes=i.size_bytes, rank=i.rank, modules=list(i.modules), sha256=i.sha256_short)
@@ -95,10 +85,3 @@ async def ready(state: State) -> Response[dict[str, str]]:
 
 ROUTES = [list_models, list_loras, health, ready]
 
-
-def uploads_router(settings: Settings) -> Router:
-    """The routes that take images (an edit's uploads, a generation's base64 control image) under this
-    server's upload limit, which Litestar enforces while the body streams in."""
-    return Router(
-        path="/", route_handlers=[create_images, create_edit], request_max_body_size=settings.max_upload_bytes
-    )

@@ -29,15 +29,14 @@ from .. import __version__
 from ..images import a1111_repaint_area
 from ..settings import Settings
 from ..specs import GenerationSpec
+from .control import CONTROL_PREPROCESSES, controlled
 from .edits import EditRequest, Strength, UploadDialect, edit_mode, prepare_edit
 from .errors import ApiError
 from .guards import require_json, require_ready
 from .jobs import JobHandle, submit_job
 from .requests import MAX_SIDE, MIN_SIDE, generation_spec, served_model_ids
 from .responses import encode_for_response, request_parameters
-from .routes import usable_loras
 from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest, Guidance, Steps
-from .control import CONTROL_PREPROCESSES, controlled
 from .state import ServerState, server_state
 from .uploads import decode_base64_image
 
@@ -461,7 +460,7 @@ async def loras(state: State) -> list[dict[str, Any]]:
             "path": str(server.runner.lora_library.folder / f"{info.name}.safetensors"),
             "metadata": {},
         }
-        for info in await usable_loras(server)
+        for info in await server.usable_loras()
     ]
 
 

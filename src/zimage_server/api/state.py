@@ -6,6 +6,7 @@ string-keyed `State`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 
 from ..faults import FaultInjector
+from ..lora_library import LoraInfo
 from ..settings import Settings
 from ..variants import VARIANTS, Variant
 
@@ -49,6 +51,12 @@ class ServerState:
     @property
     def taking_work(self) -> bool:
         return self.ready and not self.draining and not self.worker_died
+
+    async def usable_loras(self) -> list[LoraInfo]:
+        """The LoRA folder's usable files; none with LoRA off. Reading a new file for its rank and
+        hash takes a while, so it runs off the event loop (and is cached by the file's identity)."""
+        library = self.runner.lora_library
+        return await asyncio.to_thread(library.list) if library is not None else []
 
     def stop(self, reason: str) -> None:
         """Serving cannot go on: stop saying ready and ask the server to exit."""
