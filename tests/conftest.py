@@ -171,3 +171,26 @@ def assert_envelope(response, status: int) -> dict:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
+
+
+def burst_behind_a_blocker(runner: ModelRunner, base: str, path: str, bodies: list[dict]) -> tuple[list, int]:
+    """POST `bodies` together while the runner is busy with a blocker of another size, so they are all
+    queued when the GPU frees up; their responses, and the pipeline calls they took (blocker excluded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    blocker_body = {"prompt": "blocker", "size": "128x64", "num_inference_steps": 2}
+    calls_before = runner.calls
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        runner.lock.acquire()  # the "GPU" is busy: the worker blocks on the blocker, the burst queues behind it
+        try:
+            blocker = pool.submit(httpx.post, base + path, json=blocker_body, timeout=60)
+            wait_for(lambda: metric(base, "zimage_running_images") == 1)
+            futures = [pool.submit(httpx.post, base + path, json=body, timeout=60) for body in bodies]
+            wait_for(lambda: metric(base, "zimage_queue_requests") == len(bodies))
+        finally:
+            runner.lock.release()
+        assert blocker.result().status_code == 200
+        responses = [future.result() for future in futures]
+    return responses, runner.calls - calls_before - 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from diffusers import ZImagePipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import assert_envelope, live_server, metric, wait_for
+from conftest import assert_envelope, burst_behind_a_blocker, live_server
 from test_edits import form
 from test_images import encoded, left_half_mask, picture
 from test_loras import LAYOUTS, random_lora
@@ -104,20 +103,8 @@ def test_a_mixed_burst_shares_calls_only_within_one_lora_set(settings, runner, l
             decode(httpx.post(base + URL, json=body(i, s), timeout=60).json()["data"][0]["b64_json"])
             for i, s in enumerate(sets)
         ]
-        calls_before = runner.calls
-        with ThreadPoolExecutor(len(sets) + 1) as pool:
-            runner.lock.acquire()  # the "GPU" is busy with a blocker: the burst queues up behind it
-            try:
-                blocker = pool.submit(httpx.post, base + URL, json=BASE | {"size": "128x64"}, timeout=60)
-                wait_for(lambda: metric(base, "zimage_running_images") == 1)
-                futures = [pool.submit(httpx.post, base + URL, json=body(i, s), timeout=60) for i, s in enumerate(sets)]
-                wait_for(lambda: metric(base, "zimage_queue_requests") == len(sets))
-            finally:
-                runner.lock.release()
-            assert blocker.result().status_code == 200
-            responses = [future.result() for future in futures]
-    # The blocker, then one call per distinct LoRA set: none, pixel-art, styles/ink.
-    assert runner.calls - calls_before == 1 + 3
+        responses, calls = burst_behind_a_blocker(runner, base, URL, [body(i, s) for i, s in enumerate(sets)])
+    assert calls == 3  # one call per distinct LoRA set: none, pixel-art, styles/ink
     for index, response in enumerate(responses):
         assert np.abs(decode(response.json()["data"][0]["b64_json"]) - solo[index]).max() <= 1
 

@@ -132,28 +132,15 @@ def test_the_generations_route_takes_base64_and_data_urls_and_never_batches_cont
 
 
 def test_controlled_and_plain_requests_queued_together_never_share_a_call(control_settings, control_runner):
-    from concurrent.futures import ThreadPoolExecutor
-
     import httpx
 
-    from conftest import live_server, metric, wait_for
+    from conftest import burst_behind_a_blocker, live_server
 
     bodies = [BASE | {"control_image": b64(control_map(1))}, BASE, BASE | {"control_image": b64(control_map(2))}, BASE]
-    with live_server(control_settings, control_runner) as base, ThreadPoolExecutor(len(bodies) + 1) as pool:
+    with live_server(control_settings, control_runner) as base:
         solo = [pixels(httpx.post(base + URL, json=body, timeout=60).json()["data"][0]["b64_json"]) for body in bodies]
-        calls_before = control_runner.calls
-        control_runner.lock.acquire()  # the "GPU" is busy with a blocker: the four queue up behind it
-        try:
-            blocker = pool.submit(httpx.post, base + URL, json=BASE | {"size": "128x64"}, timeout=60)
-            wait_for(lambda: metric(base, "zimage_running_images") == 1)
-            futures = [pool.submit(httpx.post, base + URL, json=body, timeout=60) for body in bodies]
-            wait_for(lambda: metric(base, "zimage_queue_requests") == len(bodies))
-        finally:
-            control_runner.lock.release()
-        assert blocker.result().status_code == 200
-        responses = [future.result() for future in futures]
-    # The blocker, one call for both controlled requests (one control map each), one for both plain ones.
-    assert control_runner.calls - calls_before == 1 + 2
+        responses, calls = burst_behind_a_blocker(control_runner, base, URL, bodies)
+    assert calls == 2  # one call for both controlled requests (one control map each), one for both plain ones
     for response, alone in zip(responses, solo):
         assert np.abs(pixels(response.json()["data"][0]["b64_json"]) - alone).max() <= 1
 
