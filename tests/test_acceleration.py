@@ -149,14 +149,17 @@ def test_a_mixed_length_batch_on_a_maskless_backend_runs_on_the_fallback(runner,
         generate(flash, mixed)
 
 
-def test_component_sizes_count_quantized_weights_at_their_real_size():
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_weights_count_at_the_memory_models_bytes_per_weight_and_row(kind):
+    from torchao.quantization import quantize_
 
     from zimage_server.acceleration import module_bytes
+    from zimage_server.checkpoints import torchao_config
+    from zimage_server.memory_plan import WEIGHT_FORMATS
 
-    layers = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 256, bias=False))
+    layers = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.Linear(512, 256, bias=False))
     layers = layers.to(torch.bfloat16)
-    assert module_bytes(layers) == 2 * 256 * 256 * 2
-    quantize_(layers, Int8WeightOnlyConfig())
-    # One byte a weight plus a bf16 scale per row, not the two bytes a weight the int8 tensor reports.
-    assert 2 * 256 * 256 <= module_bytes(layers) <= 2 * 256 * 256 + 2 * 256 * 8
+    assert module_bytes(layers) == 2 * 256 * 512 * 2
+    quantize_(layers, torchao_config(kind))
+    # The quantized tensors report their logical dtype's two bytes a weight; the inner tensors are what they hold.
+    assert module_bytes(layers) == WEIGHT_FORMATS[kind].weight_bytes(2 * 256 * 512, 512 + 256)

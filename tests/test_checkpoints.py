@@ -18,8 +18,9 @@ import torch
 from diffusers import ZImageTransformer2DModel
 from safetensors.torch import save_file
 
-from checkpoint_files import COMFYUI_PREFIX, original_layout, write_gguf, write_safetensors
+from checkpoint_files import COMFYUI_PREFIX, HAND_WRITTEN, original_layout, write_gguf, write_safetensors
 from conftest import generate, make_spec
+from test_logging import is_failure_line
 from test_loras import LAYOUTS, random_lora
 from test_settings import run_cli
 from zimage_server.model_layout import IncompleteModelError, verify_model_dir
@@ -28,7 +29,7 @@ from zimage_server.settings import Settings
 
 SPECS = [make_spec("a photo of a cat", (1, 2)), make_spec("portrait of an astronaut", (3,))]
 # Loose ceilings on the largest pixel difference per format (measured figures in docs/checkpoints.md).
-GGUF_CEILINGS = {"F16": 0.01, "BF16": 0.05, "Q8_0": 0.1, "Q5_1": 0.3, "Q4_0": 0.5, "Q6_K": 0.1}
+GGUF_CEILINGS = {"F16": 0.01, "BF16": 0.05, "Q8_0": 0.1, "Q5_1": 0.3, "Q4_0": 0.5, "Q6_K": 0.1, "Q5_K": 0.05, "Q4_K": 0.15}
 SAFETENSORS_CEILINGS = {torch.float16: 0.01, torch.bfloat16: 0.05, torch.float8_e4m3fn: 0.3}
 LORA = "pixel-art"
 
@@ -98,13 +99,40 @@ def test_half_precision_and_fp8_files_differ_little(root, tiny_state_dict, refer
     assert 0 < largest <= SAFETENSORS_CEILINGS[dtype]
 
 
+# Hand-written K-quant -> (values per sub-block, bits per value, symmetric grid).
+K_QUANT_GRIDS = {"Q6_K": (16, 6, True), "Q5_K": (32, 5, False), "Q4_K": (32, 4, False)}
+
+
+@pytest.mark.parametrize("quant_type", list(HAND_WRITTEN))
+def test_hand_written_k_quants_decode_through_gguf_within_a_step(quant_type):
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[quant_type]
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+    rows[0], rows[1], rows[2] = 0, np.abs(rows[1]), -np.abs(rows[2])
+    encoded = HAND_WRITTEN[quant_type](rows)
+    assert encoded.dtype == np.uint8 and encoded.shape == (8, 512 // block * type_size)
+    size, bits, symmetric = K_QUANT_GRIDS[quant_type]
+    values = rows.reshape(8, -1, size)
+    error = np.abs(gguf.quants.dequantize(encoded, qtype).reshape(values.shape) - values).max(axis=-1)
+    # A sub-block's grid spans ±its largest magnitude (Q6_K) or its values with 0 (Q4_K/Q5_K take a
+    # positive minimum as 0) in 2**bits - 1 steps. Rounding costs half a step; one step leaves room
+    # for the 6-bit and int8 sub-block scales, but not for a value decoded from the wrong position.
+    span = 2 * np.abs(values).max(axis=-1) if symmetric else values.clip(min=0).max(-1) - values.clip(max=0).min(-1)
+    assert (error <= span / (2**bits - 1) + 1e-6).all()
+    assert not error[0].any()  # the all-zero row decodes exactly
+
+
 @pytest.mark.parametrize("quant_type", list(GGUF_CEILINGS))
 def test_gguf_quants_differ_little(root, tiny_state_dict, reference, quant_type):
     original = original_layout(tiny_state_dict)
     path, kept = write_gguf(root / "transformers" / f"{quant_type}.gguf", original, quant_type)
     largest, mean = difference(images(load_runner(served(root, transformer=path))), reference)
-    # The tiny model's rows are 32, 64 or 85 wide: Q6_K's 256-value blocks fit only the timestep MLP.
-    print(f"\ngguf {quant_type}: max {largest:.2e}, mean {mean:.2e} ({len(kept)} of {len(original)} tensors kept in F32)")
+    # The tiny model's rows are 32, 64 or 85 wide: the K-quants' 256-value blocks fit only the timestep MLP.
+    print(
+        f"\ngguf {quant_type}: max {largest:.2e}, mean {mean:.2e} ({len(kept)} of {len(original)} tensors kept in F32)"
+    )
     assert 0 < largest <= GGUF_CEILINGS[quant_type]
 
 
@@ -115,6 +143,15 @@ def test_int8_quantization_on_load_differs_little(root, reference, models_dir, q
     print(f"\nint8 ({quantize}): max {largest:.2e}, mean {mean:.2e}")
     assert 0 < largest <= 0.1
     assert type(runner.pipeline.transformer.layers[0].attention.to_q.weight).__name__ == "Int8Tensor"
+
+
+def test_an_int8_text_encoder_streams_block_by_block_to_the_same_images(models_dir):
+    # The 16 GB rung with a bf16 transformer streams the text encoder; int8 halves what it streams.
+    resident = load_runner(served(models_dir, quantize="text_encoder=int8"))
+    streamed = load_runner(served(models_dir, quantize="text_encoder=int8", offload="text_encoder"))
+    assert type(streamed.pipeline.text_encoder.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert streamed.acceleration.offload == "text_encoder"
+    assert all(np.array_equal(a, b) for a, b in zip(images(resident), images(streamed)))
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q8_0", "int8"])
@@ -185,7 +222,7 @@ def test_every_bad_transformer_file_is_one_line_and_exit_3(root, models_dir, tin
         result = run_cli("serve", "--transformer", str(path), env=env)
         line = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
         assert result.returncode == 3, (case, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr and line.startswith("zimage-server: "), (case, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and is_failure_line(line), (case, result.stderr[-2000:])
         assert BAD_FILE_MESSAGES[case] in line and str(path) in line, (case, line)
 
 

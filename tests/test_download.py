@@ -24,6 +24,7 @@ import pytest
 
 from conftest import serving
 from fake_hubs import FakeHub, FakeRepo
+from test_logging import is_failure_line
 from zimage_server.download import ProgressLog, RemoteFile, bytes_under, select_files
 from zimage_server.settings import Settings
 
@@ -96,7 +97,7 @@ def assert_one_line_failure(result: subprocess.CompletedProcess, *fragments: str
     assert result.returncode != 0
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line, result.stderr
-    assert line.startswith("zimage-server: ")
+    assert is_failure_line(line), line
     for fragment in fragments:
         assert fragment in line
 
@@ -342,7 +343,7 @@ def test_download_lora_failures_are_one_line(hub, tmp_path):
     broken = run_download(hub.url, tmp_path, "huggingface", "--lora", "test/fake-lora")
     # Refused after the fetch, so the log's "downloading" line comes first; the error is still one line.
     assert broken.returncode == 4 and "Traceback" not in broken.stderr
-    assert broken.stderr.strip().splitlines()[-1].startswith("zimage-server: ") and "not a readable" in broken.stderr
+    assert is_failure_line(broken.stderr.strip().splitlines()[-1]) and "not a readable" in broken.stderr
     assert_one_line_failure(run_download(hub.url, tmp_path, "modelscope", "--lora", "test/nope"), "test/nope")
     assert not (tmp_path / "models" / "loras" / "broken.safetensors").exists()
 
@@ -410,6 +411,27 @@ def test_serve_fetches_a_missing_model_while_health_answers(hub, tmp_path):
         server.wait(30)
     assert model_files(tmp_path / "models" / "z-image-turbo") == pipeline_files(hub.repos[TURBO])
     assert "downloading Tongyi-MAI/Z-Image-Turbo" in log.read_text()
+
+
+def test_serve_with_a_transformer_file_fetches_the_folder_without_its_transformer_weights(hub, tmp_path, models_dir):
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    from checkpoint_files import original_layout, write_safetensors
+
+    tiny = ZImageTransformer2DModel.from_pretrained(models_dir / "z-image-turbo" / "transformer")
+    (tmp_path / "models" / "transformers").mkdir(parents=True)
+    write_safetensors(tmp_path / "models" / "transformers" / "t.safetensors", original_layout(tiny.state_dict()), torch.float32)
+    server, base, log = start_serve(hub.url, tmp_path, "--transformer", "t.safetensors")
+    try:
+        wait_for(lambda: answers(f"{base}/ready"), 120, "/ready")
+        done = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"}, timeout=30)
+        assert done.status_code == 200
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert model_files(tmp_path / "models" / "z-image-turbo") == pipeline_files(hub.repos[TURBO]) - {WEIGHTS}
+    assert WEIGHTS not in {r.path for r in hub.body_requests()}, log.read_text()[-2000:]
 
 
 def test_serve_stops_when_the_fetch_fails(tmp_path):

@@ -30,6 +30,11 @@ def parsed(line: str, log_format: str) -> dict:
     return record
 
 
+def is_failure_line(line: str) -> bool:
+    """A start-up or download failure as `serve` and `download` report it: one critical text log line."""
+    return bool(TEXT_LINE.match(line)) and " CRITICAL zimage_server.cli: " in line
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_every_line_of_a_real_server_is_in_the_chosen_format(models_dir, tmp_path, log_format):
     server = ServerProcess(models_dir, tmp_path / "server.log", env={"Z_IMAGE_LOG_FORMAT": log_format}).start()
@@ -129,3 +134,22 @@ def test_model_libraries_log_through_the_root_handler(caplog, capfd):
         logging.getLogger(name).warning("from %s", name)
         assert caplog.records[-1].getMessage() == f"from {name}"  # caplog listens on the root logger
     assert "from " not in capfd.readouterr().err  # and no handler of their own wrote it
+
+
+def test_start_up_failures_are_one_line_in_the_chosen_format(tmp_path):
+    from test_settings import run_cli
+
+    env = {"MODELS_DIR": str(tmp_path), "Z_IMAGE_OFFLINE": "1", "Z_IMAGE_LOG_FORMAT": "json"}
+    for args, code, words in (
+        (("serve", "--max-queue", "-3"), 2, "--max-queue"),
+        (("serve",), 3, "fetch it with: zimage-server download"),
+        (("download",), 4, "offline mode is on"),
+    ):
+        result = run_cli(*args, env=env)
+        [line] = result.stderr.strip().splitlines()
+        record = parsed(line, "json")
+        assert result.returncode == code and record["level"] == "CRITICAL" and words in record["message"], line
+    # A log format that is itself the bad setting: the error comes in the default format.
+    result = run_cli("serve", env=env | {"Z_IMAGE_LOG_FORMAT": "xml"})
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and is_failure_line(line) and "Z_IMAGE_LOG_FORMAT" in line, line

@@ -14,8 +14,11 @@ from zimage_server.acceleration import choose_offload
 from zimage_server.memory_plan import (
     GIB,
     TEXT_ENCODER_PARAMS,
+    TEXT_ENCODER_QUANTIZABLE_PARAMS,
+    TEXT_ENCODER_QUANTIZABLE_ROWS,
     TEXT_ENCODER_STREAMED_PARAMS,
     TRANSFORMER_PARAMS,
+    TRANSFORMER_QUANTIZABLE_ROWS,
     VAE_PARAMS,
     WEIGHT_FORMATS,
     full_size_components,
@@ -85,6 +88,10 @@ def test_full_size_parameter_counts_match_a_fake_build():
     counts = {name: sum(p.numel() for p in getattr(pipeline, name).parameters()) for name in ("text_encoder", "transformer", "vae")}
     assert counts == {"text_encoder": TEXT_ENCODER_PARAMS, "transformer": TRANSFORMER_PARAMS, "vae": VAE_PARAMS}
     assert component_sizes(pipeline).text_encoder_streamed == 2 * TEXT_ENCODER_STREAMED_PARAMS
+    # What torchao quantizes in the text encoder: every linear layer (one scale per output row).
+    linears = [m for m in pipeline.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(m.weight.numel() for m in linears) == TEXT_ENCODER_QUANTIZABLE_PARAMS
+    assert sum(m.out_features for m in linears) == TEXT_ENCODER_QUANTIZABLE_ROWS
 
 
 @pytest.mark.parametrize("key", SIMULATED_GIB)
@@ -99,7 +106,9 @@ def test_weight_formats_shrink_the_transformer_by_their_bytes_per_weight():
     assert abs(bf16 / GIB - 11.46) < 0.01
     assert abs(transformer_bytes(WEIGHT_FORMATS["q8_0"]) / bf16 - 34 / 64) < 0.001
     assert abs(transformer_bytes(WEIGHT_FORMATS["q4_k"]) / bf16 - 144 / 512) < 0.001
-    assert transformer_bytes(WEIGHT_FORMATS["int8"]) < transformer_bytes(WEIGHT_FORMATS["fp8"]) < bf16 // 2 + GIB // 10
+    # int8 holds a scale and a zero point per row (5 bytes), fp8 a scale (4): one byte a row apart.
+    int8, fp8 = transformer_bytes(WEIGHT_FORMATS["int8"]), transformer_bytes(WEIGHT_FORMATS["fp8"])
+    assert int8 - fp8 == TRANSFORMER_QUANTIZABLE_ROWS and int8 < bf16 // 2 + GIB // 10
 
 
 @pytest.mark.parametrize("gpu_gib, mode", [(24, "none"), (16, "text_encoder"), (13.5, "model")])
@@ -112,8 +121,30 @@ def test_a_24_gib_card_at_batch_4_slices_the_vae_decode():
     assert none.offload == "none" and none.vae_slicing and none.fits
 
 
+def test_an_int8_text_encoder_alone_leaves_a_bf16_transformer_streaming_on_16_gib():
+    bf16, te_int8, both_int8 = (plan(16 * GIB, quantize=q) for q in (None, "text_encoder=int8", "int8"))
+    assert abs(bf16[0].predicted_peak_bytes - te_int8[0].predicted_peak_bytes - 3.38 * GIB) < 0.01 * GIB  # a byte less per linear weight
+    assert not te_int8[0].fits and te_int8[1].fits
+    # The ladder's resident 16 GB rung: both components in int8.
+    assert both_int8[0].fits and both_int8[0].quantize == "transformer=int8,text_encoder=int8"
+    assert not plan(12 * GIB, quantize="int8")[0].fits
+
+
+def test_streaming_an_int8_text_encoder_holds_two_int8_blocks():
+    bf16 = full_size_components()
+    int8 = full_size_components(text_encoder_fmt=WEIGHT_FORMATS["int8"])
+    block_bf16 = 2 * TEXT_ENCODER_QUANTIZABLE_PARAMS // 36
+    assert bf16.text_encoder_streamed - int8.text_encoder_streamed == pytest.approx(2 * block_bf16 / 2, rel=0.01)
+
+
+def test_an_already_quantized_transformer_takes_only_a_text_encoder_quantization(tmp_path):
+    with pytest.raises(ValueError, match="quantize only the text encoder"):
+        plan(16 * GIB, transformer="q8_0", quantize="int8")
+    assert plan(16 * GIB, transformer="q8_0", quantize="text_encoder=int8")[0].fits
+
+
 def test_smaller_cards_fit_with_a_quantized_transformer():
-    assert plan(12 * GIB, transformer="bf16", quantize="int8")[1].fits  # text encoder streamed
+    assert plan(12 * GIB, transformer="bf16", quantize="transformer=int8")[1].fits  # text encoder streamed
     assert plan(8 * GIB, transformer="q6_k")[1].fits
     assert not any(row.fits for row in plan(8 * GIB, transformer="q8_0")[:1])
 

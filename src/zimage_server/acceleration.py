@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory_plan import OFFLOAD_MODES, ComponentSizes, choose, plan_mode
+from .memory_plan import OFFLOAD_MODES, TEXT_ENCODER_BLOCKS_ON_DEVICE, ComponentSizes, choose, plan_mode
 from .settings import SettingsError
 
 log = logging.getLogger("zimage_server.acceleration")
@@ -30,7 +30,6 @@ AUTO_ATTENTION_CUDA = ("_flash_3", "_native_cudnn", "flash", "native")
 # Batches whose prompts pad to different lengths need an attention mask; backends that refuse
 # masks run those calls with this one instead.
 MASKED_FALLBACK_ATTENTION = "native"
-TEXT_ENCODER_BLOCKS_ON_DEVICE = 2  # the block being run and the one prefetched by the copy stream
 # The size `auto` plans for: the models' native one. Larger requests that do not fit fail alone
 # with an out-of-memory error (policy.py retries a batch one image at a time).
 PLANNING_SIZE = 1024
@@ -88,7 +87,7 @@ def resolve_offload(
     free, _total = torch.cuda.mem_get_info(device)
     # Weights already on this GPU (a pipeline built there) count as room they already take.
     on_device = sum(
-        t.numel() * t.element_size()
+        tensor_bytes(t)
         for name in ("text_encoder", "transformer", "vae")
         for t in getattr(pipeline, name).parameters()
         if t.device.type == "cuda"

@@ -1,4 +1,5 @@
-"""`zimage-server serve | download | plan`: flags built from the settings table, errors as one line on stderr."""
+"""`zimage-server serve | download | plan`: flags built from the settings table, errors as one line on stderr
+(in the log format for serve and download)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model folder without its own transformer weights",
     )
     download.add_argument(
+        "--without-transformer-weights",
+        action="store_true",
+        help="fetch the model folder without its transformer weights, for a Z_IMAGE_TRANSFORMER file you already "
+        "have (what serve's fetch-on-start does when Z_IMAGE_TRANSFORMER is set)",
+    )
+    download.add_argument(
         "--controlnet",
         metavar="REPO_ID:FILENAME",
         help="fetch this ControlNet checkpoint (.safetensors) into MODELS_DIR/controlnets instead of the model",
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict each offload mode's peak GPU memory for the full-size model from the committed memory "
         "model (docs/benchmarks.md, benchmark 7), with a margin for the CUDA context, cuDNN workspace and "
         "fragmentation, and say which settings fit. Assumes bf16 compute, 512-token prompts and "
-        "flash/memory-efficient attention; --transformer and --quantize change only the transformer's weight bytes.",
+        "flash/memory-efficient attention.",
     )
     plan.add_argument("--gpu-memory", default="24GiB", type=parse_bytes,
                       help="the card's memory, e.g. 24GiB, 16GB (10^9), 12288MiB [default: 24GiB]")
@@ -89,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--transformer", default="bf16", metavar="FILE_OR_FORMAT",
                       help="a transformer file (.gguf or .safetensors, its tensor types read from the header) or a "
                       "format: bf16, fp16, fp32, int8, fp8, q8_0, q6_k, q5_k, q4_k, q5_1, q5_0, q4_1, q4_0 [default: bf16]")
-    plan.add_argument("--quantize", metavar="FORMAT", help="the format the transformer is quantized to at load (int8, fp8, ...)")
+    plan.add_argument("--quantize", metavar="SPEC",
+                      help="as Z_IMAGE_QUANTIZE: int8 or fp8 (transformer and text encoder), or per component, "
+                      "e.g. text_encoder=int8 [default: none]")
     plan.add_argument("--controlnet", metavar="FILE", type=Path,
                       help="a ControlNet checkpoint (.safetensors) served beside the model: its weights count too")
     plan.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
@@ -114,42 +123,71 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def plan(args: argparse.Namespace) -> None:
-    from .memory_plan import GIB, WEIGHT_FORMATS, choose
+    from .memory_plan import GIB, choose
     from .memory_plan import plan as plan_rows
 
     width, height = args.size
+
+    def rows_for(transformer: str, quantize: str | None):
+        return plan_rows(args.gpu_memory, width, height, args.batch, transformer, quantize, controlnet=args.controlnet)
+
     try:
-        rows = plan_rows(
-            args.gpu_memory, width, height, args.batch, args.transformer, args.quantize, controlnet=args.controlnet
-        )
+        rows = rows_for(args.transformer, args.quantize)
     except (ValueError, OSError) as exc:
         fail(str(exc), EXIT_BAD_SETTING)
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
         return
     first = rows[0]
-    print(f"full-size Z-Image, transformer {first.transformer}{f' quantized to {args.quantize}' if args.quantize else ''}, "
+    print(f"full-size Z-Image, transformer {first.transformer}{f', quantized {first.quantize}' if first.quantize else ''}, "
           f"{width}x{height} x{args.batch}, {args.gpu_memory / GIB:.2f} GiB card, {first.margin_bytes / GIB:.2f} GiB margin:")
     for row in rows:
         print(f"  {row.offload:<13} {row.predicted_peak_bytes / GIB:6.2f} GiB  {'fits' if row.fits else 'does not fit':<12}"
               f" peak in {row.limiting_stage}, VAE slicing {'on' if row.vae_slicing else 'off'}")
-    chosen, reason = choose(rows)
+    chosen, _ = choose(rows)
     if chosen.fits:
         print(f"use: Z_IMAGE_OFFLOAD={chosen.offload} (auto picks it; VAE slicing {'on' if chosen.vae_slicing else 'off'})")
+        if chosen.offload != "none" and args.quantize is None and args.transformer in ("bf16", "fp16", "fp32"):
+            resident = rows_for(args.transformer, "int8")[0]
+            if resident.fits:
+                print(f"or everything resident, nothing streamed per prompt: Z_IMAGE_QUANTIZE=int8 "
+                      f"(transformer and text encoder), Z_IMAGE_OFFLOAD=none, ~{resident.predicted_peak_bytes / GIB:.2f} GiB")
         return
-    # Nothing fits in bf16: the largest quantized format that does, if any.
-    for name in ("fp8", "int8", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"):
-        candidate, _ = choose(plan_rows(args.gpu_memory, width, height, args.batch, name, controlnet=args.controlnet))
-        if candidate.fits and WEIGHT_FORMATS[name].bytes_per_weight < 2:
-            print(f"nothing fits as given; a {name} transformer does: Z_IMAGE_OFFLOAD={candidate.offload}, "
+    # Nothing fits as given: the least quantized configuration that does, if any.
+    candidates = [("bf16", "int8"), ("fp8", "text_encoder=int8")] + [
+        (name, "text_encoder=int8") for name in ("q8_0", "q6_k", "q5_k", "q4_k", "q4_0")
+    ]
+    for transformer, quantize in candidates:
+        candidate, _ = choose(rows_for(transformer, quantize))
+        if candidate.fits:
+            how = (f"Z_IMAGE_QUANTIZE={quantize}" if transformer == "bf16"
+                   else f"a {transformer} transformer (Z_IMAGE_TRANSFORMER) with Z_IMAGE_QUANTIZE={quantize}")
+            print(f"nothing fits as given; {how} does: Z_IMAGE_OFFLOAD={candidate.offload}, "
                   f"~{candidate.predicted_peak_bytes / GIB:.2f} GiB")
             return
-    print("nothing fits, even with a 4-bit transformer; use a smaller size or batch")
+    print("nothing fits, even with a 4-bit transformer and an int8 text encoder; use a smaller size or batch")
 
 
 def fail(message: str, code: int) -> None:
-    print(f"zimage-server: {message}", file=sys.stderr)
+    """One line on stderr, then exit `code`: a log record in the process's format once logging is set
+    up (serve, download), else `zimage-server: message` (plan, which prints for a person)."""
+    if logs.configured():
+        logging.getLogger("zimage_server.cli").critical(message)
+    else:
+        print(f"zimage-server: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def configure_logging_without_settings(args: argparse.Namespace) -> None:
+    """Logging for reporting a settings error: the log format and level asked for (flag, else env
+    var) where those two are valid themselves, else text at info."""
+    chosen = {}
+    for spec in SETTINGS:
+        if spec.field in ("log_format", "log_level"):
+            value = getattr(args, spec.field, None) or os.environ.get(spec.env) or spec.default
+            chosen[spec.field] = str(value).lower()
+    log_format = chosen["log_format"] if chosen["log_format"] in logs.LOG_FORMATS else "text"
+    logs.configure_logging(log_format, chosen["log_level"] if chosen["log_level"] in logs.LOG_LEVELS else "info")
 
 
 def missing_model_message(settings: Settings, reason: str) -> str:
@@ -165,6 +203,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         settings = load_settings(overrides={spec.field: getattr(args, spec.field) for spec in SETTINGS})
     except SettingsError as exc:
+        configure_logging_without_settings(args)
         fail(str(exc), EXIT_BAD_SETTING)
     logs.configure_logging(settings.log_format, settings.log_level)
     fetch_model = None
@@ -214,8 +253,9 @@ def serve(args: argparse.Namespace) -> None:
 
 def exit_on_signal(signum: int, _frame: object) -> None:
     # The hub libraries' worker threads would finish their files before the process could exit;
-    # what is on disk is where the next run continues from, so leave at once.
-    print("zimage-server: download interrupted; rerun the same command to continue", file=sys.stderr, flush=True)
+    # what is on disk is where the next run continues from, so leave at once. (Logging's handler lock
+    # is reentrant, so this cannot deadlock on a record the main thread was writing.)
+    logging.getLogger("zimage_server.cli").warning("download interrupted; rerun the same command to continue")
     os._exit(EXIT_INTERRUPTED)
 
 
@@ -223,10 +263,11 @@ def download(args: argparse.Namespace) -> None:
     try:
         settings = load_settings(overrides={field: getattr(args, field) for field in DOWNLOAD_SETTINGS})
     except SettingsError as exc:
+        configure_logging_without_settings(args)
         fail(str(exc), EXIT_BAD_SETTING)
+    logs.configure_logging(settings.log_format, "debug" if args.verbose else settings.log_level)
     if settings.offline:
         fail("offline mode is on (Z_IMAGE_OFFLINE or HF_HUB_OFFLINE); unset it to download", EXIT_DOWNLOAD_FAILED)
-    logs.configure_logging(settings.log_format, "debug" if args.verbose else settings.log_level)
     progress_bars = sys.stderr.isatty()
     if not progress_bars:
         # Bars written to a log are carriage-return noise; tqdm reads this when first imported.
@@ -251,7 +292,8 @@ def download(args: argparse.Namespace) -> None:
             # The folder's own transformer weights (24.6 GB for Turbo) would never be loaded.
             download_model(settings, progress_bars=progress_bars, weights_elsewhere=("transformer",))
         else:
-            download_model(settings, revision=args.revision, progress_bars=progress_bars)
+            elsewhere = ("transformer",) if args.without_transformer_weights else ()
+            download_model(settings, revision=args.revision, progress_bars=progress_bars, weights_elsewhere=elsewhere)
     except Exception as exc:
         if args.verbose:
             logging.getLogger("zimage_server.download").exception("download failed")

@@ -589,6 +589,8 @@ async def fetch_in_subprocess(settings: Settings) -> None:
     command += ["--models-dir", str(settings.models_dir), "--source", settings.download_source]
     if settings.model_id:
         command += ["--model-id", settings.model_id]
+    if settings.transformer is not None:
+        command.append("--without-transformer-weights")  # the transformer comes from its own file
     log.info("no model at %s: downloading it first; /ready answers 503 until it is loaded", settings.model_dir)
     child = await asyncio.create_subprocess_exec(*command)
     try:

@@ -113,6 +113,11 @@ class HarmlessWarningFilter(logging.Filter):
         )
 
 
+def configured() -> bool:
+    """Whether `configure_logging` has installed its handler in this process."""
+    return any(isinstance(h.formatter, TextFormatter | JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def configure_logging(log_format: str = "text", level: str = "info") -> None:
     """One handler on the root logger, in `log_format` (text|json), at `level`, for our loggers and
     Python's warnings; uvicorn's join it when its Config gets `log_config=None`, and Litestar's when

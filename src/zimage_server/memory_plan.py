@@ -39,6 +39,12 @@ COMPUTE_BYTES = 2  # bf16/fp16: what unquantized weights and all activations are
 # counts them; tests/test_memory_plan.py checks them against one.
 TEXT_ENCODER_PARAMS = 4_022_468_096
 TEXT_ENCODER_STREAMED_PARAMS = 590_820_608  # embeddings + final norm + the two blocks on the device at a time
+TEXT_ENCODER_BLOCKS = 36
+TEXT_ENCODER_BLOCKS_ON_DEVICE = 2  # streamed: the block being run and the one prefetched by the copy stream
+# Its linear weights (7 projections per block, every input width a multiple of 256): what torchao
+# converts. The 151936x2560 embedding table and the norms stay in bf16.
+TEXT_ENCODER_QUANTIZABLE_PARAMS = 3_633_315_840
+TEXT_ENCODER_QUANTIZABLE_ROWS = 1_105_920  # their output rows: one scale each for int8/fp8
 TRANSFORMER_PARAMS = 6_154_908_736
 # The transformer's linear weights whose input width is a multiple of 256: what a quantizer
 # converts (everything except the 64-wide patch embedder, the norms and the biases).
@@ -79,6 +85,10 @@ class WeightFormat:
     scale_bytes_per_row: int = 0
     dequantized_per_layer: bool = False  # GGUF: each weight is expanded to bf16 just before its matmul
 
+    def weight_bytes(self, params: int | Fraction, rows: int | Fraction) -> int:
+        """Bytes of `params` quantizable weights in `rows` output rows."""
+        return int(params * self.bytes_per_weight + rows * self.scale_bytes_per_row)
+
 
 WEIGHT_FORMATS = {
     f.name: f
@@ -86,7 +96,8 @@ WEIGHT_FORMATS = {
         WeightFormat("bf16", Fraction(2)),
         WeightFormat("fp16", Fraction(2)),
         WeightFormat("fp32", Fraction(4)),
-        WeightFormat("int8", Fraction(1), scale_bytes_per_row=2),  # torchao int8 weight-only: a bf16 scale per row
+        # torchao 0.18 int8 weight-only: an fp32 scale and an int8 zero point per row (Int8Tensor's inner tensors).
+        WeightFormat("int8", Fraction(1), scale_bytes_per_row=5),
         WeightFormat("fp8", Fraction(1), scale_bytes_per_row=4),  # torchao float8 weight-only: an fp32 scale per row
         # GGUF block formats, bytes per block / values per block. F16/BF16 GGUF load as plain parameters.
         WeightFormat("q8_0", Fraction(34, 32), dequantized_per_layer=True),
@@ -100,6 +111,8 @@ WEIGHT_FORMATS = {
         WeightFormat("f16", Fraction(2)),
     )
 }
+# What Z_IMAGE_QUANTIZE can turn the text encoder into (torchao); GGUF text encoders are not read.
+TEXT_ENCODER_FORMATS = ("bf16", "int8", "fp8")
 # GGUF tensor type numbers (ggml's enum) to the formats above; F32 tensors load in the compute dtype.
 GGUF_TYPES = {0: "bf16", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 12: "q4_k", 13: "q5_k",
               14: "q6_k", 30: "bf16"}
@@ -109,15 +122,25 @@ def transformer_bytes(fmt: WeightFormat) -> int:
     """Bytes of the full-size transformer's weights in `fmt`."""
     other = TRANSFORMER_PARAMS - TRANSFORMER_QUANTIZABLE_PARAMS
     other_bytes = other * (4 if fmt.name == "fp32" else COMPUTE_BYTES)
-    quantized = TRANSFORMER_QUANTIZABLE_PARAMS * fmt.bytes_per_weight + TRANSFORMER_QUANTIZABLE_ROWS * fmt.scale_bytes_per_row
-    return other_bytes + int(quantized)
+    return other_bytes + fmt.weight_bytes(TRANSFORMER_QUANTIZABLE_PARAMS, TRANSFORMER_QUANTIZABLE_ROWS)
 
 
-def full_size_components(fmt: WeightFormat = WEIGHT_FORMATS["bf16"]) -> ComponentSizes:
-    """The full-size model's sizes, text encoder and VAE in bf16 and the transformer in `fmt`."""
+def text_encoder_bytes(fmt: WeightFormat, blocks: int = TEXT_ENCODER_BLOCKS) -> int:
+    """Bytes of the full-size text encoder in `fmt`, or of what it holds on the device while it
+    streams `blocks` of its blocks at a time (embeddings and norms always there)."""
+    share = Fraction(blocks, TEXT_ENCODER_BLOCKS)
+    params, rows = TEXT_ENCODER_QUANTIZABLE_PARAMS * share, TEXT_ENCODER_QUANTIZABLE_ROWS * share
+    total = TEXT_ENCODER_PARAMS if blocks == TEXT_ENCODER_BLOCKS else TEXT_ENCODER_STREAMED_PARAMS
+    return int((total - params) * COMPUTE_BYTES) + fmt.weight_bytes(params, rows)
+
+
+def full_size_components(
+    fmt: WeightFormat = WEIGHT_FORMATS["bf16"], text_encoder_fmt: WeightFormat = WEIGHT_FORMATS["bf16"]
+) -> ComponentSizes:
+    """The full-size model's sizes: the transformer in `fmt`, the text encoder in `text_encoder_fmt`, the VAE in bf16."""
     return ComponentSizes(
-        text_encoder=TEXT_ENCODER_PARAMS * COMPUTE_BYTES,
-        text_encoder_streamed=TEXT_ENCODER_STREAMED_PARAMS * COMPUTE_BYTES,
+        text_encoder=text_encoder_bytes(text_encoder_fmt),
+        text_encoder_streamed=text_encoder_bytes(text_encoder_fmt, blocks=TEXT_ENCODER_BLOCKS_ON_DEVICE),
         transformer=transformer_bytes(fmt),
         vae=VAE_PARAMS * COMPUTE_BYTES,
         transformer_transient=TRANSFORMER_LARGEST_LINEAR_PARAMS * COMPUTE_BYTES if fmt.dequantized_per_layer else 0,
@@ -224,10 +247,14 @@ def plan(
     """Every offload mode's row for the full-size model, lightest first; the first that fits is the one to use.
 
     controlnet: a ControlNet checkpoint file, whose tensors (at bf16) are resident beside the transformer."""
-    sizes, label = transformer_sizes(transformer, quantize)
+    from .settings import parse_quantize
+
+    sizes, label = model_sizes(transformer, quantize)
     if controlnet is not None:
         sizes = replace(sizes, controlnet=file_weight_bytes(Path(controlnet))[0])
-    return [plan_mode(sizes, mode, gpu_memory, width, height, batch, label, quantize, margin) for mode in OFFLOAD_MODES]
+    # "int8" reads as what it means: transformer=int8,text_encoder=int8.
+    quantized = ",".join(f"{component}={kind}" for component, kind in parse_quantize(quantize or "none").items()) or None
+    return [plan_mode(sizes, mode, gpu_memory, width, height, batch, label, quantized, margin) for mode in OFFLOAD_MODES]
 
 
 def choose(rows: list[PlanRow]) -> tuple[PlanRow, str]:
@@ -238,21 +265,33 @@ def choose(rows: list[PlanRow]) -> tuple[PlanRow, str]:
     return chosen, reason
 
 
-def transformer_sizes(transformer: str | Path = "bf16", quantize: str | None = None) -> tuple[ComponentSizes, str]:
-    """Sizes for a transformer named by format (`bf16`, `q4_k`, ...) or by file, then quantized if asked.
+def model_sizes(transformer: str | Path = "bf16", quantize: str | None = None) -> tuple[ComponentSizes, str]:
+    """Sizes for a transformer named by format (`bf16`, `q4_k`, ...) or by file, with Z_IMAGE_QUANTIZE's
+    `quantize` ("int8", "transformer=int8,text_encoder=fp8", ...) applied on top, and the transformer's label.
 
     A file's weight bytes are read from its header (GGUF tensor types, safetensors dtypes), with
-    float32 tensors counted in bf16 as the loader casts them; `quantize` replaces that with its format."""
-    if quantize is not None:
-        return full_size_components(weight_format(quantize)), Path(str(transformer)).name
+    float32 tensors counted in bf16 as the loader casts them."""
+    from .settings import parse_quantize
+
+    choices = parse_quantize(quantize or "none")
+    text_encoder_fmt = WEIGHT_FORMATS[choices.get("text_encoder", "bf16")]
     path = Path(str(transformer))
     if path.is_file():
-        sizes = full_size_components()
         weights, dequantized = file_weight_bytes(path)
-        transient = TRANSFORMER_LARGEST_LINEAR_PARAMS * COMPUTE_BYTES if dequantized else 0
-        return ComponentSizes(sizes.text_encoder, sizes.text_encoder_streamed, weights, sizes.vae, transient), path.name
-    fmt = weight_format(str(transformer))
-    return full_size_components(fmt), fmt.name
+        if dequantized and "transformer" in choices:
+            raise ValueError(f"{path.name} is already a GGUF quant; quantize only the text encoder (text_encoder=int8)")
+        if "transformer" not in choices:
+            transient = TRANSFORMER_LARGEST_LINEAR_PARAMS * COMPUTE_BYTES if dequantized else 0
+            sizes = replace(full_size_components(text_encoder_fmt=text_encoder_fmt), transformer=weights,
+                            transformer_transient=transient)
+            return sizes, path.name
+        label = path.name
+    else:
+        label = weight_format(str(transformer)).name
+        if label not in ("bf16", "fp16", "fp32") and "transformer" in choices:
+            raise ValueError(f"a {label} transformer is already quantized; quantize only the text encoder (text_encoder=int8)")
+    fmt = WEIGHT_FORMATS[choices["transformer"]] if "transformer" in choices else weight_format(label)
+    return full_size_components(fmt, text_encoder_fmt), label
 
 
 def weight_format(name: str) -> WeightFormat:
