@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/gpu_full_size.py --out $OUT [--budget-s 400]
     PYTHONPATH=src python benchmarks/gpu_full_size.py --smoke --out /tmp/bench   # same code, CPU, tiny config
+    PYTHONPATH=src python benchmarks/gpu_full_size.py --out $OUT --sections offload,quantized   # memory only
 
 Needs only torch, diffusers, transformers and this package (plus litestar/uvicorn/httpx for the
 HTTP section). The models are built directly on the GPU in bf16 from the real configs
@@ -10,11 +11,14 @@ does not depend on the weights' values. Sections, each timed with the GPU synchr
 
   startup     build the three models on the GPU, then place, probe attention and warm up as `serve` does
   stages      at 512 and 1024, 8 steps: text encoding, every denoising step, VAE decode, the whole call
-  offload     peak memory (allocated and reserved) and latency at 1024 in each offload mode, then back to none
+  offload     peak memory (allocated and reserved) and latency at 1024 in each offload mode, at batch 1 and at
+              batch 4 with VAE slicing, beside the memory model's prediction; then back to none
   compile     off vs regional (repeated blocks), interleaved after a timed compiling warm-up
   http        the same 1024 request direct and over HTTP (in-process uvicorn), interleaved, compiled
   attention   the whole 1024 call with each attention backend that runs here, interleaved, uncompiled
   throughput  images/s at batch 1, 2 and 4 (distinct prompts), at 512 and 1024, compiled
+  quantized   transformer and text encoder int8 (torchao, as Z_IMAGE_QUANTIZE=int8), offload none and text_encoder:
+              latency, text encoding, peak memory beside the prediction at 1024; uncompiled, irreversible, so last
 
 The JSON under --out is rewritten after every section, so a run cut short keeps what it measured;
 a section that would start past --budget-s is recorded as skipped.
@@ -39,7 +43,8 @@ from zimage_server.runner import COMPILE_WARM_UP
 from zimage_server.architecture import FULL_SIZE, TINY, build_models
 from zimage_server.testing import build_tokenizer
 
-SECTIONS = ("startup", "stages", "offload", "compile", "http", "attention", "throughput")
+# quantized is last: it quantizes the models in place, which cannot be undone.
+SECTIONS = ("startup", "stages", "offload", "compile", "http", "attention", "throughput", "quantized")
 # Never timed: they need hub downloads or other hardware; flex is only fast compiled.
 SKIPPED_BACKENDS = ("_native_npu", "_native_xla", "flex")
 
@@ -521,37 +526,102 @@ class Bench:
         return {name: median(values) for name, values in added.items()}
 
     def offload(self) -> dict:
-        from zimage_server.acceleration import component_sizes, place_pipeline
-        from zimage_server.memory_plan import GIB, predict_peak
-
-        runner, plan = self.runner, self.plan
+        plan = self.plan
         size = max(plan.sizes)
         out: dict = {"size": size}
         # none first (everything already resident), then model offload, then the streamed text
         # encoder (diffusers refuses model offload on top of group offloading), then back to none
         # for the sections after this one.
         for mode in ("none", "model", "text_encoder", "restored"):
-            placed: list[float] = [0.0]
-            if mode != "none":
-                remove_offload(runner.pipeline)
-                with self.clock.timed(placed):
-                    place_pipeline(runner.pipeline, plan.device, "none" if mode == "restored" else mode)
-                if mode == "restored":
-                    runner.pipeline.vae.disable_slicing()
-                runner.execution_device = runner.pipeline._execution_device
+            placed = 0.0 if mode == "none" else self.place("none" if mode == "restored" else mode)
             if mode == "restored":
-                out[mode] = {"placing_s": placed[0]}
+                out[mode] = {"placing_s": placed}
                 break
-            self.whole_call(size, f"offload warm {mode}")
-            self.reset_peak()
-            times = [self.whole_call(size, f"offload {mode} {rep}") for rep in range(max(2, plan.reps))]
-            # The memory model's prediction for the same call, so measured and predicted sit side by side.
-            predicted = predict_peak(component_sizes(runner.pipeline), mode, size, size, 1, False).peak_bytes / GIB
-            out[mode] = {"whole_call_s": median(times), "placing_s": placed[0], "predicted_gib": predicted} | self.memory()
-            peak = out[mode]["max_allocated_gib"]
-            shown = f"{median(times):.3f} / " + (f"{peak:.2f}" if peak is not None else "n/a") + f" / {predicted:.2f}"
-            self.table.append([f"{size}: offload {mode}: call (s) / peak alloc / predicted (GiB)", shown])
+            out[mode] = {"placing_s": placed} | self.measure(mode, size, 1, max(2, plan.reps))
+            self.memory_row(f"{size}: offload {mode}", out[mode])
+            # The README ladder's batch, decoded one image at a time as the plan has it where a batched decode does not fit.
+            out[mode]["batch_4"] = self.measure(mode, size, 4, max(1, plan.reps - 1))
+            self.memory_row(f"{size} x4, VAE sliced: offload {mode}", out[mode]["batch_4"])
         return out
+
+    def quantized(self) -> dict:
+        """The int8 rungs of the README ladder: both big models quantized (Z_IMAGE_QUANTIZE=int8), resident or streamed."""
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            return {"skipped": "torchao not installed"}
+        from zimage_server.acceleration import component_sizes
+        from zimage_server.checkpoints import quantize_components
+        from zimage_server.memory_plan import GIB
+
+        runner, plan = self.runner, self.plan
+        size = max(plan.sizes)
+        # Uncompiled, like the offload section it is compared with; compiled blocks would also
+        # recompile for the quantized weights.
+        self.set_compiled(False)
+        self.place("none")  # whatever an earlier section left: quantize with everything on the device
+        quantizing: list[float] = []
+        with self.clock.timed(quantizing):
+            quantize_components(runner.pipeline, {"transformer": "int8", "text_encoder": "int8"})
+        # The quantized weights as measured (torchao's inner tensors), to set beside memory_plan's int8 sizes.
+        weights = {name: b / GIB for name, b in dataclasses.asdict(component_sizes(runner.pipeline)).items()}
+        out: dict = {"size": size, "compile": "off", "quantize_s": quantizing[0], "weights_gib": weights}
+        for mode in ("none", "text_encoder"):
+            try:
+                placed = self.place(mode) if mode != "none" else 0.0
+                out[mode] = {"placing_s": placed} | self.measure(mode, size, 1, max(2, plan.reps), encode=True)
+            except Exception as exc:  # noqa: BLE001 - a failed streamed mode must not lose the resident one
+                out[mode] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                continue
+            self.memory_row(f"{size}: int8 {mode}", out[mode])
+            self.table.append([f"{size}: int8 {mode}: text encode (s)", out[mode]["text_encode_s"]])
+        return out
+
+    # --- helpers for the memory sections ---------------------------------------------------------
+
+    def place(self, mode: str) -> float:
+        """Move the pipeline from whatever offload mode it is in to `mode`; the seconds placing took."""
+        from zimage_server.acceleration import place_pipeline
+
+        placed: list[float] = []
+        remove_offload(self.runner.pipeline)
+        with self.clock.timed(placed):
+            place_pipeline(self.runner.pipeline, self.plan.device, mode)
+        self.runner.execution_device = self.runner.pipeline._execution_device
+        return placed[0]
+
+    def measure(self, mode: str, size: int, batch: int, reps: int, encode: bool = False) -> dict:
+        """Median whole call of `batch` distinct prompts after a warm-up, its peak memory, and the memory
+        model's prediction for the same call, so measured and predicted sit side by side. A batch
+        decodes with VAE slicing on; with `encode`, also the text encoding of one prompt."""
+        from zimage_server.acceleration import component_sizes
+        from zimage_server.memory_plan import GIB, predict_peak
+
+        runner = self.runner
+        slicing = batch > 1
+        if slicing:
+            runner.pipeline.vae.enable_slicing()
+        try:
+            self.whole_call(size, f"warm {mode} x{batch}", batch)
+            self.reset_peak()
+            times = [self.whole_call(size, f"{mode} x{batch} {rep}", batch) for rep in range(reps)]
+        finally:
+            runner.pipeline.vae.disable_slicing()  # off everywhere else in this benchmark
+        memory = self.memory()  # before the encodes below, which would not raise it anyway
+        predicted = predict_peak(component_sizes(runner.pipeline), mode, size, size, batch, slicing).peak_bytes
+        out = {"batch": batch, "vae_slicing": slicing, "whole_call_s": median(times), "predicted_gib": predicted / GIB}
+        if encode:
+            encodes: list[float] = []
+            for rep in range(reps):
+                with runner.lock, self.clock.timed(encodes):
+                    runner._encode_batch([prompt(f"encode {mode} {rep}")], 512)
+            out["text_encode_s"] = median(encodes)
+        return out | memory
+
+    def memory_row(self, label: str, row: dict) -> None:
+        peak = row["max_allocated_gib"]
+        shown = f"{row['whole_call_s']:.3f} / " + (f"{peak:.2f}" if peak is not None else "n/a") + f" / {row['predicted_gib']:.2f}"
+        self.table.append([f"{label}: call (s) / peak alloc / predicted (GiB)", shown])
 
 
 def remove_offload(pipeline) -> None:
@@ -579,8 +649,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=400, help="start no section after this many seconds")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated sections to run (startup always runs)"
+    )
     add_standard_options(parser, "CPU, scaled-down config: checks the code, not the speed", threads=False)
     args = parser.parse_args()
+    chosen = {"startup", *args.sections.split(",")}
+    if chosen - set(SECTIONS):
+        parser.error(f"unknown sections {', '.join(sorted(chosen - set(SECTIONS)))}; known: {', '.join(SECTIONS)}")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.smoke:
         plan = Plan(
@@ -612,8 +688,9 @@ def main() -> None:
         )
     bench = Bench(plan, args.out, args.budget_s)
     # Most wanted first, so a run cut short by the budget loses the least: per-stage costs, memory
-    # per mode (which ends back in mode none), then the fastest setting (compiled) over HTTP.
-    for name in SECTIONS:
+    # per mode (which ends back in mode none), then the fastest setting (compiled) over HTTP; the
+    # quantized rungs last, as quantizing cannot be undone (`--sections` can run them early).
+    for name in (name for name in SECTIONS if name in chosen):
         bench.section(name, getattr(bench, name))
         print(f"[{bench.elapsed():6.1f} s] {name}: {'done' if 'error' not in bench.results['sections'][name] else 'failed'}", flush=True)
     print(f"wrote {args.out / 'gpu_full_size.json'}")

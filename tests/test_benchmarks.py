@@ -67,7 +67,7 @@ def test_startup(tmp_path):
 
 def test_gpu_full_size_runs_every_section_on_cpu(tmp_path):
     sections = run_smoke("gpu_full_size", tmp_path)["sections"]
-    assert list(sections) == ["startup", "stages", "offload", "compile", "http", "attention", "throughput"]
+    assert list(sections) == ["startup", "stages", "offload", "compile", "http", "attention", "throughput", "quantized"]
     failed = {name: s["error"] for name, s in sections.items() if "error" in s or "skipped" in s}
     assert not failed
     assert sections["startup"]["attention_auto"]["backend"] == "native"

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import secrets
@@ -183,8 +184,14 @@ def request_id_of(scope: Scope) -> str | None:
     return scope.get("state", {}).get(REQUEST_ID_KEY)
 
 
+# Request ids: a random per-process prefix and a counter, unique across restarts without a call
+# to the OS's random source per request (0.5 ms each in a gVisor sandbox, on the event loop).
+_REQUEST_ID_PREFIX = secrets.token_hex(6)
+_request_numbers = itertools.count()
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    return f"req_{_REQUEST_ID_PREFIX}{next(_request_numbers) % 2**48:012x}"
 
 
 class RequestLog:
