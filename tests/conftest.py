@@ -7,7 +7,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from litestar.testing import TestClient
 
 from zimage_server.api import create_app
@@ -16,6 +18,16 @@ from zimage_server.runner import ModelRunner, load_runner
 from zimage_server.settings import Settings
 from zimage_server.specs import CallMode, CallParams, GenerationSpec
 from zimage_server.testing import write_tiny_pipeline
+
+
+def assert_each_is_the_diffusers_image(images, pipeline, first_seed: int, prompt: str, **call) -> None:
+    """Image i equals, to one 8-bit level, what the plain diffusers `pipeline` gives for seed
+    `first_seed + i`: the reference every served image is held to."""
+    assert images, "no images to compare"
+    for offset, image in enumerate(images):
+        generator = torch.Generator("cpu").manual_seed(first_seed + offset)
+        expected = pipeline(prompt, generator=generator, **call).images[0]
+        assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def test_compiled_transformers_give_the_same_images(runner, settings, mode):
     compiled = load_runner(settings)
     apply_compile(compiled.pipeline.transformer, mode, backend="eager")
     requests = [spec("a red chair", (3,)), spec("a much longer prompt about a lighthouse at dawn", (4,))]
-    for expected, image in zip(sum(generate(runner, requests), []), sum(generate(compiled, requests), [])):
+    for expected, image in zip(sum(generate(runner, requests), []), sum(generate(compiled, requests), []), strict=True):
         assert abs(pixels(image) - pixels(expected)).max() <= 1
 
 
@@ -141,7 +141,7 @@ def test_a_mixed_length_batch_on_a_maskless_backend_runs_on_the_fallback(runner,
     flash = ModelRunner(runner.pipeline, settings, runner.device, runner.dtype)
     flash.acceleration = dataclasses.replace(flash.acceleration, attention=plan)
     mixed = [spec("a cat", (1,)), spec("a very long prompt about a lighthouse on a rocky coast at dawn " * 3, (2,))]
-    for expected, image in zip(sum(generate(runner, mixed), []), sum(generate(flash, mixed), [])):
+    for expected, image in zip(sum(generate(runner, mixed), []), sum(generate(flash, mixed), []), strict=True):
         assert abs(pixels(image) - pixels(expected)).max() <= 1
     # Without the fallback the same batch fails, so it really needed a mask.
     flash.acceleration = dataclasses.replace(flash.acceleration, attention=AttentionPlan("_native_flash", True))

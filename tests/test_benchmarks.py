@@ -43,7 +43,8 @@ def test_server_overhead(tmp_path):
     results = run_smoke("server_overhead", tmp_path)
     for arm in ("direct", "http", "http_repeated_prompt"):
         assert results[arm]["median_s"] > 0 and len(results[arm]["samples_s"]) == 3
-    assert results["target_ratio"] == 1.05 and isinstance(results["meets_target"], bool)
+    assert results["target_ratio"] == 1.05
+    assert results["meets_target"] == (results["http"]["ratio_to_direct"] <= results["target_ratio"])
     # Smoke mode runs the first full-size case once, and the lock-share measurement.
     (case,) = results["last_mile"].values()
     assert case["target_ms"] == 40 and case["pipeline_ms"] > 0 and len(case["samples_ms"]) == 1
@@ -56,7 +57,8 @@ def test_batching(tmp_path):
     phases = {(row["clients"], row["max_batch_size"]) for row in results["phases"]}
     assert phases == {(1, 1), (1, 8), (4, 1), (4, 8)}
     assert all(row["images_per_s"] > 0 and row["p95_s"] >= row["p50_s"] for row in results["phases"])
-    assert results["pipeline_alone"]["ratio"] > 0 and isinstance(results["meets_target"], bool)
+    assert results["pipeline_alone"]["ratio"] > 0 and results["engine_alone"]["ratio"] > 0
+    assert results["meets_target"] == (results["ratio_at_most_clients"] >= results["target_ratio"])
 
 
 def test_startup(tmp_path):
@@ -84,7 +86,7 @@ def test_encoders(tmp_path):
     results = run_smoke("encoders", tmp_path)
     assert {"gradient", "smooth", "noisy", "real-ish"} == set(results["256"])
     assert results["256"]["noisy"]["fpng"]["vs_default"] < 1.1
-    assert set(results["four_png"]) == {"loop_median_ms", "encode_images_median_ms"}
+    assert set(results["four_png"]) == set(results["four_webp"]) == {"loop_median_ms", "encode_images_median_ms"}
 
 
 def test_lora(tmp_path):

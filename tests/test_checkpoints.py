@@ -88,7 +88,7 @@ def test_an_fp32_file_in_the_original_layout_gives_the_folders_images_exactly(ro
     name = f"original{prefix.count('.')}.safetensors"
     write_safetensors(root / "transformers" / name, original_layout(tiny_state_dict, prefix), torch.float32)
     runner = load_runner(served(root, transformer=Path(name)))
-    assert all(np.array_equal(a, b) for a, b in zip(images(runner), reference))
+    assert all(np.array_equal(a, b) for a, b in zip(images(runner), reference, strict=True))
 
 
 @pytest.mark.parametrize("dtype", list(SAFETENSORS_CEILINGS), ids=str)
@@ -151,7 +151,7 @@ def test_an_int8_text_encoder_streams_block_by_block_to_the_same_images(models_d
     streamed = load_runner(served(models_dir, quantize="text_encoder=int8", offload="text_encoder"))
     assert type(streamed.pipeline.text_encoder.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
     assert streamed.acceleration.offload == "text_encoder"
-    assert all(np.array_equal(a, b) for a, b in zip(images(resident), images(streamed)))
+    assert all(np.array_equal(a, b) for a, b in zip(images(resident), images(streamed), strict=True))
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q8_0", "int8"])

@@ -7,6 +7,7 @@ endpoint when imported). Every repo also holds files that must not be fetched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -376,14 +377,28 @@ def test_edit_without_model_id_says_there_is_no_public_checkpoint(hub, tmp_path)
 # -- the server fetches what it lacks -------------------------------------------------------------
 
 
-def start_serve(hub_url: str, tmp_path: Path, *flags: str, **env: str) -> tuple[subprocess.Popen, str, Path]:
+@contextlib.contextmanager
+def serve_process(hub_url: str, tmp_path: Path, *flags: str, **env: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """`zimage-server serve` in a child process against the fake hub: (process, base URL, log file);
+    stopped on the way out if it is still running."""
     port = free_port()
     log = tmp_path / "serve.log"
     environment = hub_env(hub_url, tmp_path) | {"MODELS_DIR": str(tmp_path / "models"), "Z_IMAGE_DEVICE": "cpu"} | env
     with log.open("w") as sink:
-        command = cli("serve", "--port", str(port), *flags)
-        process = subprocess.Popen(command, env=environment, stdout=sink, stderr=sink)
-    return process, f"http://127.0.0.1:{port}", log
+        process = subprocess.Popen(cli("serve", "--port", str(port), *flags), env=environment, stdout=sink, stderr=sink)
+    try:
+        yield process, f"http://127.0.0.1:{port}", log
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+
+
+def generate_small(base: str, **request: object) -> httpx.Response:
+    return httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"}, **request)
 
 
 def answers(url: str) -> bool:
@@ -395,20 +410,15 @@ def answers(url: str) -> bool:
 
 def test_serve_fetches_a_missing_model_while_health_answers(hub, tmp_path):
     hold = hub.hold[WEIGHTS] = threading.Event()
-    server, base, log = start_serve(hub.url, tmp_path)
-    try:
+    with serve_process(hub.url, tmp_path) as (_, base, log):
         wait_for(lambda: answers(f"{base}/health"), 60, "/health")
         assert httpx.get(f"{base}/ready").status_code == 503
-        busy = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"})
+        busy = generate_small(base)
         assert busy.status_code == 503 and busy.headers["retry-after"]
         assert busy.json()["error"]["code"] == "not_ready"
         hold.set()
         wait_for(lambda: answers(f"{base}/ready"), 60, "/ready")
-        done = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"}, timeout=30)
-        assert done.status_code == 200
-    finally:
-        server.terminate()
-        server.wait(30)
+        assert generate_small(base, timeout=30).status_code == 200
     assert model_files(tmp_path / "models" / "z-image-turbo") == pipeline_files(hub.repos[TURBO])
     assert "downloading Tongyi-MAI/Z-Image-Turbo" in log.read_text()
 
@@ -422,24 +432,16 @@ def test_serve_with_a_transformer_file_fetches_the_folder_without_its_transforme
     tiny = ZImageTransformer2DModel.from_pretrained(models_dir / "z-image-turbo" / "transformer")
     (tmp_path / "models" / "transformers").mkdir(parents=True)
     write_safetensors(tmp_path / "models" / "transformers" / "t.safetensors", original_layout(tiny.state_dict()), torch.float32)
-    server, base, log = start_serve(hub.url, tmp_path, "--transformer", "t.safetensors")
-    try:
+    with serve_process(hub.url, tmp_path, "--transformer", "t.safetensors") as (_, base, log):
         wait_for(lambda: answers(f"{base}/ready"), 120, "/ready")
-        done = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"}, timeout=30)
-        assert done.status_code == 200
-    finally:
-        server.terminate()
-        server.wait(30)
+        assert generate_small(base, timeout=30).status_code == 200
     assert model_files(tmp_path / "models" / "z-image-turbo") == pipeline_files(hub.repos[TURBO]) - {WEIGHTS}
     assert WEIGHTS not in {r.path for r in hub.body_requests()}, log.read_text()[-2000:]
 
 
 def test_serve_stops_when_the_fetch_fails(tmp_path):
-    server, _, log = start_serve(f"http://127.0.0.1:{free_port()}", tmp_path)
-    try:
+    with serve_process(f"http://127.0.0.1:{free_port()}", tmp_path) as (server, _, log):
         code = server.wait(60)
-    finally:
-        server.kill()
     assert code == 4, log.read_text()
     assert "cannot reach Hugging Face" in log.read_text()
 
@@ -448,8 +450,8 @@ def test_serve_stops_when_the_fetch_fails(tmp_path):
     ("flags", "env"), [((), {"Z_IMAGE_OFFLINE": "1"}), ((), {"HF_HUB_OFFLINE": "1"}), (("--offline",), {})]
 )
 def test_serve_offline_with_no_model_prints_the_download_command(hub, tmp_path, flags, env):
-    server, _, log = start_serve(hub.url, tmp_path, *flags, **env)
-    assert server.wait(60) == 3
+    with serve_process(hub.url, tmp_path, *flags, **env) as (server, _, log):
+        assert server.wait(60) == 3
     line = log.read_text().strip()
     assert "\n" not in line and "zimage-server download --variant turbo" in line
     assert hub.requests == []
@@ -457,7 +459,7 @@ def test_serve_offline_with_no_model_prints_the_download_command(hub, tmp_path, 
 
 def test_serve_never_fetches_into_an_existing_incomplete_folder(hub, tmp_path):
     (tmp_path / "models" / "z-image-turbo").mkdir(parents=True)
-    server, _, log = start_serve(hub.url, tmp_path)
-    assert server.wait(60) == 3
+    with serve_process(hub.url, tmp_path) as (server, _, log):
+        assert server.wait(60) == 3
     assert "model_index.json is missing" in log.read_text()
     assert hub.requests == []

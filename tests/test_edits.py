@@ -18,9 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import live_server, serving
 from test_api import assert_error, decode, wait_for
-from conftest import generate, make_spec
+from conftest import assert_each_is_the_diffusers_image, generate, live_server, make_spec, serving
 from test_images import encoded, gif_bomb, left_half_mask, picture, png_claiming
 from test_runner import pixels, spec
 from zimage_server.images import edit_area
@@ -103,17 +102,8 @@ def test_an_edit_is_what_diffusers_returns_for_the_same_seed(runner, settings):
     direct.set_progress_bar_config(disable=True)
     image = picture(seed=2)
     [images] = generate(runner, [edit_spec("a red chair", image, seeds=(41, 42), strength=0.5, num_inference_steps=4)])
-    for offset, edited in enumerate(images):
-        expected = direct(
-            "a red chair",
-            image=image,
-            strength=0.5,
-            num_inference_steps=4,
-            guidance_scale=0.0,
-            max_sequence_length=64,
-            generator=torch.Generator("cpu").manual_seed(41 + offset),
-        ).images[0]
-        assert np.abs(pixels(edited) - pixels(expected)).max() <= 1
+    call = dict(image=image, strength=0.5, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=64)
+    assert_each_is_the_diffusers_image(images, direct, 41, "a red chair", **call)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from zimage_server.lora_library import LoraError, LoraLibrary, check_lora_limits, merge_requests, parse_lora_tags
-from zimage_server.loras import LoraSlot, load_lora_file, read_info
+from zimage_server.loras import LoraSlot, load_lora_file, lora_target_modules, read_info
 
 RANK = 4
 ALPHA = 2.0  # != RANK, so a loader that forgets to fold alpha/rank in gives another image
@@ -378,7 +378,7 @@ def test_a_stack_over_the_slot_rank_is_refused(slotted: Slotted) -> None:
 
 def test_load_lora_file_refuses_a_partial_match(model_path: Path, bad_dir: Path) -> None:
     with pytest.raises(LoraError, match="half-matching"):
-        load_lora_file(bad_dir / "half-matching.safetensors", load_pipe(model_path).transformer, "half-matching")
+        load_lora_file(bad_dir / "half-matching.safetensors", lora_target_modules(load_pipe(model_path).transformer), "half-matching")
 
 
 # ---------------------------------------------------------------------------------------------

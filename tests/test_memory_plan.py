@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -67,13 +68,14 @@ def test_the_simulation_counts_the_tiny_models_weights_and_every_stage():
     assert call.peak_bytes == max(s.peak for s in call.stages.values())
 
 
-def test_model_offload_in_the_simulation_holds_one_component_at_a_time():
+def test_model_offload_in_the_simulation_keeps_the_transformer_off_the_device_while_encoding():
     from zimage_server.architecture import TINY
     from zimage_server.memory_sim import simulate_call
 
     resident = simulate_call(TINY, offload="none", width=64, height=64, batch=1, vae_slicing=False, steps=2)
     offloaded = simulate_call(TINY, offload="model", width=64, height=64, batch=1, vae_slicing=False, steps=2)
     assert offloaded.stages["text_encoder"].start < resident.stages["text_encoder"].start
+    assert offloaded.stages["text_encoder"].start < offloaded.sizes.transformer
 
 
 def test_full_size_parameter_counts_match_a_fake_build():
@@ -146,7 +148,7 @@ def test_an_already_quantized_transformer_takes_only_a_text_encoder_quantization
 def test_smaller_cards_fit_with_a_quantized_transformer():
     assert plan(12 * GIB, transformer="bf16", quantize="transformer=int8")[1].fits  # text encoder streamed
     assert plan(8 * GIB, transformer="q6_k")[1].fits
-    assert not any(row.fits for row in plan(8 * GIB, transformer="q8_0")[:1])
+    assert not any(row.fits for row in plan(8 * GIB, transformer="q8_0"))
 
 
 def test_plan_json_runs_without_weights_or_torch():
@@ -164,24 +166,35 @@ def test_plan_json_runs_without_weights_or_torch():
     assert rows[1]["fits"] and rows[1]["vae_slicing"] and not rows[0]["fits"]
 
 
-def test_plan_reads_a_gguf_files_tensor_types(tmp_path):
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q3_K"])  # Q3_K: a type the plan has no named format for
+def test_plan_reads_a_gguf_files_tensor_types(tmp_path, qtype):
     import numpy as np
-    from gguf import GGMLQuantizationType, GGUFWriter
-    from gguf.quants import quantize
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
     from zimage_server.memory_plan import file_weight_bytes
 
+    kind = GGMLQuantizationType[qtype]
+    block, block_bytes = GGML_QUANT_SIZES[kind]
     path = tmp_path / "transformer.gguf"
     writer = GGUFWriter(str(path), "z-image")
-    weight = quantize(np.ones((256, 256), dtype=np.float32), GGMLQuantizationType.Q8_0)
-    writer.add_tensor("w", weight, raw_dtype=GGMLQuantizationType.Q8_0)
+    # Only the header is read: any bytes of the right length stand for the quantized blocks.
+    writer.add_tensor("w", np.zeros((256, 256 // block * block_bytes), dtype=np.uint8), raw_dtype=kind)
     writer.add_tensor("norm", np.ones(256, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     total, dequantized = file_weight_bytes(path)
-    assert dequantized and total == 256 * 256 * 34 // 32 + 256 * 2
+    assert dequantized and total == 256 * 256 * block_bytes // block + 256 * 2
+
+
+def test_the_gguf_formats_bytes_per_weight_are_ggmls():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for fmt in WEIGHT_FORMATS.values():
+        if fmt.dequantized_per_layer:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt.name.upper()]]
+            assert fmt.bytes_per_weight == Fraction(block_bytes, block), fmt.name
 
 
 def test_a_controlnet_counts_in_the_plan_and_at_start_up(tmp_path, runner):

@@ -69,7 +69,7 @@ def test_cached_results_are_bit_identical_to_uncached_ones(runner, settings):
     second = generate(cached, requests)  # every embedding now comes from the cache
     plain = generate(uncached, requests)
     assert cached.prompt_cache.stats.hits >= 3 and uncached.prompt_cache.stats.hits == 0
-    for a, b, c in zip(sum(first, []), sum(second, []), sum(plain, [])):
+    for a, b, c in zip(sum(first, []), sum(second, []), sum(plain, []), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 
-from conftest import generate, make_spec
+from conftest import assert_each_is_the_diffusers_image, generate, make_spec
 from zimage_server.model_layout import IncompleteModelError, verify_model_dir
 from zimage_server.runner import load_runner
 from zimage_server.specs import GenerationCancelled, GenerationSpec
@@ -25,17 +25,8 @@ def test_image_i_is_what_diffusers_returns_for_seed_plus_i(runner, settings):
     direct = ZImagePipeline.from_pretrained(settings.model_dir)
     direct.set_progress_bar_config(disable=True)
     [images] = generate(runner, [spec("a red chair", (41, 42))])
-    for offset, image in enumerate(images):
-        expected = direct(
-            "a red chair",
-            width=64,
-            height=64,
-            num_inference_steps=3,
-            guidance_scale=3.0,
-            max_sequence_length=64,
-            generator=torch.Generator("cpu").manual_seed(41 + offset),
-        ).images[0]
-        assert np.abs(pixels(image) - pixels(expected)).max() <= 1
+    call = dict(width=64, height=64, num_inference_steps=3, guidance_scale=3.0, max_sequence_length=64)
+    assert_each_is_the_diffusers_image(images, direct, 41, "a red chair", **call)
 
 
 def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_other_prompts(runner):
@@ -133,7 +124,7 @@ def test_images_leave_the_lock_as_exactly_what_diffusers_pil_output_gives():
     processor = VaeImageProcessor()
     expected = processor.postprocess(decoded, output_type="pil")
     got = to_images(processor.postprocess(decoded, output_type="pt"))
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, expected))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, expected, strict=True))
 
 
 def test_a_png_response_decodes_to_exactly_the_runners_pixels(client, runner):
@@ -146,4 +137,5 @@ def test_a_png_response_decodes_to_exactly_the_runners_pixels(client, runner):
                                                           "num_inference_steps": 3, "max_sequence_length": 64})
     served = [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in response.json()["data"]]
     [made] = generate(runner, [spec("a red chair", (41, 42), guidance_scale=0.0, max_sequence_length=64)])
-    assert all(np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b)) for a, b in zip(served, made))
+    assert response.status_code == 200 and len(served) == 2
+    assert all(np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b)) for a, b in zip(served, made, strict=True))

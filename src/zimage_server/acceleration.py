@@ -236,7 +236,6 @@ def prepare_pipeline(
     offload: str,
     attention: str,
     compile: str,
-    compile_backend: str = "inductor",
     max_batch_size: int = 1,
     controlnet: torch.nn.Module | None = None,
 ) -> Acceleration:
@@ -247,7 +246,7 @@ def prepare_pipeline(
     if vae_slicing:
         # A batched decode's activations grow with the batch (1.5 GiB per 1024x1024 image); one at a time they do not.
         pipeline.vae.enable_slicing()
-    apply_compile(pipeline.transformer, compile, compile_backend)
+    apply_compile(pipeline.transformer, compile)
     log.info("offload: %s, VAE slicing %s (%s)", mode, "on" if vae_slicing else "off", reason)
     log.info(
         "attention: %s%s; compile: %s",

@@ -66,10 +66,8 @@ class LoraWeights:
 
 def read_info(name: str, path: Path) -> LoraInfo:
     weights = convert_lora_file(path, name)
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(file, "sha256")
     return LoraInfo(
         name=name,
         size_bytes=path.stat().st_size,
@@ -221,15 +219,15 @@ def adapter_dtype(linear: torch.nn.Linear) -> torch.dtype:
 PEFT_INTERNALS = {"base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 
 
-def load_lora_file(path: Path, transformer: torch.nn.Module, name: str | None = None) -> LoraWeights:
-    """Read a LoRA file and check that every layer fits a linear layer of `transformer`.
+def load_lora_file(path: Path, targets: Mapping[str, torch.nn.Linear], name: str | None = None) -> LoraWeights:
+    """Read a LoRA file and check that every layer fits one of the transformer's linear layers
+    (`targets`, from `lora_target_modules`).
 
     A file any of whose layers fits nothing (a LoRA for another model, or another Z-Image size) is
     refused whole, so a LoRA is never half-applied.
     """
     name = name or path.stem
     weights = convert_lora_file(path, name)
-    targets = lora_target_modules(transformer)
     unmatched = sorted(module for module in weights.layers if module not in targets)
     if unmatched:
         shown = ", ".join(unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
@@ -314,7 +312,7 @@ class LoraSlot:
         identity = file_identity(path)
         weights = self._weights_cache.get(identity)
         if weights is None:
-            weights = load_lora_file(path, self.pipe.transformer, name)
+            weights = load_lora_file(path, self.targets, name)
             self._weights_cache[identity] = weights
             while len(self._weights_cache) > self.cache_files:
                 self._weights_cache.popitem(last=False)

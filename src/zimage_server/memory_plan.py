@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
+from .settings import parse_quantize
+
 GIB = 1024**3
 MARGIN_BYTES = GIB + GIB // 4  # 1.25 GiB: the middle of REFERENCE.md's 0.5-1.5 GiB, rounded up
 OFFLOAD_MODES = ("none", "text_encoder", "model")  # lightest first: the plan picks the first that fits
@@ -99,7 +101,8 @@ WEIGHT_FORMATS = {
         # torchao 0.18 int8 weight-only: an fp32 scale and an int8 zero point per row (Int8Tensor's inner tensors).
         WeightFormat("int8", Fraction(1), scale_bytes_per_row=5),
         WeightFormat("fp8", Fraction(1), scale_bytes_per_row=4),  # torchao float8 weight-only: an fp32 scale per row
-        # GGUF block formats, bytes per block / values per block. F16/BF16 GGUF load as plain parameters.
+        # GGUF block formats, bytes per block / values per block (gguf.GGML_QUANT_SIZES; a test checks
+        # them). F16 GGUF tensors load as plain parameters.
         WeightFormat("q8_0", Fraction(34, 32), dequantized_per_layer=True),
         WeightFormat("q6_k", Fraction(210, 256), dequantized_per_layer=True),
         WeightFormat("q5_k", Fraction(176, 256), dequantized_per_layer=True),
@@ -111,11 +114,6 @@ WEIGHT_FORMATS = {
         WeightFormat("f16", Fraction(2)),
     )
 }
-# What Z_IMAGE_QUANTIZE can turn the text encoder into (torchao); GGUF text encoders are not read.
-TEXT_ENCODER_FORMATS = ("bf16", "int8", "fp8")
-# GGUF tensor type numbers (ggml's enum) to the formats above; F32 tensors load in the compute dtype.
-GGUF_TYPES = {0: "bf16", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 12: "q4_k", 13: "q5_k",
-              14: "q6_k", 30: "bf16"}
 
 
 def transformer_bytes(fmt: WeightFormat) -> int:
@@ -247,8 +245,6 @@ def plan(
     """Every offload mode's row for the full-size model, lightest first; the first that fits is the one to use.
 
     controlnet: a ControlNet checkpoint file, whose tensors (at bf16) are resident beside the transformer."""
-    from .settings import parse_quantize
-
     sizes, label = model_sizes(transformer, quantize)
     if controlnet is not None:
         sizes = replace(sizes, controlnet=file_weight_bytes(Path(controlnet))[0])
@@ -271,8 +267,6 @@ def model_sizes(transformer: str | Path = "bf16", quantize: str | None = None) -
 
     A file's weight bytes are read from its header (GGUF tensor types, safetensors dtypes), with
     float32 tensors counted in bf16 as the loader casts them."""
-    from .settings import parse_quantize
-
     choices = parse_quantize(quantize or "none")
     text_encoder_fmt = WEIGHT_FORMATS[choices.get("text_encoder", "bf16")]
     path = Path(str(transformer))
@@ -304,12 +298,13 @@ def weight_format(name: str) -> WeightFormat:
 def file_weight_bytes(path: Path) -> tuple[int, bool]:
     """Bytes a transformer file's tensors take once loaded, and whether they are dequantized per layer."""
     if path.suffix == ".gguf":
-        from gguf import GGUFReader
+        from gguf import GGMLQuantizationType, GGUFReader
 
         total, quantized = 0, False
         for tensor in GGUFReader(path).tensors:
-            name = GGUF_TYPES.get(int(tensor.tensor_type))
-            if name is None or WEIGHT_FORMATS[name].bytes_per_weight >= COMPUTE_BYTES:  # F32 and friends: cast to bf16
+            # As diffusers loads them: F32 and F16 become plain parameters (in the compute dtype);
+            # every other type stays as stored and is dequantized per layer.
+            if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 total += int(tensor.n_elements) * COMPUTE_BYTES
             else:
                 total += int(tensor.n_bytes)

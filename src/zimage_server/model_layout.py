@@ -7,6 +7,7 @@ their first bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection
 from pathlib import Path
@@ -101,3 +102,14 @@ def is_gguf(path: Path) -> bool:
             return file.read(4) == b"GGUF"
     except OSError:
         return False
+
+
+def checkpoint_sha256(model_dir: Path) -> str:
+    """A stable id for a model folder from its small JSON files (pipeline index, component configs,
+    weight indexes); hashing the weights themselves would read gigabytes."""
+    digest = hashlib.sha256()
+    for pattern in ("model_index.json", "*/config.json", "*/*.index.json"):
+        for path in sorted(model_dir.glob(pattern)):
+            digest.update(path.relative_to(model_dir).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

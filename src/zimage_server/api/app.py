@@ -17,6 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from .. import __version__
 from ..batcher import Batcher
 from ..faults import FaultInjector
+from ..model_layout import checkpoint_sha256
 from ..policy import BatchPolicy
 from ..settings import Settings
 from ..specs import GenerationCancelled
@@ -48,6 +49,7 @@ async def start_serving(server: ServerState) -> None:
     if server.runner is None:
         # Off the event loop: loading takes seconds to minutes and must not block the loop.
         server.runner = await asyncio.to_thread(load_model, server)
+    server.checkpoint_sha256 = await asyncio.to_thread(checkpoint_sha256, settings.model_dir)
     batcher = Batcher(
         BatchPolicy(server.runner, settings.max_batch_size),
         max_batch_size=settings.max_batch_size,

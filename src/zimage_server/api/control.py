@@ -8,13 +8,14 @@ centre-crop), and with `control_preprocess: canny` becomes the edge map the serv
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from ..images import canny_edges, fit_to, to_rgb
 from ..specs import GenerationSpec
 from .errors import ApiError
 from .state import ServerState
-from .uploads import decode_part
+from .uploads import decode_base64_image, decode_part
 
 DEFAULT_CONTROL_SCALE = 0.75
 CONTROL_PREPROCESSES = ("none", "canny")  # `none`: the image already is a control map
@@ -57,3 +58,15 @@ def controlled(
         control_scale=DEFAULT_CONTROL_SCALE if scale is None else scale,
     )
     return dataclasses.replace(spec, params=params, control_image=image)
+
+
+async def controlled_from_base64(
+    spec: GenerationSpec, server: ServerState, encoded: str, param: str, preprocess: str, scale: float | None
+) -> GenerationSpec:
+    """`controlled` for a base64 control image (the JSON routes). Decoding, fitting and edge detection
+    take a while for big images, so all of it, the base64 decode included, runs in a worker thread."""
+
+    def run() -> GenerationSpec:
+        return controlled(spec, server, decode_base64_image(encoded, param), preprocess, scale)
+
+    return await asyncio.to_thread(run)

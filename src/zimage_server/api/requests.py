@@ -55,7 +55,7 @@ def check_model(model: str | None, server: ServerState) -> None:
     if model and model not in served_model_ids(server):
         raise ApiError(
             400,
-            f"Model '{model}' is not served here; this server runs '{served_model_ids(server)[0]}'.",
+            f"Model '{model}' is not served here; this server runs '{server.variant.model_name}'.",
             param="model",
             code="model_not_found",
         )

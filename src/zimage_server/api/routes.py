@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 
-from .control import controlled
+from .control import controlled_from_base64
 from .guards import RETRY_AFTER_S, require_json, require_ready
 from .jobs import submit_job
-from .requests import generation_spec, served_model_ids
+from .requests import generation_spec
 from .responses import check_raw_image_count, images_response
 from .schemas import GenerationRequest, LoraCard, LoraList, ModelCard, ModelDefaults, ModelList
 from .state import server_state
 from .streaming import GENERATION_EVENTS, stream_images
-from .uploads import decode_base64_image
 
 
 @post(
@@ -28,10 +26,8 @@ async def create_images(request: Request, data: GenerationRequest, state: State)
     server = server_state(state)
     spec, options = generation_spec(data, server)
     if data.control_image is not None:
-        control_bytes = decode_base64_image(data.control_image, "control_image")
-        # Decoding, fitting and edge detection take a while for big images: off the event loop.
-        spec = await asyncio.to_thread(
-            controlled, spec, server, control_bytes, data.control_preprocess or "none", data.control_scale
+        spec = await controlled_from_base64(
+            spec, server, data.control_image, "control_image", data.control_preprocess or "none", data.control_scale
         )
     if data.stream:
         return stream_images(
@@ -51,7 +47,7 @@ async def list_models(state: State) -> ModelList:
         guidance_scale=variant.default_guidance,
         takes_mask=variant.takes_mask,
     )
-    card = ModelCard(id=served_model_ids(server)[0], created=int(server.started_at), defaults=defaults)
+    card = ModelCard(id=server.variant.model_name, created=int(server.started_at), defaults=defaults)
     return ModelList(data=[card])
 
 

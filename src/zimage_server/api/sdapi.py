@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
-import hashlib
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -27,9 +24,11 @@ from msgspec import Meta
 
 from .. import __version__
 from ..images import a1111_repaint_area
+from ..lora_library import LORA_SUFFIX
+from ..model_layout import checkpoint_sha256
 from ..settings import Settings
 from ..specs import GenerationSpec
-from .control import CONTROL_PREPROCESSES, controlled
+from .control import CONTROL_PREPROCESSES, controlled_from_base64
 from .edits import EditRequest, Strength, UploadDialect, edit_mode, prepare_edit
 from .errors import ApiError
 from .guards import require_json, require_ready
@@ -205,15 +204,13 @@ def prepare_img2img(data: Img2ImgRequest, server: ServerState) -> GenerationSpec
 
 @dataclass(frozen=True)
 class ControlUnit:
-    """The one enabled unit of the A1111 ControlNet extension's request: its image, module and weight."""
+    """The one enabled unit of the A1111 ControlNet extension's request: its image (base64), module and weight."""
 
-    image: bytes
+    image: str
     preprocess: str
     weight: float
 
 
-# The extension's preprocessor names this server can run (`none`: the image already is the map).
-CONTROL_MODULES = {name: name for name in CONTROL_PREPROCESSES}
 CONTROLNET_API_VERSION = 2  # what webuiapi's ControlNetInterface reads from /controlnet/version
 
 
@@ -240,11 +237,11 @@ def control_unit(data: Txt2ImgRequest) -> ControlUnit | None:
         )
     unit, image = units[0]
     module = str(unit.get("module") or "none").lower()
-    if module not in CONTROL_MODULES:
+    if module not in CONTROL_PREPROCESSES:  # the extension's module names for what this server runs
         raise ApiError(
             400,
             f"ControlNet module {module!r} is not available here; use one of "
-            f"{', '.join(CONTROL_MODULES)} (send a ready-made control map with none).",
+            f"{', '.join(CONTROL_PREPROCESSES)} (send a ready-made control map with none).",
             param="alwayson_scripts",
         )
     weight = unit.get("weight", 1.0)
@@ -252,33 +249,23 @@ def control_unit(data: Txt2ImgRequest) -> ControlUnit | None:
         raise ApiError(400, f"ControlNet weight {weight!r} must be a number in 0..2.", param="alwayson_scripts")
     if not isinstance(image, str):
         raise ApiError(400, "The ControlNet unit's image must be base64 text.", param="alwayson_scripts")
-    return ControlUnit(decode_base64_image(image, "alwayson_scripts"), CONTROL_MODULES[module], float(weight))
+    return ControlUnit(image, module, float(weight))
 
 
-async def with_control(spec: GenerationSpec, data: Txt2ImgRequest, server: ServerState) -> GenerationSpec:
-    unit = control_unit(data)
+async def with_control(spec: GenerationSpec, unit: ControlUnit | None, server: ServerState) -> GenerationSpec:
     if unit is None:
         return spec
-    # Decoding, fitting and edge detection take a while for big images: off the event loop.
-    return await asyncio.to_thread(controlled, spec, server, unit.image, unit.preprocess, unit.weight)
+    return await controlled_from_base64(spec, server, unit.image, "alwayson_scripts", unit.preprocess, unit.weight)
 
 
 # -- the answer ---------------------------------------------------------------------------------
 
 
-@functools.cache
-def checkpoint_sha256(model_dir: Path) -> str:
-    """A stable id for the served checkpoint from its small JSON files (pipeline index, component
-    configs, weight indexes); hashing the weights themselves would read gigabytes at start-up."""
-    digest = hashlib.sha256()
-    for pattern in ("model_index.json", "*/config.json", "*/*.index.json"):
-        for path in sorted(model_dir.glob(pattern)):
-            digest.update(path.relative_to(model_dir).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 async def served_checkpoint_sha256(server: ServerState) -> str:
+    """The served folder's hash, computed once when the model is loaded; before that (these discovery
+    routes answer while a fetch-on-start runs) from the folder as it stands, and not kept."""
+    if server.checkpoint_sha256 is not None:
+        return server.checkpoint_sha256
     return await asyncio.to_thread(checkpoint_sha256, server.settings.model_dir)
 
 
@@ -320,13 +307,13 @@ def info_text(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState, s
 
 
 async def run_and_answer(
-    request: Request, server: ServerState, spec: GenerationSpec, data: Txt2ImgRequest, parameters: dict[str, Any]
+    request: Request, server: ServerState, spec: GenerationSpec, data: Txt2ImgRequest
 ) -> A1111ImagesResponse:
     images = await submit_job(server, spec, request).result()
     encoded = await encode_for_response(server, spec, images, "png", None)
     return A1111ImagesResponse(
         images=[base64.b64encode(blob).decode() for blob in encoded] if data.send_images else [],
-        parameters=parameters,
+        parameters=without_images(data),
         info=info_text(data, spec, server, await served_checkpoint_sha256(server)),
     )
 
@@ -343,8 +330,8 @@ async def run_and_answer(
 async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111ImagesResponse:
     server = server_state(state)
     spec, _ = generation_spec(openai_request(data, server), server)
-    spec = await with_control(spec, data, server)
-    return await run_and_answer(request, server, spec, data, without_images(data))
+    spec = await with_control(spec, control_unit(data), server)
+    return await run_and_answer(request, server, spec, data)
 
 
 @post(
@@ -359,15 +346,16 @@ async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111
         raise ApiError(400, "'init_images' is required: the image to edit, base64.", param="init_images")
     # Decoding and resizing take a while for big photos: off the event loop.
     spec = await asyncio.to_thread(prepare_img2img, data, server)
-    if control_unit(data) is not None and spec.params.mode != "inpaint":
+    unit = control_unit(data)
+    if unit is not None and spec.params.mode != "inpaint":
         raise ApiError(
             400,
             "A ControlNet unit on img2img needs a mask (ControlNet inpainting); use txt2img "
             "for a controlled image from a prompt.",
             param="alwayson_scripts",
         )
-    spec = await with_control(spec, data, server)
-    return await run_and_answer(request, server, spec, data, without_images(data))
+    spec = await with_control(spec, unit, server)
+    return await run_and_answer(request, server, spec, data)
 
 
 def without_images(data: Txt2ImgRequest) -> dict[str, Any]:
@@ -457,7 +445,7 @@ async def loras(state: State) -> list[dict[str, Any]]:
         {
             "name": info.name,
             "alias": info.name,
-            "path": str(server.runner.lora_library.folder / f"{info.name}.safetensors"),
+            "path": str(server.runner.lora_library.folder / f"{info.name}{LORA_SUFFIX}"),
             "metadata": {},
         }
         for info in await server.usable_loras()
@@ -509,7 +497,7 @@ async def controlnet_models(state: State) -> dict[str, list[str]]:
 
 @get("/module_list", summary="The preprocessors a ControlNet unit may name.")
 async def controlnet_modules() -> dict[str, list[str]]:
-    return {"module_list": list(CONTROL_MODULES)}
+    return {"module_list": list(CONTROL_PREPROCESSES)}
 
 
 @get("/version", summary="The ControlNet extension API version this server answers as.")

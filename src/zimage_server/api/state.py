@@ -42,6 +42,7 @@ class ServerState:
     worker_died: bool = False  # the batcher's worker ended: not ready, the process exits
     fatal_error: str | None = None  # why serving could not start (fetch-on-start failed)
     stop_server: Callable[[], None] | None = None  # the CLI points this at uvicorn
+    checkpoint_sha256: str | None = None  # the served model folder's id (model_layout), set once it is loaded
     started_at: float = field(default_factory=time.time)
 
     @property
