@@ -23,7 +23,7 @@ from zimage_server.memory_plan import (
     CAPTION_TOKENS,
     GIB,
     OFFLOAD_MODES,
-    PIXELS_PER_TOKEN,
+    PIXELS_PER_IMAGE_TOKEN,
     predict_peak,
 )
 from zimage_server.memory_sim import STAGES, simulate_call
@@ -39,7 +39,7 @@ def stage_x(stage: str, width: int, height: int, batch: int) -> float:
     if stage == "text_encoder":
         return batch
     if stage == "transformer_step":
-        return batch * (width * height / PIXELS_PER_TOKEN + CAPTION_TOKENS)
+        return batch * (width * height / PIXELS_PER_IMAGE_TOKEN + CAPTION_TOKENS)
     return width * height * batch
 
 

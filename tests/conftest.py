@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,21 +187,29 @@ def assert_envelope(response, status: int) -> dict:
 
 
 def burst_behind_a_blocker(runner: ModelRunner, base: str, path: str, bodies: list[dict]) -> tuple[list, int]:
-    """POST `bodies` together while the runner is busy with a blocker of another size, so they are all
-    queued when the GPU frees up; their responses, and the pipeline calls they took (blocker excluded)."""
+    """POST each JSON body of `bodies` to `path` in one burst: `burst_of_sends`."""
+    import httpx
+
+    return burst_of_sends(runner, base, [functools.partial(httpx.post, base + path, json=b, timeout=60) for b in bodies])
+
+
+def burst_of_sends(runner: ModelRunner, base: str, sends: list) -> tuple[list, int]:
+    """Make the requests `sends` (callables) together while the runner is busy with a blocker of
+    another size, so they are all queued when the GPU frees up; their responses, and the pipeline
+    calls they took (blocker excluded). Waits on the server's own gauges, never on sleeps."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     blocker_body = {"prompt": "blocker", "size": "128x64", "num_inference_steps": 2}
     calls_before = runner.calls
-    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+    with ThreadPoolExecutor(len(sends) + 1) as pool:
         runner.lock.acquire()  # the "GPU" is busy: the worker blocks on the blocker, the burst queues behind it
         try:
-            blocker = pool.submit(httpx.post, base + path, json=blocker_body, timeout=60)
+            blocker = pool.submit(httpx.post, base + "/v1/images/generations", json=blocker_body, timeout=60)
             wait_for(lambda: metric(base, "zimage_running_images") == 1)
-            futures = [pool.submit(httpx.post, base + path, json=body, timeout=60) for body in bodies]
-            wait_for(lambda: metric(base, "zimage_queue_requests") == len(bodies))
+            futures = [pool.submit(send) for send in sends]
+            wait_for(lambda: metric(base, "zimage_queue_requests") == len(sends))
         finally:
             runner.lock.release()
         assert blocker.result().status_code == 200

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import live_server, metric, serving, wait_for
+from conftest import burst_behind_a_blocker, live_server, metric, serving, wait_for
 from zimage_server.api.requests import generation_spec
 from zimage_server.api.schemas import GenerationRequest
 from zimage_server.runner import ModelRunner
@@ -189,24 +188,10 @@ def test_concurrent_compatible_requests_share_one_pipeline_call_with_their_own_i
         for index, prompt in enumerate(prompts):
             body = post_json(base, {"prompt": prompt, "size": "64x64", "seed": index}).json()
             solo[prompt] = np.asarray(decode(body["data"][0]["b64_json"]), dtype=np.int16)
-        calls_before = runner.calls
-        with ThreadPoolExecutor(4) as pool:
-            runner.lock.acquire()  # the GPU is busy: requests queue up behind it
-            try:
-                blocker = pool.submit(post_json, base, {"prompt": "blocker", "size": "64x64", "seed": 9})
-                wait_for(lambda: runner.lock.locked() and runner.calls == calls_before)
-                time.sleep(0.2)
-                futures = [
-                    pool.submit(post_json, base, {"prompt": prompt, "size": "64x64", "seed": index})
-                    for index, prompt in enumerate(prompts)
-                ]
-                time.sleep(0.5)  # all three are queued while the GPU is held
-            finally:
-                runner.lock.release()
-            assert blocker.result().status_code == 200
-            responses = [future.result() for future in futures]
-    assert runner.calls - calls_before == 2  # the blocker, then one call for all three
-    for prompt, response in zip(prompts, responses):
+        bodies = [{"prompt": prompt, "size": "64x64", "seed": index} for index, prompt in enumerate(prompts)]
+        responses, calls = burst_behind_a_blocker(runner, base, "/v1/images/generations", bodies)
+    assert calls == 1  # one call for all three
+    for prompt, response in zip(prompts, responses, strict=True):
         image = np.asarray(decode(response.json()["data"][0]["b64_json"]), dtype=np.int16)
         assert np.abs(image - solo[prompt]).max() <= 1
 
@@ -216,9 +201,9 @@ def test_full_queue_answers_429_with_retry_after(settings, runner):
         runner.lock.acquire()
         try:
             running = pool.submit(post_json, base, {"prompt": "running", "size": "64x64"})
-            time.sleep(0.3)
+            wait_for(lambda: metric(base, "zimage_running_images") == 1)
             queued = pool.submit(post_json, base, {"prompt": "queued", "size": "64x64", "n": 2})
-            time.sleep(0.3)
+            wait_for(lambda: metric(base, "zimage_queue_requests") == 1)
             refused = post_json(base, {"prompt": "refused", "size": "64x64"})
         finally:
             runner.lock.release()

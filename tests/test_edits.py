@@ -6,11 +6,11 @@ space: against the input encoded by the pipeline's own VAE with the request's se
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_api import assert_error, decode, wait_for
-from conftest import assert_each_is_the_diffusers_image, generate, live_server, make_spec, serving
+from test_api import assert_error, decode
+from conftest import assert_each_is_the_diffusers_image, burst_of_sends, generate, live_server, make_spec, serving
 from test_images import encoded, gif_bomb, left_half_mask, picture, png_claiming
 from test_runner import pixels, spec
 from zimage_server.images import edit_area
@@ -321,20 +321,8 @@ def test_concurrent_edits_share_one_pipeline_call_with_their_own_images(settings
 
     with live_server(settings, runner) as base:
         solo = [pixels(decode(post(index).json()["data"][0]["b64_json"])) for index in range(3)]
-        calls_before = runner.calls
-        with ThreadPoolExecutor(4) as pool:
-            runner.lock.acquire()  # the GPU is busy: edits queue up behind it
-            try:
-                blocker = pool.submit(httpx.post, base + URL, timeout=60, **form(encoded(picture()), size="128x64"))
-                wait_for(lambda: runner.lock.locked() and runner.calls == calls_before)
-                time.sleep(0.2)
-                futures = [pool.submit(post, index) for index in range(3)]
-                time.sleep(0.5)
-            finally:
-                runner.lock.release()
-            assert blocker.result().status_code == 200
-            responses = [future.result() for future in futures]
-    assert runner.calls - calls_before == 2  # the blocker, then one call for all three
+        responses, calls = burst_of_sends(runner, base, [functools.partial(post, index) for index in range(3)])
+    assert calls == 1  # one call for all three
     for index, response in enumerate(responses):
         assert np.abs(pixels(decode(response.json()["data"][0]["b64_json"])) - solo[index]).max() <= 1
 

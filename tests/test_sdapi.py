@@ -5,9 +5,9 @@ OpenAI model aliases."""
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,7 +16,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from conftest import assert_envelope, live_server, serving, wait_for
+from conftest import assert_envelope, burst_of_sends, live_server, serving, wait_for
 from test_api_loras import loras  # noqa: F401 - the fixture that writes the LoRA folder's files
 from test_images import encoded, gif_bomb, picture, png_claiming
 
@@ -464,23 +464,38 @@ def test_the_openapi_schema_documents_the_sdapi_routes(client):
 def test_requests_queued_together_share_one_call(settings, runner):
     # The A1111 route joins the OpenAI route's batches: same model, same batcher.
     with live_server(settings, runner) as base:
-        calls_before = runner.calls
-        with ThreadPoolExecutor(3) as pool:
-            runner.lock.acquire()
-            try:
-                blocker = pool.submit(
-                    httpx.post, base + TXT2IMG, json={"prompt": "b", "width": 64, "height": 64}, timeout=60
-                )
-                wait_for(lambda: runner.lock.locked() and runner.calls == calls_before)
-                time.sleep(0.2)
-                a1111 = pool.submit(
-                    httpx.post, base + TXT2IMG, json={"prompt": "x", "width": 64, "height": 64}, timeout=60
-                )
-                openai = pool.submit(
-                    httpx.post, base + "/v1/images/generations", json={"prompt": "y", "size": "64x64"}, timeout=60
-                )
-                time.sleep(0.5)
-            finally:
-                runner.lock.release()
-            assert all(future.result().status_code == 200 for future in (blocker, a1111, openai))
-    assert runner.calls - calls_before == 2
+        sends = [
+            functools.partial(httpx.post, base + TXT2IMG, json={"prompt": "x", "width": 64, "height": 64}, timeout=60),
+            functools.partial(httpx.post, base + "/v1/images/generations", json={"prompt": "y", "size": "64x64"}, timeout=60),
+        ]
+        responses, calls = burst_of_sends(runner, base, sends)
+    assert [response.status_code for response in responses] == [200, 200]
+    assert calls == 1
+
+
+def test_a_checkpoint_hash_read_during_fetch_on_start_is_not_kept(tmp_path, models_dir, runner):
+    import asyncio
+    import shutil
+    import threading
+
+    from litestar.testing import TestClient
+
+    from zimage_server.api import create_app
+    from zimage_server.model_layout import checkpoint_sha256
+    from zimage_server.settings import Settings
+
+    release = threading.Event()
+
+    async def fetch(settings: Settings) -> None:  # a download that finishes when the test says so
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        shutil.copytree(models_dir / "z-image-turbo", settings.model_dir)
+
+    settings = Settings(models_dir=tmp_path, variant="turbo", device="cpu")
+    with TestClient(create_app(settings, runner, fetch_model=fetch)) as client:
+        early = client.get(OPTIONS).json()["sd_checkpoint_hash"]
+        release.set()
+        wait_for(lambda: client.get("/ready").status_code == 200, 30)
+        served = client.get(OPTIONS).json()["sd_checkpoint_hash"]
+        assert client.get("/sdapi/v1/sd-models").json()[0]["sha256"] == served
+    assert early != served == checkpoint_sha256(models_dir / "z-image-turbo")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
+import functools
 import importlib.util
 import io
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import live_server, metric, serving, wait_for
+from conftest import burst_of_sends, live_server, metric, serving, wait_for
 from zimage_server.api.jobs import partial_image_steps
 from zimage_server.runner import ModelRunner, latent_previews
 from zimage_server.specs import GenerationCancelled
@@ -233,9 +233,9 @@ def test_queue_full_is_a_plain_429_before_any_event(settings, runner):
         runner.lock.acquire()
         try:
             running = pool.submit(httpx.post, base + URL, json={"prompt": "running", "size": "64x64"}, timeout=30)
-            time.sleep(0.3)
+            wait_for(lambda: metric(base, "zimage_running_images") == 1)
             queued = pool.submit(httpx.post, base + URL, json={"prompt": "queued", "size": "64x64"}, timeout=30)
-            time.sleep(0.3)
+            wait_for(lambda: metric(base, "zimage_queue_requests") == 1)
             refused = httpx.post(base + URL, json={"prompt": "refused", "size": "64x64", "stream": True}, timeout=30)
         finally:
             runner.lock.release()
@@ -245,30 +245,22 @@ def test_queue_full_is_a_plain_429_before_any_event(settings, runner):
 
 def test_concurrent_streams_share_one_call_and_each_gets_its_own_events(settings, runner):
     prompts = ["a cat", "a watercolor of mountains"]
-    with live_server(settings, runner) as base, ThreadPoolExecutor(3) as pool:
-        calls_before = runner.calls
-        runner.lock.acquire()
-        try:
-            blocker = pool.submit(httpx.post, base + URL, json={"prompt": "blocker", "size": "64x64"}, timeout=30)
-            time.sleep(0.3)
-            streams = [
-                pool.submit(
-                    httpx.post, base + URL, timeout=30,
-                    json={"prompt": prompt, "size": "64x64", "seed": i, "stream": True, "partial_images": 1},
-                )
-                for i, prompt in enumerate(prompts)
-            ]
-            time.sleep(0.5)
-        finally:
-            runner.lock.release()
-        assert blocker.result().status_code == 200
-        results = [parse_events(future.result().text) for future in streams]
+    with live_server(settings, runner) as base:
+        sends = [
+            functools.partial(
+                httpx.post, base + URL, timeout=30,
+                json={"prompt": prompt, "size": "64x64", "seed": i, "stream": True, "partial_images": 1},
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+        responses, calls = burst_of_sends(runner, base, sends)
+        results = [parse_events(response.text) for response in responses]
         solo = [
             httpx.post(base + URL, json={"prompt": prompt, "size": "64x64", "seed": i}, timeout=30).json()
             for i, prompt in enumerate(prompts)
         ]
-    assert runner.calls - calls_before == 2 + len(prompts)  # blocker, both streams in one call, solos
-    for events, plain in zip(results, solo):
+    assert calls == 1  # both streams in one call
+    for events, plain in zip(results, solo, strict=True):
         (completed,) = of_type(events, "image_generation.completed")
         assert len(of_type(events, "image_generation.partial_image")) == 1
         assert np.abs(pixels(completed["b64_json"]) - pixels(plain["data"][0]["b64_json"])).max() <= 1

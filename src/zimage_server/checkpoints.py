@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .logs import first_line
 from .model_layout import is_gguf, is_safetensors
 from .settings import SettingsError
 
@@ -187,8 +188,7 @@ def load_transformer(checkpoint: TransformerFile, config_dir: Path, dtype: torch
             **quantization,
         )
     except Exception as exc:  # what the header check could not see: damaged tensor data
-        detail = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise CheckpointError(f"{checkpoint.path} could not be loaded ({detail})") from None
+        raise CheckpointError(f"{checkpoint.path} could not be loaded ({first_line(exc)})") from None
 
 
 def check_quantization(choices: Mapping[str, str], device: torch.device, checkpoint: TransformerFile | None) -> None:

@@ -299,8 +299,7 @@ def download(args: argparse.Namespace) -> None:
             logging.getLogger("zimage_server.download").exception("download failed")
         if isinstance(exc, DownloadError):
             fail(str(exc), EXIT_DOWNLOAD_FAILED)
-        detail = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        fail(f"download failed ({detail}); rerun with --verbose for details", EXIT_DOWNLOAD_FAILED)
+        fail(f"download failed ({logs.first_line(exc)}); rerun with --verbose for details", EXIT_DOWNLOAD_FAILED)
 
 
 def main(argv: list[str] | None = None) -> None:

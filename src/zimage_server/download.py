@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .logs import human_size, propagate_to_root
+from .logs import first_line, human_size, propagate_to_root
 from .model_layout import (
     WEIGHTLESS,
     IncompleteModelError,
@@ -193,11 +193,6 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def root_cause(exc: BaseException) -> str:

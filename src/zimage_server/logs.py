@@ -113,6 +113,12 @@ class HarmlessWarningFilter(logging.Filter):
         )
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name if it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def configured() -> bool:
     """Whether `configure_logging` has installed its handler in this process."""
     return any(isinstance(h.formatter, TextFormatter | JsonFormatter) for h in logging.getLogger().handlers)

@@ -33,7 +33,7 @@ from .settings import parse_quantize
 GIB = 1024**3
 MARGIN_BYTES = GIB + GIB // 4  # 1.25 GiB: the middle of REFERENCE.md's 0.5-1.5 GiB, rounded up
 OFFLOAD_MODES = ("none", "text_encoder", "model")  # lightest first: the plan picks the first that fits
-PIXELS_PER_TOKEN = 256  # 8x VAE downsampling, then 2x2 patches
+PIXELS_PER_IMAGE_TOKEN = 16 * 16  # 8x VAE downsampling, then 2x2 patches: one token per 16x16 pixels
 CAPTION_TOKENS = 512  # max_sequence_length: prompts are padded to it in the simulation's worst case
 COMPUTE_BYTES = 2  # bf16/fp16: what unquantized weights and all activations are held in
 
@@ -151,7 +151,7 @@ def activation_bytes(stage: str, width: int, height: int, batch: int, vae_slicin
     if stage == "text_encoder":
         x = batch
     elif stage == "transformer_step":
-        x = batch * (width * height / PIXELS_PER_TOKEN + CAPTION_TOKENS)
+        x = batch * (width * height / PIXELS_PER_IMAGE_TOKEN + CAPTION_TOKENS)
     else:
         x = width * height * (1 if vae_slicing else batch)
     return int(a + b * x)

@@ -52,7 +52,7 @@ MODE_PIPELINES = {
     "control": "ZImageControlNetPipeline",
     "control_inpaint": "ZImageControlNetInpaintPipeline",
 }
-PIXELS_PER_TOKEN = 16  # VAE downsamples 8x and the transformer patches 2x2 latents.
+PIXELS_PER_TOKEN_SIDE = 16  # VAE downsamples 8x and the transformer patches 2x2 latents.
 # With torch.compile, warm-up runs these (width, height, prompts): the default size first, so its
 # kernels specialise on it, then a second size and a two-prompt batch of unequal lengths, so the
 # compiled blocks turn dynamic in sequence length and batch and the masked path exists too. Other
@@ -151,8 +151,8 @@ class ModelRunner:
         axes_lens = pipeline.transformer.config.axes_lens
         # Image token rows/columns index the rope tables along axes 1 and 2; beyond them the
         # embedder fails with an IndexError, so sizes past this are refused up front.
-        self.max_height = int(axes_lens[1]) * PIXELS_PER_TOKEN
-        self.max_width = int(axes_lens[2]) * PIXELS_PER_TOKEN
+        self.max_height = int(axes_lens[1]) * PIXELS_PER_TOKEN_SIDE
+        self.max_width = int(axes_lens[2]) * PIXELS_PER_TOKEN_SIDE
         self.acceleration = acceleration or Acceleration(
             offload="none", offload_reason="placed by the caller", attention=AttentionPlan("native", True), compile="off"
         )
