@@ -40,7 +40,7 @@ import torch
 
 from common import add_standard_options, free_port, median, print_table, write_record
 from zimage_server.runner import COMPILE_WARM_UP
-from zimage_server.architecture import FULL_SIZE, TINY, build_models
+from zimage_server.architecture import FULL_SIZE, TINY, build_models, build_scheduler
 from zimage_server.testing import build_tokenizer
 
 # quantized is last: it quantizes the models in place, which cannot be undone.
@@ -84,7 +84,7 @@ class Clock:
 
 def build_pipeline(plan: Plan):
     """ZImagePipeline with random weights, every tensor created on the target device in the target dtype."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import ZImagePipeline
 
     tokenizer = build_tokenizer()  # a small offline vocabulary; every id is valid for the real embedding table
     previous = torch.get_default_dtype()
@@ -96,21 +96,14 @@ def build_pipeline(plan: Plan):
             models = build_models(plan.config, tokenizer)
     finally:
         torch.set_default_dtype(previous)
-    text_encoder, transformer, vae = models["text_encoder"], models["transformer"], models["vae"]
-    with torch.no_grad():
-        for token in (transformer.x_pad_token, transformer.cap_pad_token):
-            token.fill_(1.0)
+    transformer = models["transformer"]
     # Random weights make activations grow layer by layer; scaling the output projections keeps
     # them finite in bf16 (values never change the speed, but NaNs would make the images meaningless).
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if name.endswith(("to_out.0.weight", "w2.weight")):
                 parameter.mul_(0.1)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    pipeline = ZImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
-    return pipeline
+    return ZImagePipeline(scheduler=build_scheduler(), tokenizer=tokenizer, **models)
 
 
 def prompt(tag: str) -> str:

@@ -60,16 +60,32 @@ FULL_SIZE = {
 TINY = {"transformer": TINY_TRANSFORMER, "text_encoder": TINY_TEXT_ENCODER, "vae": TINY_VAE}
 
 
+def build_scheduler():
+    """Z-Image's scheduler, the same at every size: flow matching with shift 3, no dynamic shifting.
+    Built outside `build_models`' context, so its tables stay float32 on the CPU."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+
 def build_models(config: dict, tokenizer) -> dict:
     """The text encoder, transformer and VAE of `config` with random weights, created wherever the
     caller's context says (a torch.device, a default dtype, a FakeTensorMode)."""
+    import torch
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     # A full-size config keeps its 151936-token embedding table; every id of a small tokenizer is valid in it.
     text_config = {"vocab_size": len(tokenizer)} | config["text_encoder"]
-    return {
+    models = {
         "text_encoder": Qwen3Model(Qwen3Config(**text_config, pad_token_id=tokenizer.pad_token_id)),
         "transformer": ZImageTransformer2DModel(**config["transformer"]),
         "vae": AutoencoderKL(**config["vae"]),
     }
+    # Older diffusers create the pad tokens with torch.empty; fixed values keep random models deterministic.
+    with torch.no_grad():
+        for name in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
+            token = getattr(models["transformer"], name, None)
+            if token is not None:
+                token.fill_(1.0)
+    return models

@@ -12,7 +12,6 @@ before the LoRA slot wraps the linear layers and before placement moves them to 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .logs import first_line
-from .model_layout import is_gguf, is_safetensors
+from .model_layout import CheckpointError, is_gguf, is_safetensors, read_safetensors_header
 from .settings import SettingsError
 
 log = logging.getLogger("zimage_server.checkpoints")
@@ -35,10 +34,6 @@ SCALED_FP8_KEYS = ("scale_weight", "scaled_fp8")
 # the CPU torchao's fp8 is an emulation that saves memory but costs speed, so it is refused.
 FP8_MIN_CAPABILITY = (8, 9)
 MAX_NAMES_SHOWN = 3
-
-
-class CheckpointError(Exception):
-    """A transformer file that cannot be served; the message is one line naming the file and why."""
 
 
 @dataclass(frozen=True)
@@ -56,24 +51,6 @@ class TransformerFile:
     def describe(self) -> str:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.storage.items(), key=lambda kv: -kv[1]))
         return f"{self.format} ({kinds} tensors)"
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of a safetensors header, checked against the file's size (a cut-off copy fails here)."""
-    with path.open("rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        try:
-            header = json.loads(file.read(length))
-        except ValueError:
-            raise CheckpointError(f"{path} has an unreadable safetensors header (a damaged file?)") from None
-    header.pop("__metadata__", None)
-    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if path.stat().st_size < 8 + length + data_end:
-        raise CheckpointError(
-            f"{path} is truncated: its header describes {8 + length + data_end} bytes, the file has "
-            f"{path.stat().st_size}; download it again"
-        )
-    return header
 
 
 def read_gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

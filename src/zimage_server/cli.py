@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import logs
-from .model_layout import IncompleteModelError, verify_model_dir
+from .model_layout import CheckpointError, IncompleteModelError, verify_model_dir
 from .settings import MASK, SETTINGS, Settings, SettingsError, load_settings
 
 EXIT_BAD_SETTING = 2
@@ -133,7 +133,7 @@ def plan(args: argparse.Namespace) -> None:
 
     try:
         rows = rows_for(args.transformer, args.quantize)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, CheckpointError) as exc:
         fail(str(exc), EXIT_BAD_SETTING)
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
@@ -223,7 +223,6 @@ def serve(args: argparse.Namespace) -> None:
         fail(f"no ControlNet at {controlnet} (Z_IMAGE_CONTROLNET): give a .safetensors file or a diffusers folder; "
              "a relative path is under MODELS_DIR/controlnets", EXIT_NO_MODEL)
     # Imported only now, so that a wrong setting or a missing model is reported without loading torch.
-    from .checkpoints import CheckpointError
     from .faults import FaultInjector
     from .runner import preflight
 

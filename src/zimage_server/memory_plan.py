@@ -22,12 +22,12 @@ cuDNN workspace in the VAE, allocator fragmentation (0.5-1.5 GiB together, REFER
 
 from __future__ import annotations
 
-import json
-import struct
+import math
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
+from .model_layout import read_safetensors_header
 from .settings import parse_quantize
 
 GIB = 1024**3
@@ -311,17 +311,7 @@ def file_weight_bytes(path: Path) -> tuple[int, bool]:
                 quantized = True
         return total, quantized
     if path.suffix == ".safetensors":
-        with path.open("rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(length))
         itemsize = {"F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
-        total = 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            total += count * itemsize.get(info["dtype"], COMPUTE_BYTES)
-        return total, False
+        header = read_safetensors_header(path)
+        return sum(math.prod(info["shape"]) * itemsize.get(info["dtype"], COMPUTE_BYTES) for info in header.values()), False
     raise ValueError(f"{path}: only .gguf and .safetensors transformer files are read")

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .acceleration import component_sizes, place_pipeline
-from .architecture import build_models
+from .architecture import build_models, build_scheduler
 from .memory_plan import ComponentSizes
 
 DEVICE_TYPE = "simgpu"
@@ -252,7 +252,7 @@ class _Staged:
 
 def build_fake_pipeline(config: dict, dtype: torch.dtype, fake_mode: FakeTensorMode):
     """A ZImagePipeline whose three models have fake CPU weights; tokenizer and scheduler are real."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import ZImagePipeline
 
     from .testing import build_tokenizer
 
@@ -264,8 +264,7 @@ def build_fake_pipeline(config: dict, dtype: torch.dtype, fake_mode: FakeTensorM
             models = build_models(config, tokenizer)
     finally:
         torch.set_default_dtype(previous)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    pipeline = ZImagePipeline(scheduler=scheduler, tokenizer=tokenizer, **models)
+    pipeline = ZImagePipeline(scheduler=build_scheduler(), tokenizer=tokenizer, **models)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

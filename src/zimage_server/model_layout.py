@@ -2,7 +2,8 @@
 
 Used at start-up (refuse to start on a half-copied folder) and after a download (only a verified
 folder is moved into place); `is_safetensors` and `is_gguf` tell single weight files apart by
-their first bytes.
+their first bytes, and `read_safetensors_header` reads one's tensor table (the loader's checks and
+the memory plan share it).
 """
 
 from __future__ import annotations
@@ -113,3 +114,25 @@ def checkpoint_sha256(model_dir: Path) -> str:
             digest.update(path.relative_to(model_dir).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+class CheckpointError(Exception):
+    """A transformer file that cannot be served; the message is one line naming the file and why."""
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header, checked against the file's size (a cut-off copy fails here)."""
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        try:
+            header = json.loads(file.read(length))
+        except ValueError:
+            raise CheckpointError(f"{path} has an unreadable safetensors header (a damaged file?)") from None
+    header.pop("__metadata__", None)
+    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if path.stat().st_size < 8 + length + data_end:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {8 + length + data_end} bytes, the file has "
+            f"{path.stat().st_size}; download it again"
+        )
+    return header

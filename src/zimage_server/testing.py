@@ -116,33 +116,16 @@ def build_tokenizer():
 
 def build_components(variant: str = "turbo", seed: int = 0) -> dict:
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+
+    from .architecture import TINY, build_models, build_scheduler
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = Qwen3Model(
-        Qwen3Config(**TINY_TEXT_ENCODER, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    )
     siglip_dim = 16
     # Omni takes its reference images through a SigLIP2 encoder whose features the transformer reads.
     omni = VARIANTS[variant].edit_method == "omni"
-    transformer = ZImageTransformer2DModel(**TINY_TRANSFORMER, **({"siglip_feat_dim": siglip_dim} if omni else {}))
-    # Older diffusers create these with torch.empty; fixed values keep the tiny model deterministic.
-    with torch.no_grad():
-        for name in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
-            token = getattr(transformer, name, None)
-            if token is not None:
-                token.fill_(1.0)
-    vae = AutoencoderKL(**TINY_VAE)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    components = {
-        "transformer": transformer,
-        "vae": vae,
-        "scheduler": scheduler,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-    }
+    config = TINY | {"transformer": TINY_TRANSFORMER | {"siglip_feat_dim": siglip_dim}} if omni else TINY
+    components = build_models(config, tokenizer) | {"tokenizer": tokenizer, "scheduler": build_scheduler()}
     if omni:
         components.update(build_siglip(siglip_dim))
     return components

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ class StepReport:
 KEEP_ALIVE = object()  # yielded by `events()` after a quiet spell
 
 
+@functools.cache  # asked on every step of every request, for a handful of (total, partial_images) pairs
 def partial_image_steps(total: int, partial_images: int) -> frozenset[int]:
     """The steps (1-based) after which to send a preview: evenly spread, never the last (the final image follows)."""
     return frozenset(

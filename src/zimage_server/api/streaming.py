@@ -66,7 +66,7 @@ def stream_images(
     *,
     partial_images: int,
     events: str,
-    request: Request | None = None,
+    request: Request,
 ) -> ServerSentEvent:
     """Queue the job now (so a full queue is a plain 429) and answer with its event stream."""
     handle = submit_job(server, spec, request, stream=True, partial_images=partial_images)
