@@ -9,16 +9,16 @@
 # copies both to the same paths, so the venv's interpreter links stay valid without uv in the image.
 #
 # Matching torch to CUDA: the pytorch CUDA wheel index cannot be reached where uv.lock is made,
-# so the lock takes torch from PyPI, whose Linux wheel is a CUDA build. torch 2.15.0 in uv.lock
-# requires cuda-toolkit==13.2.2 (nvidia-cuda-runtime 13.2.86, nvidia-cudnn-cu13, ...), that is
-# CUDA 13.2 Update 2, so both stages use nvidia/cuda:13.2.2. The "base" flavour is enough, and
-# deliberate: torch loads cuBLAS, cuDNN, NCCL, ... from those wheels in the venv, and the
-# "runtime" flavour would add a second copy of them (gigabytes) that nothing loads. What the
-# image contributes is NVIDIA_REQUIRE_CUDA=cuda>=13.2, which makes the NVIDIA container toolkit
-# refuse a host driver too old for CUDA 13.2 with a clear message at `docker run` instead of a
-# CUDA error inside Python. When torch in uv.lock moves to another
-# CUDA release, change this tag with it: `grep -A1 'name = "cuda-toolkit"' uv.lock`.
-ARG CUDA_IMAGE=nvidia/cuda:13.2.2-base-ubuntu24.04
+# so the lock takes torch from PyPI, whose Linux wheel is a CUDA build. torch 2.13.0 in uv.lock
+# (the release CI tests) requires cuda-toolkit==13.0.3.0 (nvidia-cuda-runtime 13.0.96,
+# nvidia-cudnn-cu13, ...), that is CUDA 13.0, so both stages use nvidia/cuda:13.0.0. The "base"
+# flavour is enough, and deliberate: torch loads cuBLAS, cuDNN, NCCL, ... from those wheels in the
+# venv, and the "runtime" flavour would add a second copy of them (gigabytes) that nothing loads.
+# What the image contributes is NVIDIA_REQUIRE_CUDA=cuda>=13.0, which makes the NVIDIA container
+# toolkit refuse a host driver too old for CUDA 13.0 with a clear message at `docker run` instead
+# of a CUDA error inside Python. When torch in uv.lock moves to another CUDA release, change this
+# tag with it: `grep -A1 'name = "cuda-toolkit"' uv.lock`.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 

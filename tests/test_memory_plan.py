@@ -78,6 +78,60 @@ def test_model_offload_in_the_simulation_keeps_the_transformer_off_the_device_wh
     assert offloaded.stages["text_encoder"].start < offloaded.sizes.transformer
 
 
+def test_the_simulated_device_answers_torch_accelerator_memory_calls_from_its_tracker():
+    """Libraries call torch's accelerator memory API mid-call (accelerate >= 1.16 empties the cache on
+    every model-offload move); on the simulated device it must answer, from the simulation's counts."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zimage_server.memory_sim import DeviceMemoryTracker, _tracker_as_allocator, simulated_device
+
+    device = simulated_device()
+    assert torch.accelerator.current_accelerator() == torch.device(device.type)
+    tracker = DeviceMemoryTracker()
+    with _tracker_as_allocator(tracker), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        kept = torch.empty(1000, dtype=torch.uint8, device=device)
+        torch.empty(5000, dtype=torch.uint8, device=device)  # freed at once
+        torch.accelerator.empty_cache()
+        backend = torch.get_device_module(device.type)
+        backend.empty_cache()
+        assert torch.accelerator.memory_allocated() == backend.memory_allocated() == 1024
+        assert torch.accelerator.max_memory_allocated() == 1024 + 5120
+        torch.accelerator.reset_peak_memory_stats()
+        assert torch.accelerator.max_memory_allocated() == 1024
+        assert torch.accelerator.memory_stats()["allocated_bytes.all.current"] == 1024
+        del kept
+    assert torch.accelerator.memory_allocated is torch.accelerator.memory.memory_allocated  # restored
+
+
+def test_model_offload_simulates_alike_on_accelerate_1_15_and_the_locked_release(tmp_path):
+    """accelerate 1.15 never empties the cache mid-call, 1.16 does: the simulation gives one answer on both."""
+    import accelerate
+
+    def simulate(pythonpath: str | None) -> dict:
+        code = (
+            "import json, accelerate\n"
+            "from zimage_server.architecture import TINY\n"
+            "from zimage_server.memory_sim import simulate_call\n"
+            "call = simulate_call(TINY, offload='model', width=64, height=64, batch=1, vae_slicing=False, steps=2)\n"
+            "print(json.dumps({'accelerate': accelerate.__version__, 'peak': call.peak_bytes,\n"
+            "                  'stages': {k: [v.start, v.peak] for k, v in call.stages.items()}}))\n"
+        )
+        env = os.environ | ({"PYTHONPATH": pythonpath} if pythonpath else {})
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.splitlines()[-1])
+
+    old = tmp_path / "accelerate-1.15"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(old), "accelerate==1.15.0"],
+        check=True,
+    )
+    on_old, on_locked = simulate(str(old)), simulate(None)
+    assert on_old.pop("accelerate") == "1.15.0"
+    assert on_locked.pop("accelerate") == accelerate.__version__ != "1.15.0"
+    assert on_old == on_locked
+
+
 def test_full_size_parameter_counts_match_a_fake_build():
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -18,6 +18,11 @@ streams that do nothing. What the simulation has to bend, each for a stated reas
 - `param.data = t` keeps a fake tensor's old device (and refuses a change of backend): across
   devices it becomes a swap with an alias of `t`, keeping the parameter flag.
 - pinned host memory is not device memory: `pin_memory()` returns the tensor itself.
+- torch's C++ accelerator memory API asserts on a backend without a C++ DeviceAllocator, and
+  libraries call it mid-call (accelerate >= 1.16 empties the cache whenever model offload moves a
+  model off the device). The tracker is the simulated device's allocator, so while a call runs
+  `torch.accelerator`'s memory functions (and `torch.simgpu`'s) answer from it: whichever library
+  asks, and by whatever path, it sees a device whose cache empties and whose counters count.
 - SDPA under fake tensors would take the math path, with its [heads, seq, seq] score tensors; a
   GPU takes flash (no mask, head_dim <= 256) or memory-efficient attention, so those ops run.
 - host work runs for real: the scheduler and tokenizer on the CPU; `torch.tensor(..., device)`
@@ -107,6 +112,33 @@ class DeviceMemoryTracker(TorchDispatchMode):
     def _release(self, size: int) -> None:
         self.live -= size
 
+    # The caching-allocator API, as torch.accelerator and torch.cuda expose it (module docstring).
+    def empty_cache(self) -> None:
+        pass  # nothing is cached: a freed storage is released at once
+
+    def memory_allocated(self, device=None) -> int:
+        return self.live
+
+    def max_memory_allocated(self, device=None) -> int:
+        return self.peak
+
+    memory_reserved = memory_allocated
+    max_memory_reserved = max_memory_allocated
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        self.peak = self.live
+
+    def reset_accumulated_memory_stats(self, device=None) -> None:
+        pass
+
+    def memory_stats(self, device=None) -> dict[str, int]:
+        return {
+            "allocated_bytes.all.current": self.live,
+            "allocated_bytes.all.peak": self.peak,
+            "reserved_bytes.all.current": self.live,
+            "reserved_bytes.all.peak": self.peak,
+        }
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Record the enclosed work's peak under `name`; a stage run again (each step) keeps the highest."""
@@ -127,7 +159,9 @@ def _flash_or_efficient_attention(
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     if attn_mask is None and query.shape[-1] <= FLASH_MAX_HEAD_DIM:
-        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[
+            0
+        ]
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:  # SDPA turns a boolean mask into an additive one, as here
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
@@ -156,8 +190,23 @@ class _HostAndKernelChoices(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+ALLOCATOR_FUNCTIONS = (
+    "empty_cache",
+    "memory_allocated",
+    "max_memory_allocated",
+    "memory_reserved",
+    "max_memory_reserved",
+    "reset_peak_memory_stats",
+    "reset_accumulated_memory_stats",
+    "memory_stats",
+)
+
+
 class _SimulatedBackend:
-    """torch.simgpu: one device, and streams that only have to exist (group offloading's prefetch)."""
+    """torch.simgpu: one device, streams that only have to exist (group offloading's prefetch), and
+    the memory API of the tracker of the call in progress (module docstring)."""
+
+    allocator: DeviceMemoryTracker | None = None
 
     class Stream:
         def __init__(self, *args, **kwargs):
@@ -196,8 +245,10 @@ class _SimulatedBackend:
     def synchronize(self, device=None) -> None:
         pass
 
-    def empty_cache(self) -> None:
-        pass
+    def __getattr__(self, name: str):
+        if name in ALLOCATOR_FUNCTIONS:
+            return getattr(self.allocator or DeviceMemoryTracker(), name)
+        raise AttributeError(name)
 
 
 def simulated_device() -> torch.device:
@@ -207,6 +258,28 @@ def simulated_device() -> torch.device:
 
         _setup_privateuseone_for_python_backend(DEVICE_TYPE, backend_module=_SimulatedBackend())
     return torch.device(DEVICE_TYPE, 0)
+
+
+@contextlib.contextmanager
+def _tracker_as_allocator(tracker: DeviceMemoryTracker) -> Iterator[None]:
+    """torch.accelerator's and torch.simgpu's memory functions answer from `tracker` (module docstring)."""
+    modules = [torch.accelerator, getattr(torch.accelerator, "memory", None)]
+    saved = [
+        (module, name, getattr(module, name))
+        for module in modules
+        for name in ALLOCATOR_FUNCTIONS
+        if module is not None and hasattr(module, name)
+    ]
+    backend = getattr(torch, DEVICE_TYPE)
+    for module, name, _ in saved:
+        setattr(module, name, getattr(tracker, name))
+    backend.allocator = tracker
+    try:
+        yield
+    finally:
+        backend.allocator = None
+        for module, name, function in saved:
+            setattr(module, name, function)
 
 
 @contextlib.contextmanager
@@ -296,7 +369,14 @@ def simulate_call(
     pipeline.transformer.forward = _Staged(tracker, "transformer_step", pipeline.transformer.forward)
     pipeline.vae.decode = _Staged(tracker, "vae_decode", pipeline.vae.decode)
     sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()  # the pipeline's default, made on the host
-    with _fake_parameter_moves(fake_mode), fake_mode, tracker, _HostAndKernelChoices(), torch.no_grad():
+    with (
+        _fake_parameter_moves(fake_mode),
+        _tracker_as_allocator(tracker),
+        fake_mode,
+        tracker,
+        _HostAndKernelChoices(),
+        torch.no_grad(),
+    ):
         place_pipeline(pipeline, device, offload)
         if vae_slicing:
             pipeline.vae.enable_slicing()
