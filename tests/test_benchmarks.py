@@ -107,8 +107,16 @@ def test_memory_plan(tmp_path):
     assert results["max_abs_error_bytes"] < 2**20
 
 
+def test_model_thread(tmp_path):
+    results = run_smoke("model_thread", tmp_path)
+    [row] = results.values()
+    assert set(row["median_ms"]) == {"plain", "rotating", "one_thread", "http", "pipeline"}
+    assert all(value > 0 for value in row["median_ms"].values()) and row["http_to_plain"] > 0
+
+
 @pytest.mark.parametrize(
-    "script", ["server_overhead", "batching", "startup", "gpu_full_size", "encoders", "lora", "memory_plan"]
+    "script",
+    ["server_overhead", "batching", "startup", "gpu_full_size", "encoders", "lora", "memory_plan", "model_thread"],
 )
 def test_help_names_the_command(script):
     result = subprocess.run(

@@ -1,8 +1,9 @@
 """A bounded queue and one worker that merges compatible jobs into one model call.
 
-Pure asyncio: it knows nothing of HTTP or torch. The model call is a plain function run in a
-worker thread, so the event loop keeps serving health checks and noticing disconnects while the
-GPU works. Futures are resolved on the loop thread only.
+Pure asyncio: it knows nothing of HTTP or torch. The model call is a plain function run in the
+executor it is given (the server gives the model's one thread, model_thread.py), so the event
+loop keeps serving health checks and noticing disconnects while the GPU works. Futures are
+resolved on the loop thread only.
 
 The model call returns one result per payload; a result that is an exception fails only its own
 job (how a request that did not fit in memory fails while its batch-mates succeed). An exception
@@ -18,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -106,8 +108,10 @@ class Batcher(Generic[P, R]):
         quiet_errors: tuple[type[BaseException], ...] = (),
         on_batch: Callable[[BatchReport], None] | None = None,
         on_worker_died: Callable[[BaseException | None], None] | None = None,
+        executor: Executor | None = None,
     ):
         self._run_batch = run_batch
+        self._executor = executor  # where model calls run; None: the event loop's default pool
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
@@ -120,6 +124,7 @@ class Batcher(Generic[P, R]):
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._closed = False
+        self._last_busy = time.monotonic()  # when a job last arrived or a call last ended
         self.stats = BatcherStats()
 
     @property
@@ -138,6 +143,12 @@ class Batcher(Generic[P, R]):
     @property
     def running_images(self) -> int:
         return sum(job.n for job in self._running)
+
+    def idle_for(self) -> float | None:
+        """Seconds since the batcher last had work (a job arrived or a call ended); None while it has some."""
+        if self._running or self.queued_jobs:
+            return None
+        return time.monotonic() - self._last_busy
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher-worker")
@@ -200,6 +211,7 @@ class Batcher(Generic[P, R]):
             raise QueueFullError(f"the queue holds {self.queued_images} of {self.max_queue} images")
         job = Job(key=key, n=n, payload=payload, future=asyncio.get_running_loop().create_future(), tag=tag)
         self._queue.append(job)
+        self._last_busy = time.monotonic()
         self._wakeup.set()
         return job
 
@@ -264,7 +276,8 @@ class Batcher(Generic[P, R]):
             job.started_at, job.batch_images = started, images
         self._running = batch
         try:
-            results: Any = await asyncio.to_thread(self._run_batch, [job.payload for job in batch])
+            payloads = [job.payload for job in batch]
+            results: Any = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, payloads)
             if len(results) != len(batch):
                 # A broken model call: handing out what came back would give jobs the wrong images.
                 raise RuntimeError(f"batch size mismatch: {len(results)} results for {len(batch)} jobs")
@@ -302,6 +315,7 @@ class Batcher(Generic[P, R]):
         for job in batch:
             job.finished_at = finished
         self._running = []
+        self._last_busy = finished
         if self.on_batch is not None:
             try:
                 self.on_batch(report)

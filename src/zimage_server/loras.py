@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .lora_library import SHORT_HASH_LENGTH, LoraError, LoraInfo, LoraLibrary, file_identity
+from .model_thread import on_model_thread
 
 log = logging.getLogger("zimage_server.loras")
 
@@ -64,6 +65,7 @@ class LoraWeights:
         return tuple(sorted({BLOCK_PREFIX.sub("", name) for name in self.layers}))
 
 
+@on_model_thread  # tensors: the model's thread (model_thread.py)
 def read_info(name: str, path: Path) -> LoraInfo:
     weights = convert_lora_file(path, name)
     with path.open("rb") as file:

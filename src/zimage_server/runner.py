@@ -4,11 +4,15 @@ With acceleration.py (placement) and checkpoints.py (single-file transformers, q
 is the only module that imports torch and diffusers. It knows nothing of requests, batching or retries (policy.py): `run_call(params, rows)` makes one
 pipeline call for the given image rows, all sharing `params`, and returns one image per row.
 
+Everything here that does torch work runs on the model's one thread (model_thread.py), whoever
+calls it: loading, warm-up, calls, prompt encoding, previews and the conversion of outputs.
+
 All pipeline calls go through `ModelRunner.lock`: a diffusers pipeline keeps per-call state on the
 object (and the edit and control pipelines share its modules and scheduler), so two calls must
-never overlap. The lock covers the device work only: the decoded pixels leave the lock as a
-tensor, and their copy to the host and conversion to images happen after it is released, so the
-next call starts while this one's images are made.
+never overlap (the one thread already serialises them; the lock also keeps out a caller that
+holds the runner directly, as tests do). The lock covers the device work only: the decoded pixels
+leave it as a tensor, converted to images on the same thread right after; encoding those to PNG,
+JPEG or WebP happens elsewhere, in the encoding pool, while the next call runs.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .logs import logged_step
 from .lora_library import LoraLibrary
 from .loras import LoraSlot, installed_slot, read_info
 from .model_layout import verify_model_dir
+from .model_thread import on_model_thread
 from .prompt_cache import PromptEmbeddingCache
 from .settings import Settings, SettingsError
 from .specs import CallParams, GenerationCancelled, GenerationSpec, ImageRow
@@ -137,46 +142,93 @@ class ModelRunner:
         faults: FaultInjector | None = None,
         controlnet=None,
     ):
-        self.pipeline = pipeline
         self.settings = settings
         self.variant = VARIANTS[settings.variant]
         self.device = device
         self.dtype = dtype
         self.lock = threading.Lock()
+        self.calls = 0  # pipeline calls made: how tests see that requests shared a call
+        self.faults = faults  # test-only: fails or stalls calls whose prompts carry markers
+        # Text-to-image style pipelines take per-prompt embeddings, so prompts go through the cache;
+        # Omni's embeddings depend on its condition images, so it encodes prompts itself.
+        self.caches_prompts = self.variant.edit_method != "omni"
+        # What running out of memory looks like here: CUDA's allocator error, or the host's.
+        self.out_of_memory_errors: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
+        # Sleep when idle (Z_IMAGE_IDLE_UNLOAD_S): whether the weights are loaded, and what waking cost.
+        self.resident = False
+        self.wakes = 0
+        self.last_wake_s: float | None = None
+        self._attach(pipeline, acceleration, controlnet)
+
+    def _attach(self, pipeline, acceleration: Acceleration | None, controlnet) -> None:
+        """Hold a loaded, placed pipeline: everything that lives and dies with the weights."""
+        self.pipeline = pipeline
         # The resident adapter each call's LoRAs are swapped into; it lives on the transformer, so
         # every runner over this pipeline (and the edit pipelines) shares it. None: LoRA is off.
         self.lora_slot: LoraSlot | None = installed_slot(pipeline)
-        self.calls = 0  # pipeline calls made: how tests see that requests shared a call
-        self.faults = faults  # test-only: fails or stalls calls whose prompts carry markers
+        # The LoRA folder requests may name; None when LoRA is off. Kept while the model sleeps.
+        self.lora_library: LoraLibrary | None = self.lora_slot.library if self.lora_slot is not None else None
         axes_lens = pipeline.transformer.config.axes_lens
         # Image token rows/columns index the rope tables along axes 1 and 2; beyond them the
         # embedder fails with an IndexError, so sizes past this are refused up front.
         self.max_height = int(axes_lens[1]) * PIXELS_PER_TOKEN_SIDE
         self.max_width = int(axes_lens[2]) * PIXELS_PER_TOKEN_SIDE
         self.acceleration = acceleration or Acceleration(
-            offload="none", offload_reason="placed by the caller", attention=AttentionPlan("native", True), compile="off"
+            offload="none",
+            offload_reason="placed by the caller",
+            attention=AttentionPlan("native", True),
+            compile="off",
         )
         self.mode_pipelines = {"generate": pipeline, "omni": pipeline}
         if self.variant.edit_method == "img2img":
             self.mode_pipelines.update(self._pipelines_over_the_model(img2img=None, inpaint=None))
-        # Text-to-image style pipelines take per-prompt embeddings, so prompts go through the cache;
-        # Omni's embeddings depend on its condition images, so it encodes prompts itself.
-        self.caches_prompts = self.variant.edit_method != "omni"
-        self.prompt_cache: PromptEmbeddingCache[torch.Tensor] = PromptEmbeddingCache(settings.prompt_cache)
+        self.prompt_cache: PromptEmbeddingCache[torch.Tensor] = PromptEmbeddingCache(self.settings.prompt_cache)
         # Where embeddings and latents must live; with model offload this is the GPU while weights rest on the CPU.
         self.execution_device = pipeline._execution_device
         # The ControlNet's own blocks, with the transformer's embedders and refiners (from_transformer):
         # no second copy of those. The 1.0 Union layout takes control latents only; 2.x adds the
         # inpainting mask and masked image, so it also drives inpainting.
         self.controlnet = controlnet
+        self.has_controlnet = controlnet is not None  # kept while the model sleeps, like controlnet_inpaints
         self.controlnet_inpaints = False
         if controlnet is not None:
             controlnet.to(self.execution_device)
             self.controlnet_inpaints = controlnet.config.control_in_dim != pipeline.transformer.in_channels
             modes = {"control": controlnet} | ({"control_inpaint": controlnet} if self.controlnet_inpaints else {})
             self.mode_pipelines.update(self._pipelines_over_the_model(**modes))
-        # What running out of memory looks like here: CUDA's allocator error, or the host's.
-        self.out_of_memory_errors: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
+        self.resident = True
+
+    @on_model_thread
+    def sleep(self) -> None:
+        """Free the model's memory, device and host alike: drop every tensor the weights live in.
+
+        The next call reloads it the way start-up did (`wake`). Dropping beats parking the weights
+        in host memory: it also frees the host (a CPU-only server's whole footprint), and the
+        reload rebuilds placement, offload hooks, quantization, compiled blocks and the LoRA slot
+        through the start-up code itself, so nothing can come back half-moved (docs/operations.md)."""
+        with self.lock:
+            if not self.resident:
+                return
+            self.resident = False
+            self.pipeline = self.controlnet = self.lora_slot = None
+            self.mode_pipelines = {}
+            self.prompt_cache = PromptEmbeddingCache(self.settings.prompt_cache)
+        self.free_memory()
+        release_freed_host_memory()
+        log.info("model asleep: its memory is freed until the next request")
+
+    @on_model_thread
+    def wake(self) -> float:
+        """Load the model again after `sleep`, exactly as at start-up (warm-up included); seconds taken."""
+        started = time.perf_counter()
+        pipeline, controlnet = load_components(self.settings)
+        acceleration = place_components(pipeline, self.settings, self.device, self.dtype, controlnet)
+        self._attach(pipeline, acceleration, controlnet)
+        self.warm_up()
+        self.wakes += 1
+        self.last_wake_s = time.perf_counter() - started
+        log.info("model awake: reloaded in %.2f s", self.last_wake_s)
+        return self.last_wake_s
 
     def _pipelines_over_the_model(self, **modes) -> dict:
         """Pipelines for these modes over the loaded modules: no second copy of the weights.
@@ -194,11 +246,14 @@ class ModelRunner:
             pipelines[mode].set_progress_bar_config(disable=True)
         return pipelines
 
+    @on_model_thread
     def run_call(self, params: CallParams, rows: Sequence[ImageRow]) -> list[Image.Image]:
         """One pipeline call making one image per row, every row with `params`; images in row order.
 
         Each image gets its own CPU generator seeded with its row's seed, as diffusers users seed
-        it, so an image never depends on what it was batched with."""
+        it, so an image never depends on what it was batched with. A sleeping model wakes first."""
+        if not self.resident:
+            self.wake()
         with self.lock:
             self.calls += 1
             if self.lora_slot is not None:
@@ -245,6 +300,7 @@ class ModelRunner:
             inputs["mask_image"] = [row.spec.mask for row in rows]
         return inputs
 
+    @on_model_thread
     def encode_prompts(self, texts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
         """Per-text embeddings on the execution device, through the prompt cache. Call under the lock."""
         return self.prompt_cache.encode(texts, max_sequence_length, self._encode_batch)
@@ -307,11 +363,7 @@ class ModelRunner:
 
         return on_step_end
 
-    @property
-    def lora_library(self) -> LoraLibrary | None:
-        """The LoRA folder requests may name; None when LoRA is off (Z_IMAGE_LORA_MAX_RANK=0)."""
-        return self.lora_slot.library if self.lora_slot is not None else None
-
+    @on_model_thread
     def free_memory(self) -> None:
         """Drop garbage and, on CUDA, the allocator's cached blocks, after running out of memory."""
         gc.collect()
@@ -339,6 +391,7 @@ class ModelRunner:
             strength=1.0 if mode in ("img2img", "inpaint") else None,
         )
 
+    @on_model_thread
     def warm_up(self, compile_shapes: tuple = COMPILE_WARM_UP) -> float:
         """Generations (at the sizes users send, when compiling) and one tiny edit, so that lazy
         initialisation and compilation are not paid by the first user."""
@@ -357,11 +410,21 @@ class ModelRunner:
         return time.perf_counter() - started
 
 
+@on_model_thread
 def load_runner(settings: Settings, faults: FaultInjector | None = None) -> ModelRunner:
     """Load MODELS_DIR/z-image-<variant> onto the chosen device and warm it up. Never touches the network.
 
     With Z_IMAGE_TRANSFORMER the transformer comes from that file and the folder gives the rest;
     with Z_IMAGE_QUANTIZE the chosen components are quantized before they are placed."""
+    pipeline, controlnet = load_components(settings)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device, VARIANTS[settings.variant])
+    return start_runner(pipeline, settings, device, dtype, faults, controlnet)
+
+
+@on_model_thread
+def load_components(settings: Settings) -> tuple:
+    """The pipeline (quantized as settings say) and the ControlNet, if any, read from disk onto the host."""
     import diffusers
 
     variant = VARIANTS[settings.variant]
@@ -382,8 +445,10 @@ def load_runner(settings: Settings, faults: FaultInjector | None = None) -> Mode
     with logged_step(log, f"{variant.pipeline_class} from {model_dir} in {dtype}", size_bytes=weights):
         pipeline = pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **components)
     quantize_components(pipeline, settings.quantization)
-    controlnet = load_controlnet(settings.controlnet_path, dtype, settings.offline) if settings.controlnet_path else None
-    return start_runner(pipeline, settings, device, dtype, faults, controlnet)
+    controlnet = (
+        load_controlnet(settings.controlnet_path, dtype, settings.offline) if settings.controlnet_path else None
+    )
+    return pipeline, controlnet
 
 
 def load_controlnet(path: Path, dtype: torch.dtype, offline: bool):
@@ -407,6 +472,7 @@ def inspect_checkpoint(settings: Settings) -> TransformerFile | None:
     return None if path is None else inspect_transformer_file(path, settings.model_dir / "transformer")
 
 
+@on_model_thread
 def start_runner(
     pipeline,
     settings: Settings,
@@ -416,6 +482,16 @@ def start_runner(
     controlnet=None,
 ) -> ModelRunner:
     """Place a loaded pipeline (offload, attention, compile as settings say) and warm it up."""
+    acceleration = place_components(pipeline, settings, device, dtype, controlnet)
+    runner = ModelRunner(pipeline, settings, device, dtype, acceleration, faults, controlnet)
+    log.info("warm-up took %.2f s", runner.warm_up())
+    return runner
+
+
+def place_components(
+    pipeline, settings: Settings, device: torch.device, dtype: torch.dtype, controlnet
+) -> Acceleration:
+    """The LoRA slot, then placement on the device (offload, attention, compile), as settings say."""
     pipeline.set_progress_bar_config(disable=True)
     install_lora_slot(pipeline, settings)
     acceleration = prepare_pipeline(
@@ -436,9 +512,18 @@ def start_runner(
         raise SettingsError(
             "Z_IMAGE_CONTROLNET needs Z_IMAGE_OFFLOAD=none or text_encoder; model offload cannot run it"
         )
-    runner = ModelRunner(pipeline, settings, device, dtype, acceleration, faults, controlnet)
-    log.info("warm-up took %.2f s", runner.warm_up())
-    return runner
+    return acceleration
+
+
+def release_freed_host_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc keeps them otherwise), so RSS falls."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def install_lora_slot(pipeline, settings: Settings) -> None:
@@ -457,9 +542,12 @@ def install_lora_slot(pipeline, settings: Settings) -> None:
         return
     library = LoraLibrary(folder, describe=read_info)
     slot = LoraSlot(pipeline, library, max_rank=settings.lora_max_rank, cache_files=settings.lora_cache)
-    log.info("LoRA on: files from %s, a slot of rank %d over %d linear layers", folder, slot.max_rank, len(slot.targets))
+    log.info(
+        "LoRA on: files from %s, a slot of rank %d over %d linear layers", folder, slot.max_rank, len(slot.targets)
+    )
 
 
+@on_model_thread
 def preflight(settings: Settings) -> None:
     """Checks that need torch but no weights: the device exists, the attention backend and the
     quantization run on it, and a Z_IMAGE_TRANSFORMER file is a Z-Image transformer of the folder's shape.
@@ -475,4 +563,3 @@ def preflight(settings: Settings) -> None:
     # serve is about to fetch the folder: then the loader checks it).
     has_config = (settings.model_dir / "transformer" / "config.json").is_file()
     check_quantization(settings.quantization, device, inspect_checkpoint(settings) if has_config else None)
-

@@ -130,6 +130,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         float,
         setting("Z_IMAGE_DRAIN_TIMEOUT_S", "on SIGTERM/SIGINT, seconds to let accepted work finish before exiting", ge=0),
     ] = 120.0
+    idle_unload_s: Annotated[
+        float,
+        setting(
+            "Z_IMAGE_IDLE_UNLOAD_S",
+            "after this many seconds with nothing queued or running, free the model's memory (device and host); "
+            "the next request reloads it from disk (0: never)",
+            ge=0,
+        ),
+    ] = 0.0
     offload: Annotated[
         Literal["auto", "none", "text_encoder", "model"],
         setting(

@@ -17,7 +17,9 @@ from litestar.openapi import OpenAPIConfig
 from .. import __version__
 from ..batcher import Batcher
 from ..faults import FaultInjector
+from ..idle import unload_when_idle
 from ..model_layout import checkpoint_sha256
+from ..model_thread import model_thread
 from ..policy import BatchPolicy
 from ..settings import Settings
 from ..specs import GenerationCancelled
@@ -47,8 +49,9 @@ async def start_serving(server: ServerState) -> None:
     """Load the model (unless one was handed in) and start the batcher; the app is ready after this."""
     settings = server.settings
     if server.runner is None:
-        # Off the event loop: loading takes seconds to minutes and must not block the loop.
-        server.runner = await asyncio.to_thread(load_model, server)
+        # On the model's thread, where all its torch work runs: off the event loop, which loading
+        # (seconds to minutes) must not block.
+        server.runner = await model_thread().run(load_model, server)
     server.checkpoint_sha256 = await asyncio.to_thread(checkpoint_sha256, settings.model_dir)
     batcher = Batcher(
         BatchPolicy(server.runner, settings.max_batch_size),
@@ -58,9 +61,14 @@ async def start_serving(server: ServerState) -> None:
         quiet_errors=(GenerationCancelled,),
         on_batch=server.metrics.record_batch,
         on_worker_died=lambda _: worker_died(server),
+        executor=model_thread().executor,
     )
     batcher.start()
     server.batcher = batcher
+    if settings.idle_unload_s > 0:
+        server.idle_watch = asyncio.create_task(
+            unload_when_idle(batcher, server.runner, settings.idle_unload_s, model_thread().run), name="idle-unload"
+        )
     server.ready = True
     log.info("ready: %s on %s", server.variant.model_name, server.runner.device)
 
@@ -96,6 +104,8 @@ async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
     finally:
         # Usually already drained by the signal handler (api/shutdown.py); if not, drain here.
         server.ready = False
+        if server.idle_watch is not None:
+            server.idle_watch.cancel()
         if starting is not None:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):

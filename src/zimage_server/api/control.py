@@ -23,7 +23,7 @@ CONTROL_PREPROCESSES = ("none", "canny")  # `none`: the image already is a contr
 
 def check_controlnet(server: ServerState, inpainting: bool) -> None:
     runner = server.runner
-    if runner.controlnet is None:
+    if not runner.has_controlnet:
         raise ApiError(
             400,
             "This server has no ControlNet loaded: start it with Z_IMAGE_CONTROLNET naming a Z-Image ControlNet "

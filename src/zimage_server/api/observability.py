@@ -78,6 +78,21 @@ class ServerMetrics:
         Gauge("zimage_ready", "1 while the server takes new work", registry=registry).set_function(
             lambda: float(server.taking_work)
         )
+
+        def runner_value(name: str):
+            return lambda: float(getattr(server.runner, name, None) or 0)
+
+        Gauge(
+            "zimage_model_resident", "1 while the model's weights are loaded, 0 while it sleeps", registry=registry
+        ).set_function(runner_value("resident"))
+        Gauge(
+            "zimage_model_wakes", "Times the model was reloaded after sleeping, since start", registry=registry
+        ).set_function(runner_value("wakes"))
+        Gauge(
+            "zimage_model_last_wake_seconds",
+            "Seconds the last reload after sleeping took (0: none yet)",
+            registry=registry,
+        ).set_function(runner_value("last_wake_s"))
         self.batch_images = Histogram(
             "zimage_batch_size_images",
             "Images per pipeline call",

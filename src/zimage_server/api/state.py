@@ -36,6 +36,7 @@ class ServerState:
     fetch_model: FetchModel | None = None
     faults: FaultInjector | None = None  # test-only: passed to the runner it loads
     batcher: Batcher | None = None
+    idle_watch: asyncio.Task | None = None  # unloads the model when idle (Z_IMAGE_IDLE_UNLOAD_S > 0)
     metrics: ServerMetrics | None = None
     ready: bool = False  # loaded, warmed up, taking work
     draining: bool = False  # a signal arrived: finishing accepted work, refusing new
