@@ -114,9 +114,24 @@ def test_model_thread(tmp_path):
     assert all(value > 0 for value in row["median_ms"].values()) and row["http_to_plain"] > 0
 
 
+def test_provenance(tmp_path):
+    results = run_smoke("provenance", tmp_path)
+    assert set(results) == {"png", "jpeg", "webp"} and all(row["on_ms"] > 0 for row in results.values())
+
+
 @pytest.mark.parametrize(
     "script",
-    ["server_overhead", "batching", "startup", "gpu_full_size", "encoders", "lora", "memory_plan", "model_thread"],
+    [
+        "server_overhead",
+        "batching",
+        "startup",
+        "gpu_full_size",
+        "encoders",
+        "lora",
+        "memory_plan",
+        "model_thread",
+        "provenance",
+    ],
 )
 def test_help_names_the_command(script):
     result = subprocess.run(

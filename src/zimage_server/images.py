@@ -43,7 +43,11 @@ class ImageParameters:
             f"Steps: {self.steps}, CFG scale: {self.guidance_scale:g}, Seed: {self.seed}, "
             f"Size: {self.width}x{self.height}, Model: z-image-{self.variant}"
             + (f", Denoising strength: {self.strength:g}" if self.strength is not None else "")
-            + (f', Lora hashes: "{", ".join(f"{name}: {digest}" for name, _, digest in self.loras)}"' if self.loras else "")
+            + (
+                f', Lora hashes: "{", ".join(f"{name}: {digest}" for name, _, digest in self.loras)}"'
+                if self.loras
+                else ""
+            )
         )
         return "\n".join(lines)
 
@@ -74,16 +78,26 @@ IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4
 _encode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="encode")
 
 
+XMP_PNG_KEYWORD = "XML:com.adobe.xmp"  # the iTXt keyword XMP readers look for in a PNG
+
+
 def encode_image(
-    image: Image.Image, output_format: str, compression: int | None, parameters: ImageParameters | None
+    image: Image.Image,
+    output_format: str,
+    compression: int | None,
+    parameters: ImageParameters | None,
+    xmp: bytes | None = None,
 ) -> bytes:
-    """PNG (lossless, with a parameters chunk), or JPEG/WebP at quality `compression` (default 90)."""
+    """PNG (lossless, with a parameters chunk), or JPEG/WebP at quality `compression` (default 90);
+    each with `xmp` (provenance.py's marks) where given, written in the same pass."""
     if output_format == "png":
-        return encode_png(image, parameters)
+        return encode_png(image, parameters, xmp)
     # OpenAI documents output_compression 0-100 with a default of 100 meaning best quality,
     # so it maps onto the encoder's quality scale; peers (vLLM-Omni, SGLang) read it the same way.
     quality = max(compression if compression is not None else DEFAULT_QUALITY, 1)
     options = {"method": WEBP_METHOD} if output_format == "webp" else {}
+    if xmp is not None:
+        options["xmp"] = xmp  # Pillow writes JPEG's APP1 XMP segment and WebP's extended-format XMP chunk
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality, **options)
     return buffer.getvalue()
@@ -94,6 +108,7 @@ def encode_images(
     parameters_list: list[ImageParameters | None],
     output_format: str,
     compression: int | None,
+    xmp: bytes | None = None,
 ) -> list[bytes]:
     """`encode_image` for each image of one request, in parallel where that is faster.
 
@@ -103,7 +118,7 @@ def encode_images(
         raise ValueError(f"{len(images)} images but {len(parameters_list)} parameter sets")
 
     def encode(image: Image.Image, parameters: ImageParameters | None) -> bytes:
-        return encode_image(image, output_format, compression, parameters)
+        return encode_image(image, output_format, compression, parameters, xmp)
 
     holds_gil = output_format == "jpeg" or (output_format == "png" and all(map(fpng_writes, images)))
     if len(images) == 1 or holds_gil:
@@ -115,24 +130,29 @@ def fpng_writes(image: Image.Image) -> bool:
     return fpng is not None and image.mode in ("RGB", "RGBA")
 
 
-def encode_png(image: Image.Image, parameters: ImageParameters | None) -> bytes:
-    """A lossless PNG, with A1111's `parameters` iTXt chunk when given."""
-    text = parameters.as_text() if parameters is not None else None
+def encode_png(image: Image.Image, parameters: ImageParameters | None, xmp: bytes | None = None) -> bytes:
+    """A lossless PNG, with A1111's `parameters` iTXt chunk and an XMP iTXt chunk when given."""
+    texts = {}
+    if parameters is not None:
+        texts["parameters"] = parameters.as_text()
+    if xmp is not None:
+        texts[XMP_PNG_KEYWORD] = xmp.decode()
     if not fpng_writes(image):
         info = PngImagePlugin.PngInfo()
-        if text is not None:
-            info.add_itxt("parameters", text)
+        for keyword, text in texts.items():
+            info.add_itxt(keyword, text)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", pnginfo=info, compress_level=PILLOW_PNG_LEVEL)
         return buffer.getvalue()
     png = fpng.from_pil(image)
-    if text is None:
+    if not texts:
         return png
     # fpng writes no text chunks: add ours right after IHDR, where readers that stop at the first
-    # IDAT (and Pillow's `Image.open(...).text` without a load) still find it.
+    # IDAT (and Pillow's `Image.open(...).text` without a load) still find them.
     if png[len(PNG_SIGNATURE) + 4 : len(PNG_SIGNATURE) + 8] != b"IHDR":
         raise RuntimeError("fpng wrote a PNG that does not start with IHDR")
-    return png[:IHDR_END] + itxt_chunk("parameters", text) + png[IHDR_END:]
+    chunks = b"".join(itxt_chunk(keyword, text) for keyword, text in texts.items())
+    return png[:IHDR_END] + chunks + png[IHDR_END:]
 
 
 def itxt_chunk(keyword: str, text: str) -> bytes:

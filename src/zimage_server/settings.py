@@ -130,6 +130,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         float,
         setting("Z_IMAGE_DRAIN_TIMEOUT_S", "on SIGTERM/SIGINT, seconds to let accepted work finish before exiting", ge=0),
     ] = 120.0
+    provenance: Annotated[
+        Literal["on", "off"],
+        setting(
+            "Z_IMAGE_PROVENANCE",
+            "on: every output carries XMP marking it as made by a model (IPTC digital source type, creator tool, "
+            "model); off: no marks",
+        ),
+    ] = "on"
     idle_unload_s: Annotated[
         float,
         setting(

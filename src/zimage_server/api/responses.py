@@ -14,6 +14,7 @@ from litestar import Request, Response
 from PIL import Image
 
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_images
+from ..provenance import xmp_packet
 from ..specs import GenerationSpec
 from .errors import ApiError
 from .schemas import ImageData, ImagesResponse
@@ -81,8 +82,10 @@ async def encode_for_response(
     Off the event loop, except for small images: a 64x64 PNG encodes faster than a round trip to a
     worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
 
+    xmp = xmp_packet(spec.params.mode, server.variant.model_name) if server.settings.provenance == "on" else None
+
     def encode_all() -> list[bytes]:
-        return encode_images(images, request_parameters(server, spec), output_format, compression)
+        return encode_images(images, request_parameters(server, spec), output_format, compression, xmp)
 
     if spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS and not spec.params.loras:
         return encode_all()
