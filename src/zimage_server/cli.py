@@ -226,8 +226,11 @@ def serve(args: argparse.Namespace) -> None:
     from .faults import FaultInjector
     from .runner import preflight
 
+    from .content_credentials import ContentCredentials
+
     logs.route_model_library_logs()
     try:
+        ContentCredentials.from_settings(settings)  # the C2PA certificate and key: before any weights load
         preflight(settings)  # device, attention backend, quantization, transformer file: before any weights load
     except SettingsError as exc:
         fail(str(exc), EXIT_BAD_SETTING)

@@ -138,6 +138,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "model); off: no marks",
         ),
     ] = "on"
+    c2pa_cert: Annotated[
+        Path | None,
+        setting(
+            "Z_IMAGE_C2PA_CERT",
+            "PEM certificate chain (signing certificate first): with Z_IMAGE_C2PA_KEY, every output embeds a signed "
+            "C2PA manifest",
+        ),
+    ] = None
+    c2pa_key: Annotated[
+        Path | None, setting("Z_IMAGE_C2PA_KEY", "PEM private key of the Z_IMAGE_C2PA_CERT signing certificate")
+    ] = None
+    c2pa_tsa_url: Annotated[
+        str | None,
+        setting(
+            "Z_IMAGE_C2PA_TSA_URL", "an RFC 3161 time-stamping service (http or https URL) for the C2PA signatures"
+        ),
+    ] = None
+    c2pa_include_prompt: Annotated[
+        bool,
+        setting(
+            "Z_IMAGE_C2PA_INCLUDE_PROMPT", "write the prompt into the C2PA manifest (off: prompts can be private)", switch=True
+        ),
+    ] = False
     idle_unload_s: Annotated[
         float,
         setting(

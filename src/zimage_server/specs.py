@@ -74,6 +74,8 @@ class GenerationSpec:
     mask: Any = field(default=None, repr=False)
     control_image: Any = field(default=None, repr=False)
     observer: StepObserver | None = field(default=None, compare=False, repr=False)
+    # The uploaded files an edit started from, as sent: C2PA names them as ingredients by hash.
+    uploads: tuple[bytes, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def n(self) -> int:

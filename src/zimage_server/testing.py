@@ -11,8 +11,14 @@ runs on it; only the widths are tiny. The tests load it through the same code pa
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .variants import VARIANT_NAMES, VARIANTS
 
@@ -187,6 +193,71 @@ def write_tiny_controlnet(path: str | Path, inpaint: bool = False, seed: int = 1
                 parameter.normal_(0, 0.5)
     controlnet.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A throw-away C2PA signing pair (tests and benchmarks/provenance.py): an EC P-256 CA and a leaf
+# shaped as C2PA wants one (critical digitalSignature key usage, an extended key usage, subject
+# and authority key identifiers; without the identifiers c2pa calls the certificate invalid).
+
+_USAGE = dict(content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False,
+             encipher_only=False, decipher_only=False)  # fmt: skip
+
+
+def certificate_name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tests")])
+
+
+def make_ca():
+    """A self-signed EC P-256 CA valid from yesterday for 30 days: (key, certificate)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(certificate_name("Test CA")).issuer_name(certificate_name("Test CA"))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, **_USAGE), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def make_leaf(ca, key=None, *, valid_from=-1, valid_until=30):
+    """A signing certificate as C2PA wants one: critical digitalSignature usage, an extended key
+    usage, and subject and authority key identifiers."""
+    ca_key, ca_cert = ca
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(certificate_name("zimage-server signer")).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=valid_from))
+        .not_valid_after(now + datetime.timedelta(days=valid_until))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **_USAGE), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def pem(cert) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def write_pair(folder: Path, ca, key, leaf) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "chain.pem").write_bytes(pem(leaf) + pem(ca[1]))
+    (folder / "key.pem").write_bytes(key_pem(key))
+    return folder / "chain.pem", folder / "key.pem"
 
 
 def main(argv: list[str] | None = None) -> None:

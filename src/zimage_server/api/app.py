@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 
 from .. import __version__
 from ..batcher import Batcher
+from ..content_credentials import ContentCredentials
 from ..faults import FaultInjector
 from ..idle import unload_when_idle
 from ..model_layout import checkpoint_sha256
@@ -148,6 +149,7 @@ def create_app(
     faults: test-only fault injection, handed to the runner this app loads.
     """
     server = ServerState(settings=settings, runner=runner, fetch_model=fetch_model, faults=faults)
+    server.credentials = ContentCredentials.from_settings(settings)
     server.metrics = ServerMetrics(server)
     app = Litestar(
         route_handlers=[

@@ -241,12 +241,13 @@ def prepare_edit(
         base, options = generation_spec(
             data, server, mode=mode, default_size=fitted(first.size), references_digest=image_digest(list(images))
         )
-        return dataclasses.replace(base, images=images), options
+        return dataclasses.replace(base, images=images, uploads=tuple(image_bytes)), options
     strength = DEFAULT_STRENGTH if data.strength is None else data.strength
     base, options = generation_spec(data, server, mode=mode, default_size=fitted(first.size), strength=strength)
     size = (base.params.width, base.params.height)
     fitted_mask = fit_to(mask, size, nearest=True) if mask is not None else None
-    return dataclasses.replace(base, images=(fit_to(to_rgb(first), size),), mask=fitted_mask), options
+    spec = dataclasses.replace(base, images=(fit_to(to_rgb(first), size),), mask=fitted_mask, uploads=(image_bytes[0],))
+    return spec, options
 
 
 @post(

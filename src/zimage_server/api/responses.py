@@ -82,12 +82,27 @@ async def encode_for_response(
     Off the event loop, except for small images: a 64x64 PNG encodes faster than a round trip to a
     worker thread (the A/B is in docs/benchmarks.md, benchmark 1)."""
 
-    xmp = xmp_packet(spec.params.mode, server.variant.model_name) if server.settings.provenance == "on" else None
+    model_name = server.variant.model_name
+    xmp = xmp_packet(spec.params.mode, model_name) if server.settings.provenance == "on" else None
+    credentials = server.credentials
+    finish = None
+    if credentials is not None:
+
+        def finish(blob: bytes) -> bytes:
+            return credentials.sign(
+                blob,
+                output_format,
+                mode=spec.params.mode,
+                model_name=model_name,
+                prompt=spec.prompt,
+                uploads=spec.uploads,
+            )
 
     def encode_all() -> list[bytes]:
-        return encode_images(images, request_parameters(server, spec), output_format, compression, xmp)
+        return encode_images(images, request_parameters(server, spec), output_format, compression, xmp, finish)
 
-    if spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS and not spec.params.loras:
+    small = spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS
+    if small and not spec.params.loras and credentials is None:
         return encode_all()
     return await asyncio.to_thread(encode_all)
 

@@ -22,6 +22,7 @@ from ..variants import VARIANTS, Variant
 
 if TYPE_CHECKING:  # the runner imports torch; the API only holds it
     from ..batcher import Batcher
+    from ..content_credentials import ContentCredentials
     from ..runner import ModelRunner
     from .observability import ServerMetrics
 
@@ -36,6 +37,7 @@ class ServerState:
     fetch_model: FetchModel | None = None
     faults: FaultInjector | None = None  # test-only: passed to the runner it loads
     batcher: Batcher | None = None
+    credentials: ContentCredentials | None = None  # signs outputs with C2PA (Z_IMAGE_C2PA_CERT/_KEY)
     idle_watch: asyncio.Task | None = None  # unloads the model when idle (Z_IMAGE_IDLE_UNLOAD_S > 0)
     metrics: ServerMetrics | None = None
     ready: bool = False  # loaded, warmed up, taking work
