@@ -151,3 +151,38 @@ def test_serve_refuses_a_bad_pair_with_exit_code_2_before_loading(models_dir, ca
         [sys.executable, "-m", "zimage_server.cli", "serve"], env=only_cert, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and "Z_IMAGE_C2PA_KEY is not set" in result.stderr
+
+
+def test_inspect_prints_every_mark_and_validates_against_given_anchors(settings, runner, signing, ca, tmp_path, capsys):
+    from zimage_server.cli import main
+
+    cert, key = signing
+    with serving(settings, runner, c2pa_cert=cert, c2pa_key=key) as client:
+        signed = b64_image(client.post(URL, json=BASE | {"output_format": "jpeg"}))
+    with serving(settings, runner) as client:
+        unsigned = b64_image(client.post(URL, json=BASE))
+    (tmp_path / "signed.jpg").write_bytes(signed)
+    (tmp_path / "unsigned.png").write_bytes(unsigned)
+    (tmp_path / "ca.pem").write_bytes(pem(ca[1]))
+    tampered = bytearray(signed)
+    tampered[signed.index(IMAGE_DATA["jpeg"]) + 12] ^= 0x01
+    (tmp_path / "tampered.jpg").write_bytes(bytes(tampered))
+
+    def inspect(name: str, *extra: str) -> dict:
+        main(["inspect", str(tmp_path / name), "--json", *extra])
+        return json.loads(capsys.readouterr().out)
+
+    trusted = inspect("signed.jpg", "--trust-anchors", str(tmp_path / "ca.pem"))
+    assert trusted["xmp"]["DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
+    assert trusted["c2pa"]["validation_state"] == "Trusted" and trusted["c2pa"]["actions"] == ["c2pa.created"]
+    assert inspect("signed.jpg")["c2pa"]["failures"] == ["signingCredential.untrusted"]  # valid, signer unknown
+    assert inspect("tampered.jpg")["c2pa"]["validation_state"] == "Invalid"
+    plain = inspect("unsigned.png")
+    assert plain["c2pa"] is None and plain["xmp"]["AISystemUsed"] == "z-image-turbo"
+    main(["inspect", str(tmp_path / "signed.jpg")])  # the human form: one line per kind of mark
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("XMP: DigitalSourceType") and lines[2].startswith("C2PA: Valid")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect", str(tmp_path / "notes.txt")])
+    assert exited.value.code == 2 and "not an image" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import re
@@ -102,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--controlnet", metavar="FILE", type=Path,
                       help="a ControlNet checkpoint (.safetensors) served beside the model: its weights count too")
     plan.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
+    inspect = commands.add_parser(
+        "inspect",
+        help="print the provenance marks found in an image file: XMP source type, C2PA manifest and validation",
+        description="Read a PNG, JPEG or WebP file and print every provenance mark in it: the XMP digital "
+        "source type, AI system and creator tool, and the C2PA manifest's validation state and actions "
+        "(docs/provenance.md). No invisible watermark is written or checked.",
+    )
+    inspect.add_argument("file", type=Path, help="the image file")
+    inspect.add_argument("--trust-anchors", type=Path, metavar="PEM",
+                         help="CA certificates to trust when validating the C2PA signer [default: trust none]")
+    inspect.add_argument("--json", action="store_true", help="print the findings as one JSON object")
     return parser
 
 
@@ -312,6 +324,48 @@ def main(argv: list[str] | None = None) -> None:
         download(args)
     elif args.command == "plan":
         plan(args)
+    elif args.command == "inspect":
+        inspect_file(args)
+
+
+def inspect_file(args: argparse.Namespace) -> None:
+    """`zimage-server inspect FILE`: the marks found, for a person or (--json) a program."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .content_credentials import read_credentials
+    from .images import MEDIA_TYPES
+    from .provenance import read_xmp_marks
+
+    try:
+        data = args.file.read_bytes()
+        anchors = args.trust_anchors.read_text() if args.trust_anchors else None
+        with Image.open(io.BytesIO(data)) as image:
+            image_format, size = (image.format or "").lower(), image.size
+    except OSError as exc:  # UnidentifiedImageError included
+        kind = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else exc.strerror or exc
+        fail(f"cannot inspect {args.file}: {kind}", EXIT_BAD_SETTING)
+    if image_format not in MEDIA_TYPES:
+        fail(f"cannot inspect {args.file}: a {image_format or 'unknown'} file; marks are read from PNG, JPEG and WebP",
+             EXIT_BAD_SETTING)
+    found = {
+        "file": str(args.file),
+        "format": image_format,
+        "size": f"{size[0]}x{size[1]}",
+        "xmp": read_xmp_marks(data),
+        "c2pa": read_credentials(data, MEDIA_TYPES[image_format], anchors),
+    }
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return
+    print(f"{found['file']}: {image_format}, {found['size']}")
+    xmp = found["xmp"]
+    print("XMP: " + (", ".join(f"{key} {value}" for key, value in xmp.items()) if xmp else "XMP: none"))
+    c2pa = found["c2pa"]
+    if c2pa is None:
+        print("C2PA: no manifest")
+    else:
+        failures = f" ({', '.join(c2pa['failures'])})" if c2pa["failures"] else ""
+        print(f"C2PA: {c2pa['validation_state']}{failures}; actions {', '.join(c2pa.get('actions') or []) or 'none'}")
 
 
 if __name__ == "__main__":

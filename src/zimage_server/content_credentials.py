@@ -196,3 +196,33 @@ def upload_media_type(data: bytes) -> str | None:
     except OSError:
         return None
     return MEDIA_TYPES.get(image_format)
+
+
+def read_credentials(data: bytes, media_type: str, trust_anchors: str | None = None) -> dict | None:
+    """What c2pa's Reader says of a file's manifest: validation state, failures, the active
+    manifest's claim generator and actions; None when the file has no manifest. With PEM
+    `trust_anchors` the signer's chain is checked against them (state `Trusted` when it holds)."""
+    import c2pa
+
+    settings = {"verify": {"verify_trust": True}, "trust": {"trust_anchors": trust_anchors}} if trust_anchors else {}
+    context = c2pa.Context(c2pa.Settings.from_dict(settings)) if settings else None
+    try:
+        with c2pa.Reader(media_type, io.BytesIO(data), context=context) as reader:
+            report = json.loads(reader.json())
+    except c2pa.C2paError as exc:
+        if "ManifestNotFound" in type(exc).__name__ or "no JUMBF" in str(exc) or "not found" in str(exc).lower():
+            return None
+        return {"validation_state": "Invalid", "failures": [str(exc)]}
+    manifest = report.get("manifests", {}).get(report.get("active_manifest"), {})
+    actions = [
+        action.get("action")
+        for assertion in manifest.get("assertions", [])
+        if assertion.get("label", "").startswith("c2pa.actions")
+        for action in assertion.get("data", {}).get("actions", [])
+    ]
+    return {
+        "validation_state": report.get("validation_state"),
+        "failures": [status.get("code") for status in report.get("validation_status", [])],
+        "claim_generator": [info.get("name") for info in manifest.get("claim_generator_info", [])],
+        "actions": actions,
+    }

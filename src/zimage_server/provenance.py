@@ -7,6 +7,7 @@ Streaming previews carry none: they are not outputs.
 
 from __future__ import annotations
 
+import io
 from xml.sax.saxutils import quoteattr
 
 from . import __version__
@@ -40,3 +41,41 @@ def xmp_packet(mode: str, model_name: str) -> bytes:
         "</rdf:RDF></x:xmpmeta>"
         '<?xpacket end="r"?>'
     ).encode()
+
+
+# XMP properties `zimage-server inspect` reports, by their namespaces.
+XMP_PROPERTIES = {
+    "DigitalSourceType": "http://iptc.org/std/Iptc4xmpExt/2008-02-29/",
+    "AISystemUsed": "http://iptc.org/std/Iptc4xmpExt/2008-02-29/",
+    "CreatorTool": "http://ns.adobe.com/xap/1.0/",
+}
+RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+
+
+def read_xmp_marks(data: bytes) -> dict[str, str]:
+    """The provenance properties of a PNG, JPEG or WebP file's XMP packet (empty when it has none).
+
+    Any file, not only ours: the packet is parsed with defusedxml, and properties are read both as
+    attributes (how we write them) and as elements (how other tools may)."""
+    from defusedxml import ElementTree
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        packet = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+    if not packet:
+        return {}
+    text = packet.decode("utf-8", "replace") if isinstance(packet, bytes) else packet
+    start, end = text.find("<x:xmpmeta"), text.rfind("</x:xmpmeta>")
+    if start < 0 or end < 0:
+        return {}
+    root = ElementTree.fromstring(text[start : end + len("</x:xmpmeta>")])
+    found: dict[str, str] = {}
+    for description in root.iter(f"{{{RDF}}}Description"):
+        for name, namespace in XMP_PROPERTIES.items():
+            value = description.get(f"{{{namespace}}}{name}")
+            element = description.find(f"{{{namespace}}}{name}")
+            if value is None and element is not None:
+                value = (element.text or "").strip()
+            if value:
+                found.setdefault(name, value)
+    return found
