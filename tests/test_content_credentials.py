@@ -14,7 +14,7 @@ import sys
 import c2pa
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import serving
@@ -120,6 +120,11 @@ def test_bad_certificates_and_keys_are_one_line_each(ca, tmp_path):
         with pytest.raises(CredentialsError, match=expected) as caught:
             check_pair(chain, private)
         assert "\n" not in str(caught.value)
+    # The SEC1 form `openssl ecparam -genkey` writes is accepted (handed to c2pa as PKCS#8).
+    sec1 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())  # fmt: skip
+    assert sec1.startswith(b"-----BEGIN EC PRIVATE KEY")
+    ContentCredentials(pem(leaf) + pem(ca[1]), sec1, None, False)
     # A pair that passes our checks but that c2pa refuses (no key identifiers) fails at start-up too.
     ca_key, ca_cert = ca
     plain = (

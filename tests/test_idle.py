@@ -143,3 +143,26 @@ def test_on_a_cpu_sleeping_gives_the_host_memory_back(tmp_path):
     asleep = process.memory_info().rss
     assert loaded - asleep > 0.8 * weight_bytes, (loaded, asleep, weight_bytes)
     assert same_images(before, generate(runner, [spec]))
+
+
+def test_a_model_that_cannot_be_reloaded_fails_its_batch_with_model_unavailable_and_recovers(tmp_path):
+    """A wake that fails is no request's fault: one ModelUnavailable per request (a 503), no
+    per-request retries, and the next batch tries again."""
+    import shutil
+
+    from zimage_server.policy import BatchPolicy
+    from zimage_server.settings import Settings
+    from zimage_server.specs import ModelUnavailable
+    from zimage_server.testing import write_tiny_pipeline
+
+    write_tiny_pipeline(tmp_path / "z-image-turbo")
+    runner = load_runner(Settings(models_dir=tmp_path, variant="turbo", device="cpu"))
+    specs = [make_spec("a red chair", (1,)), make_spec("a blue chair", (2,))]
+    before = generate(runner, specs)
+    runner.sleep()
+    shutil.move(tmp_path / "z-image-turbo", tmp_path / "elsewhere")
+    results = BatchPolicy(runner, 4)(specs)
+    assert [type(result) for result in results] == [ModelUnavailable, ModelUnavailable] and not runner.resident
+    shutil.move(tmp_path / "elsewhere", tmp_path / "z-image-turbo")
+    after = BatchPolicy(runner, 4)(specs)
+    assert runner.resident and runner.wakes == 1 and same_images(before, after)

@@ -332,7 +332,7 @@ def inspect_file(args: argparse.Namespace) -> None:
     """`zimage-server inspect FILE`: the marks found, for a person or (--json) a program."""
     from PIL import Image, UnidentifiedImageError
 
-    from .content_credentials import read_credentials
+    from .content_credentials import CredentialsError, read_credentials
     from .images import MEDIA_TYPES
     from .provenance import read_xmp_marks
 
@@ -341,6 +341,8 @@ def inspect_file(args: argparse.Namespace) -> None:
         anchors = args.trust_anchors.read_text() if args.trust_anchors else None
         with Image.open(io.BytesIO(data)) as image:
             image_format, size = (image.format or "").lower(), image.size
+    except UnicodeDecodeError:
+        fail(f"cannot inspect {args.file}: {args.trust_anchors} is not a PEM text file", EXIT_BAD_SETTING)
     except OSError as exc:  # UnidentifiedImageError included
         kind = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else exc.strerror or exc
         fail(f"cannot inspect {args.file}: {kind}", EXIT_BAD_SETTING)
@@ -352,8 +354,11 @@ def inspect_file(args: argparse.Namespace) -> None:
         "format": image_format,
         "size": f"{size[0]}x{size[1]}",
         "xmp": read_xmp_marks(data),
-        "c2pa": read_credentials(data, MEDIA_TYPES[image_format], anchors),
     }
+    try:
+        found["c2pa"] = read_credentials(data, MEDIA_TYPES[image_format], anchors)
+    except CredentialsError as exc:
+        fail(f"cannot inspect {args.file}: {exc}", EXIT_BAD_SETTING)
     if args.json:
         print(json.dumps(found, indent=2))
         return

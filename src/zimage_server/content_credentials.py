@@ -42,6 +42,10 @@ class CredentialsError(SettingsError):
     """The C2PA certificate or key cannot be used; the message is one line naming the setting."""
 
 
+class SigningError(Exception):
+    """Signing one image failed (a time-stamping service that did not answer, say)."""
+
+
 def _read(path: Path, setting: str) -> bytes:
     try:
         return path.read_bytes()
@@ -68,8 +72,9 @@ def signing_algorithm(key) -> str:
     )
 
 
-def check_pair(chain_pem: bytes, key_pem: bytes, now: datetime.datetime | None = None) -> str:
-    """Check the chain and key belong together and are valid now; the c2pa signing algorithm."""
+def check_pair(chain_pem: bytes, key_pem: bytes, now: datetime.datetime | None = None) -> tuple[str, bytes]:
+    """Check the chain and key belong together and are valid now: the c2pa signing algorithm, and
+    the key as PKCS#8 PEM (c2pa reads no other form; `openssl ecparam -genkey` writes SEC1)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -95,7 +100,10 @@ def check_pair(chain_pem: bytes, key_pem: bytes, now: datetime.datetime | None =
         raise CredentialsError(
             "Z_IMAGE_C2PA_KEY does not match the signing certificate (the first in Z_IMAGE_C2PA_CERT)"
         )
-    return signing_algorithm(key)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return signing_algorithm(key), pkcs8
 
 
 class ContentCredentials:
@@ -104,7 +112,7 @@ class ContentCredentials:
     def __init__(self, chain_pem: bytes, key_pem: bytes, tsa_url: str | None, include_prompt: bool):
         import c2pa
 
-        algorithm = check_pair(chain_pem, key_pem)
+        algorithm, key_pem = check_pair(chain_pem, key_pem)
         info = c2pa.C2paSignerInfo(
             alg=algorithm.encode(),
             sign_cert=chain_pem,
@@ -112,11 +120,14 @@ class ContentCredentials:
             ta_url=tsa_url.encode() if tsa_url else None,
         )
         self._c2pa = c2pa
-        self._signer = c2pa.Signer.from_info(info)
-        self._context = c2pa.Context(c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
         self._lock = threading.Lock()  # one native signer: one signature at a time (1-4 ms each)
         self.include_prompt = include_prompt
-        self._probe()
+        try:
+            self._signer = c2pa.Signer.from_info(info)
+            self._context = c2pa.Context(c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
+            self._probe()
+        except (c2pa.C2paError, SigningError) as exc:
+            raise CredentialsError(f"Z_IMAGE_C2PA_CERT: the c2pa library cannot sign with it: {exc}") from None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ContentCredentials | None:
@@ -141,10 +152,7 @@ class ContentCredentials:
         """Sign a tiny image now, so a pair the c2pa library refuses fails the start, not a request."""
         buffer = io.BytesIO()
         Image.new("RGB", PROBE_SIZE).save(buffer, format="PNG")
-        try:
-            self.sign(buffer.getvalue(), "png", mode="generate", model_name="probe", prompt=None)
-        except self._c2pa.C2paError as exc:
-            raise CredentialsError(f"Z_IMAGE_C2PA_CERT: the c2pa library cannot sign with it: {exc}") from None
+        self.sign(buffer.getvalue(), "png", mode="generate", model_name="probe", prompt=None)
 
     def manifest(self, mode: str, model_name: str, prompt: str | None, ingredients: int = 0) -> dict:
         """One action: `c2pa.created`, or for an edit `c2pa.opened` on the uploads (C2PA requires an
@@ -181,11 +189,15 @@ class ContentCredentials:
         hashable = [(data, media_type) for data in uploads if (media_type := upload_media_type(data)) is not None]
         manifest = json.dumps(self.manifest(mode, model_name, prompt, len(hashable)))
         signed = io.BytesIO()
-        with self._lock, c2pa.Builder(manifest, context=self._context) as builder:
-            for index, (data, media_type) in enumerate(hashable):
-                ingredient = {"title": f"input {index + 1}", "relationship": "parentOf", "label": f"input-{index + 1}"}
-                builder.add_ingredient(json.dumps(ingredient), media_type, io.BytesIO(data))
-            builder.sign(self._signer, MEDIA_TYPES[output_format], io.BytesIO(blob), signed)
+        try:
+            with self._lock, c2pa.Builder(manifest, context=self._context) as builder:
+                for index, (data, media_type) in enumerate(hashable):
+                    label = f"input-{index + 1}"
+                    ingredient = {"title": f"input {index + 1}", "relationship": "parentOf", "label": label}
+                    builder.add_ingredient(json.dumps(ingredient), media_type, io.BytesIO(data))
+                builder.sign(self._signer, MEDIA_TYPES[output_format], io.BytesIO(blob), signed)
+        except c2pa.C2paError as exc:
+            raise SigningError(f"{type(exc).__name__}: {exc}") from None
         return signed.getvalue()
 
 
@@ -205,7 +217,10 @@ def read_credentials(data: bytes, media_type: str, trust_anchors: str | None = N
     import c2pa
 
     settings = {"verify": {"verify_trust": True}, "trust": {"trust_anchors": trust_anchors}} if trust_anchors else {}
-    context = c2pa.Context(c2pa.Settings.from_dict(settings)) if settings else None
+    try:
+        context = c2pa.Context(c2pa.Settings.from_dict(settings)) if settings else None
+    except c2pa.C2paError as exc:
+        raise CredentialsError(f"the trust anchors are not usable PEM certificates: {exc}") from None
     try:
         with c2pa.Reader(media_type, io.BytesIO(data), context=context) as reader:
             report = json.loads(reader.json())

@@ -13,7 +13,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .lora_library import LoraError
-from .specs import CallParams, GenerationCancelled, GenerationSpec, ImageRow, OutOfMemoryForRequest, ResultCountMismatch
+from .specs import (
+    CallParams,
+    GenerationCancelled,
+    GenerationSpec,
+    ImageRow,
+    ModelUnavailable,
+    OutOfMemoryForRequest,
+    ResultCountMismatch,
+)
 
 log = logging.getLogger("zimage_server.policy")
 
@@ -27,6 +35,10 @@ class Runner(Protocol):
 
     def free_memory(self) -> None: ...
 
+    def wake(self) -> float: ...
+
+    resident: bool
+
 
 class BatchPolicy:
     """`policy(specs) -> one result per spec`: its images, or the exception that failed only it."""
@@ -36,6 +48,14 @@ class BatchPolicy:
         self.max_batch_size = max_batch_size
 
     def __call__(self, specs: list[GenerationSpec]) -> list[Any]:
+        if not self.runner.resident:
+            # Before the out-of-memory recovery: a reload that fails is no request's fault, and
+            # splitting the batch would only reload once per request.
+            try:
+                self.runner.wake()
+            except Exception as exc:  # noqa: BLE001 - any loader failure: every request gets a 503
+                log.error("the model could not be loaded again after sleeping: %s", exc)
+                return [ModelUnavailable(f"the model could not be loaded again after sleeping: {exc}")] * len(specs)
         try:
             return self.recovering(self.run)(specs)
         except LoraError as exc:

@@ -68,7 +68,12 @@ def read_xmp_marks(data: bytes) -> dict[str, str]:
     start, end = text.find("<x:xmpmeta"), text.rfind("</x:xmpmeta>")
     if start < 0 or end < 0:
         return {}
-    root = ElementTree.fromstring(text[start : end + len("</x:xmpmeta>")])
+    from defusedxml import DefusedXmlException
+
+    try:
+        root = ElementTree.fromstring(text[start : end + len("</x:xmpmeta>")])
+    except (ElementTree.ParseError, DefusedXmlException) as exc:
+        return {"unreadable": f"{type(exc).__name__}: {exc}"}
     found: dict[str, str] = {}
     for description in root.iter(f"{{{RDF}}}Description"):
         for name, namespace in XMP_PROPERTIES.items():

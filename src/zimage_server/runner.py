@@ -221,8 +221,11 @@ class ModelRunner:
     def wake(self) -> float:
         """Load the model again after `sleep`, exactly as at start-up (warm-up included); seconds taken."""
         started = time.perf_counter()
-        pipeline, controlnet = load_components(self.settings)
-        acceleration = place_components(pipeline, self.settings, self.device, self.dtype, controlnet)
+        # The offload mode start-up chose, not a new pick from what the GPU has free now (a card
+        # shared with another server): the model comes back as it was, or fails to.
+        settings = self.settings.replace(offload=self.acceleration.offload)
+        pipeline, controlnet = load_components(settings)
+        acceleration = place_components(pipeline, settings, self.device, self.dtype, controlnet, self.lora_library)
         self._attach(pipeline, acceleration, controlnet)
         self.warm_up()
         self.wakes += 1
@@ -489,11 +492,12 @@ def start_runner(
 
 
 def place_components(
-    pipeline, settings: Settings, device: torch.device, dtype: torch.dtype, controlnet
+    pipeline, settings: Settings, device: torch.device, dtype: torch.dtype, controlnet, lora_library=None
 ) -> Acceleration:
-    """The LoRA slot, then placement on the device (offload, attention, compile), as settings say."""
+    """The LoRA slot (over `lora_library` when waking, so its cache of file details survives), then
+    placement on the device (offload, attention, compile), as settings say."""
     pipeline.set_progress_bar_config(disable=True)
-    install_lora_slot(pipeline, settings)
+    install_lora_slot(pipeline, settings, lora_library)
     acceleration = prepare_pipeline(
         pipeline,
         device,
@@ -526,7 +530,7 @@ def release_freed_host_memory() -> None:
         libc.malloc_trim(0)
 
 
-def install_lora_slot(pipeline, settings: Settings) -> None:
+def install_lora_slot(pipeline, settings: Settings, library: LoraLibrary | None = None) -> None:
     """The resident LoRA adapter, when the LoRA folder exists (LoRA on) and Z_IMAGE_LORA_MAX_RANK > 0.
 
     Before placement and compilation: the slot's tensors move with the model, and the compiled
@@ -540,7 +544,7 @@ def install_lora_slot(pipeline, settings: Settings) -> None:
         reason = "Z_IMAGE_LORA_MAX_RANK=0" if settings.lora_max_rank == 0 else f"there is no folder {folder}"
         log.info("LoRA off: %s", reason)
         return
-    library = LoraLibrary(folder, describe=read_info)
+    library = library or LoraLibrary(folder, describe=read_info)
     slot = LoraSlot(pipeline, library, max_rank=settings.lora_max_rank, cache_files=settings.lora_cache)
     log.info(
         "LoRA on: files from %s, a slot of rank %d over %d linear layers", folder, slot.max_rank, len(slot.targets)

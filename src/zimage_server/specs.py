@@ -114,5 +114,9 @@ class OutOfMemoryForRequest(Exception):
         )
 
 
+class ModelUnavailable(Exception):
+    """The sleeping model could not be loaded again (Z_IMAGE_IDLE_UNLOAD_S); the next request retries."""
+
+
 class ResultCountMismatch(RuntimeError):
     """A model call handed back a different number of results than it was given work."""

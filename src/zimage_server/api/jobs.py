@@ -19,7 +19,7 @@ from litestar import Request
 
 from ..batcher import BatcherClosedError, QueueFullError
 from ..lora_library import LoraError
-from ..specs import GenerationSpec, OutOfMemoryForRequest
+from ..specs import GenerationSpec, ModelUnavailable, OutOfMemoryForRequest
 from .errors import ApiError, ClientGoneError, lora_error
 from .guards import RETRY_AFTER_S, shutting_down
 from .observability import remember_job, request_id_of
@@ -205,6 +205,11 @@ def job_failure(exc: BaseException) -> ApiError:
     if isinstance(exc, OutOfMemoryForRequest):
         # Retrying the same request would run out of memory again; tell the SDKs not to.
         return ApiError(500, str(exc), code="out_of_memory", headers={"x-should-retry": "false"})
+    if isinstance(exc, ModelUnavailable):  # the details (paths, device errors) stay in the log
+        return ApiError(
+            503, "The model could not be loaded again after sleeping; retry shortly.", code="model_unavailable",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )  # fmt: skip
     # A BatchFailedError: the details (device errors, addresses) stay in the log.
     return ApiError(500, "Image generation failed; the server is still running, retry the request.")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from litestar import Request, Response
 from PIL import Image
 
+from ..content_credentials import SigningError
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_images
 from ..provenance import xmp_packet
 from ..specs import GenerationSpec
@@ -89,6 +90,12 @@ async def encode_for_response(
     if credentials is not None:
 
         def finish(blob: bytes) -> bytes:
+            try:
+                return sign(blob)
+            except SigningError as exc:
+                raise ApiError(502, f"Signing the image's Content Credentials failed: {exc}", code="signing_failed")
+
+        def sign(blob: bytes) -> bytes:
             return credentials.sign(
                 blob,
                 output_format,
