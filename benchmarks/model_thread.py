@@ -10,6 +10,8 @@ is the median over rounds of that round's medians (this machine drifts by 10-15%
   time, and `pipeline_ms` from its own JSON access log;
 - rotating / one thread: `ModelRunner.run_call` in a child process, from a new pool thread per call
   (what `asyncio.to_thread` gave the batcher before) against from one thread for everything.
+Last, in this process, the wake after a sleep (Z_IMAGE_IDLE_UNLOAD_S): `ModelRunner.sleep()` then
+`wake()` (reload from disk and warm-up), five times, median.
 Targets (issue 25): server pipeline_ms within 5% of plain at 256x256; HTTP at most 1.05x plain at
 64x64 and 256x256. Threads are left at torch's default (one OpenMP team per thread that runs torch
 work is the effect measured), unlike benchmarks 1 and 2's --threads 1.
@@ -135,6 +137,19 @@ def server_arm(models_dir: Path, log_path: Path, size: int, steps: int, iteratio
     return {"http": seconds, "pipeline": [access[i]["pipeline_ms"] / 1000 for i in ids]}
 
 
+def wake_ms(models_dir: Path, cycles: int) -> float:
+    """Median ms of a reload after sleeping (load from disk and warm-up), tiny model on the CPU."""
+    from zimage_server.runner import load_runner
+    from zimage_server.settings import Settings
+
+    runner = load_runner(Settings(models_dir=models_dir, device="cpu"))
+    seconds = []
+    for _ in range(cycles):
+        runner.sleep()
+        seconds.append(runner.wake())
+    return 1000 * median(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -196,6 +211,8 @@ def main() -> None:
                 result["rotating_to_one_thread"],
             ]
         )
+    results["wake_ms"] = wake_ms(models_dir, cycles=2 if args.smoke else 5)
+    table.append(["wake after sleep", results["wake_ms"], "", "", "", "", "", "", ""])
     print_table(table)
     config = {"rounds": args.rounds, "iterations": iterations, "sizes": sizes, "steps": args.steps, "smoke": args.smoke}
     write_record(args.out, "model_thread", config, results, table)
