@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Request
+from litestar.background_tasks import BackgroundTask
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from PIL import Image
 
@@ -68,9 +69,15 @@ def stream_images(
     events: str,
     request: Request,
 ) -> ServerSentEvent:
-    """Queue the job now (so a full queue is a plain 429) and answer with its event stream."""
+    """Queue the job now (so a full queue is a plain 429) and answer with its event stream.
+
+    The job is cancelled once the response is over, however it ended: a client that hangs up before
+    the stream's first event leaves its generator unstarted, and closing an unstarted generator runs
+    none of its code, so its own clean-up cannot be the only one. Cancelling a finished job does nothing."""
     handle = submit_job(server, spec, request, stream=True, partial_images=partial_images)
-    return ServerSentEvent(job_events(server, handle, options, events), headers=SSE_HEADERS)
+    return ServerSentEvent(
+        job_events(server, handle, options, events), headers=SSE_HEADERS, background=BackgroundTask(handle.cancel)
+    )
 
 
 async def job_events(
