@@ -12,6 +12,7 @@ in place, so a model function may call another without deadlocking.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,8 +67,6 @@ def model_thread() -> ModelThread:
 
 def on_model_thread(fn: Callable[..., T]) -> Callable[..., T]:
     """Decorate a function so that it always runs on the model thread, whoever calls it."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return model_thread().call(fn, *args, **kwargs)
