@@ -42,6 +42,7 @@ class ServerProcess:
             Z_IMAGE_DEVICE="cpu",
             PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
             PYTHONUNBUFFERED="1",
+            Z_IMAGE_STORE=str(self.log_path.parent / "outputs"),
         )
         env.update(self.env)
         with open(self.log_path, "wb") as log:

@@ -41,7 +41,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(models_dir: Path) -> Settings:
-    return Settings(models_dir=models_dir, variant="turbo", device="cpu")
+    # Images are kept in a store of the session's own; tests that count them use one of their own.
+    return Settings(models_dir=models_dir, variant="turbo", device="cpu", store=str(models_dir.parent / "outputs"))
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +100,7 @@ def live_server(settings: Settings, runner: ModelRunner | None = None, **overrid
 def edit_settings(models_dir: Path) -> Settings:
     """The edit variant: a tiny Omni pipeline (with its SigLIP2 image encoder) beside the turbo one."""
     write_tiny_pipeline(models_dir / "z-image-edit", "edit")
-    return Settings(models_dir=models_dir, variant="edit", device="cpu")
+    return Settings(models_dir=models_dir, variant="edit", device="cpu", store=str(models_dir.parent / "edit-outputs"))
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,6 @@ def test_ignored_openai_fields_and_model_names_are_accepted(client):
         ({"prompt": "a", "size": "32x32"}, "size"),
         ({"prompt": "a", "size": "4096x64"}, "size"),
         ({"prompt": "a", "size": "2048x2048"}, None),  # within limits: must NOT be rejected (checked below)
-        ({"prompt": "a", "response_format": "url"}, "response_format"),
         ({"prompt": "a", "response_format": "gif"}, "response_format"),
         ({"prompt": "a", "output_format": "gif"}, "output_format"),
         ({"prompt": "a", "output_compression": 101}, "output_compression"),

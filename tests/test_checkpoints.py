@@ -75,7 +75,7 @@ def difference(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[float, float]:
 
 
 def served(root: Path, **settings) -> Settings:
-    return Settings(models_dir=root, variant="turbo", device="cpu", **settings)
+    return Settings(models_dir=root, variant="turbo", device="cpu", store="none", **settings)
 
 
 def test_a_folder_without_transformer_weights_is_complete_only_with_a_transformer_file(root):

@@ -194,7 +194,7 @@ def test_fresh_download_is_served_and_a_second_run_transfers_nothing(hub, tmp_pa
     assert hub.requests == [] and "nothing to download" in again.stderr
     assert time.monotonic() - started < 10
 
-    with serving(Settings(models_dir=tmp_path / "models", variant="turbo", device="cpu")) as client:
+    with serving(Settings(models_dir=tmp_path / "models", variant="turbo", device="cpu", store="none")) as client:
         response = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "seed": 1})
         assert response.status_code == 200, response.text[:300]
         assert response.json()["data"][0]["b64_json"]
@@ -383,7 +383,11 @@ def serve_process(hub_url: str, tmp_path: Path, *flags: str, **env: str) -> Iter
     stopped on the way out if it is still running."""
     port = free_port()
     log = tmp_path / "serve.log"
-    environment = hub_env(hub_url, tmp_path) | {"MODELS_DIR": str(tmp_path / "models"), "Z_IMAGE_DEVICE": "cpu"} | env
+    environment = (
+        hub_env(hub_url, tmp_path)
+        | {"MODELS_DIR": str(tmp_path / "models"), "Z_IMAGE_DEVICE": "cpu", "Z_IMAGE_STORE": str(tmp_path / "outputs")}
+        | env
+    )
     with log.open("w") as sink:
         process = subprocess.Popen(cli("serve", "--port", str(port), *flags), env=environment, stdout=sink, stderr=sink)
     try:

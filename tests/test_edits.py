@@ -212,7 +212,6 @@ def bad_requests() -> list:
         ("strength not a number", form(good, strength="strong"), 400, "strength"),
         ("boolean not a boolean", form(good, cfg_normalization="maybe"), 400, "cfg_normalization"),
         ("bad size", form(good, size="100x100"), 400, "size"),
-        ("url response", form(good, response_format="url"), 400, "response_format"),
         ("field twice", two_prompts, 400, "prompt"),
         ("two images on turbo", two_images, 400, "image"),
     ]

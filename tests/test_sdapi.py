@@ -491,7 +491,7 @@ def test_a_checkpoint_hash_read_during_fetch_on_start_is_not_kept(tmp_path, mode
             await asyncio.sleep(0.01)
         shutil.copytree(models_dir / "z-image-turbo", settings.model_dir)
 
-    settings = Settings(models_dir=tmp_path, variant="turbo", device="cpu")
+    settings = Settings(models_dir=tmp_path, variant="turbo", device="cpu", store=str(tmp_path / "outputs"))
     with TestClient(create_app(settings, runner, fetch_model=fetch)) as client:
         early = client.get(OPTIONS).json()["sd_checkpoint_hash"]
         release.set()

@@ -239,12 +239,16 @@ def serve(args: argparse.Namespace) -> None:
     from .runner import preflight
 
     from .content_credentials import ContentCredentials
+    from .index import IndexUnavailable
+    from .keys import ApiKeys, KeysFileError
 
     logs.route_model_library_logs()
     try:
         ContentCredentials.from_settings(settings)  # the C2PA certificate and key: before any weights load
+        ApiKeys.load(settings.api_key, settings.api_keys_file)
+        check_gallery(settings)  # the store's folder and the index (created or upgraded now)
         preflight(settings)  # device, attention backend, quantization, transformer file: before any weights load
-    except SettingsError as exc:
+    except (SettingsError, KeysFileError, IndexUnavailable) as exc:
         fail(str(exc), EXIT_BAD_SETTING)
     except CheckpointError as exc:
         fail(str(exc), EXIT_NO_MODEL)
@@ -263,6 +267,28 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(EXIT_DOWNLOAD_FAILED)
     if not server.started:
         raise SystemExit(EXIT_START_FAILED)
+
+
+def check_gallery(settings: Settings) -> None:
+    """A folder store must be creatable and the index must open (IndexUnavailable or SettingsError
+    otherwise), so that a wrong Z_IMAGE_STORE or Z_IMAGE_DATABASE_URL stops the start in one line.
+    An S3 bucket is not probed: one that is down for now must not keep the server from starting."""
+    import asyncio
+
+    from .index import open_index
+
+    folder = settings.store_folder
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SettingsError(f"invalid Z_IMAGE_STORE={str(folder)!r}: cannot create the folder ({exc.strerror})")
+    if settings.index_url is not None:
+
+        async def probe() -> None:
+            await (await open_index(settings.index_url)).close()
+
+        asyncio.run(probe())
 
 
 def exit_on_signal(signum: int, _frame: object) -> None:

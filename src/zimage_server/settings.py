@@ -9,7 +9,9 @@ that names the setting; the CLI prints it and exits non-zero.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -257,6 +259,72 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "theirs (empty: only the model's own names)",
         ),
     ] = ("dall-e-2", "dall-e-3", "gpt-image-1")
+    store: Annotated[
+        str,
+        setting(
+            "Z_IMAGE_STORE",
+            "where images are kept: a folder, s3://bucket/prefix (endpoint, region and credentials from the AWS_* "
+            "variables) or none",
+            min_length=1,
+        ),
+    ] = "./outputs"
+    database_url: Annotated[
+        str | None,
+        setting(
+            "Z_IMAGE_DATABASE_URL",
+            "the image index: sqlite:///FILE or postgresql://... (replicas share one); default "
+            "sqlite:///<store folder>/index.db",
+            secret=True,
+        ),
+    ] = None
+    public_url: Annotated[
+        Annotated[str, Meta(pattern=r"^https?://[^\s?#]+$")] | None,
+        setting(
+            "Z_IMAGE_PUBLIC_URL",
+            "the server's address as clients reach it, for image URLs (default: the request's own scheme and host)",
+        ),
+    ] = None
+    trusted_proxies: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=64)], ...],
+        setting(
+            "Z_IMAGE_TRUSTED_PROXIES",
+            "comma-separated addresses or networks (CIDR) whose X-Forwarded-Proto/-Host/-Prefix headers "
+            "image URLs follow",
+        ),
+    ] = ()
+    url_ttl_s: Annotated[
+        int, setting("Z_IMAGE_URL_TTL_S", "seconds an image URL stays valid", ge=1, le=7 * 24 * 3600)
+    ] = 3600
+    url_secret: Annotated[
+        Annotated[str, Meta(min_length=16)] | None,
+        setting(
+            "Z_IMAGE_URL_SECRET",
+            "the key that signs image URLs (default: one generated at first start and kept in the index)",
+            secret=True,
+        ),
+    ] = None
+    api_keys_file: Annotated[
+        Path | None,
+        setting(
+            "Z_IMAGE_API_KEYS_FILE",
+            "a file of 'NAME ROLE SECRET' lines (ROLE admin or user; SECRET the key or sha256:HEX); re-read on SIGHUP",
+        ),
+    ] = None
+    store_max_age: Annotated[
+        str,
+        setting(
+            "Z_IMAGE_STORE_MAX_AGE", "images older than this are deleted, e.g. 30d, 12h, 0 (keep forever)",
+            pattern=r"^\s*\d+(\.\d+)?\s*[smhdw]?\s*$",
+        ),
+    ] = "30d"
+    store_max_bytes: Annotated[
+        str,
+        setting(
+            "Z_IMAGE_STORE_MAX_BYTES",
+            "oldest images are deleted while the store holds more, e.g. 20GiB, 500MB, 0 (no limit)",
+            pattern=r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?)?[bB]?\s*$",
+        ),
+    ] = "20GiB"
     host: Annotated[str, setting("Z_IMAGE_HOST", "address to bind")] = "127.0.0.1"
     port: Annotated[int, setting("Z_IMAGE_PORT", "port to bind", ge=0, le=65535)] = 8000
 
@@ -305,6 +373,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             return None
         path = Path(self.controlnet)
         return path if path.is_absolute() else Path(self.models_dir) / "controlnets" / path
+
+    @property
+    def store_folder(self) -> Path | None:
+        """The store's folder, when the store is one (not S3, not none)."""
+        if self.store.lower() == "none" or self.store.startswith("s3://"):
+            return None
+        return Path(self.store)
+
+    @property
+    def index_url(self) -> str | None:
+        """Z_IMAGE_DATABASE_URL, or the SQLite file beside a folder store; None when nothing is kept."""
+        if self.database_url is not None:
+            return self.database_url
+        folder = self.store_folder
+        return f"sqlite:///{folder / 'index.db'}" if folder is not None else None
+
+    @property
+    def store_max_age_s(self) -> float:
+        return parse_duration(self.store_max_age)
+
+    @property
+    def store_max_bytes_count(self) -> int:
+        return parse_byte_size(self.store_max_bytes)
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -399,7 +490,55 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
             f"Z_IMAGE_DTYPE={settings.dtype} cannot run Z_IMAGE_VARIANT={settings.variant}: it runs in bf16 only"
         )
     parse_quantize(settings.quantize)
+    check_store_settings(settings)
     return settings
+
+
+def check_store_settings(settings: Settings) -> None:
+    """The store, index and proxy settings make sense together (their format is checked by msgspec)."""
+    store = settings.store
+    if store.startswith("s3://"):
+        if not store[len("s3://") :].split("/")[0]:
+            raise SettingsError(f"invalid Z_IMAGE_STORE={store!r}: expected s3://BUCKET or s3://BUCKET/PREFIX")
+        if settings.database_url is None:
+            raise SettingsError(
+                "Z_IMAGE_STORE=s3://... needs Z_IMAGE_DATABASE_URL (sqlite:///FILE, or postgresql://... for replicas "
+                "sharing the bucket)"
+            )
+    elif "://" in store:
+        raise SettingsError(f"invalid Z_IMAGE_STORE={store!r}: expected a folder, s3://BUCKET/PREFIX or none")
+    url = settings.database_url
+    if url is not None and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise SettingsError("invalid Z_IMAGE_DATABASE_URL: expected sqlite:///FILE or postgresql://USER@HOST/DB")
+    for proxy in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"invalid Z_IMAGE_TRUSTED_PROXIES entry {proxy!r}: expected an IP address or network (10.0.0.0/8)"
+            ) from None
+
+
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_duration(text: str) -> float:
+    """"30d" -> seconds; a bare number is seconds. 0 means forever."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None:
+        raise SettingsError(f"invalid duration {text!r}: expected a number and s, m, h, d or w (30d)")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def parse_byte_size(text: str) -> int:
+    """"20GiB" -> bytes (binary with i, decimal without); a bare number is bytes. 0 means no limit."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?\s*", text.lower())
+    if match is None:
+        raise SettingsError(f"invalid size {text!r}: expected a number and KiB, MiB, GiB, MB, GB... (20GiB)")
+    number, unit, binary = match.groups()
+    factor = 1024 ** "kmgt".index(unit) * 1024 if unit and binary else BYTE_UNITS[unit or ""]
+    return int(float(number) * factor)
 
 
 QUANTIZE_KINDS = ("none", "int8", "fp8")

@@ -18,17 +18,23 @@ from .. import __version__
 from ..batcher import Batcher
 from ..content_credentials import ContentCredentials
 from ..faults import FaultInjector
+from ..gallery import Gallery, keep_tidy
 from ..idle import unload_when_idle
+from ..index import IndexUnavailable, open_index
+from ..keys import ApiKeys
 from ..model_layout import checkpoint_sha256
 from ..model_thread import model_thread
 from ..policy import BatchPolicy
 from ..settings import Settings
+from ..signed_urls import UrlSigner
 from ..specs import GenerationCancelled
+from ..store import ImageStore, first_line
 from .auth import require_api_key
 from .errors import EXCEPTION_HANDLERS
 from .observability import ServerMetrics, http_metrics_config, install_request_log, metrics_endpoint
 from .page import PAGE_ROUTES
 from .edits import create_edit
+from .history import HISTORY_ROUTES
 from .routes import ROUTES, create_images
 from .sdapi import controlnet_router, sdapi_router
 from .state import FetchModel, ServerState
@@ -91,11 +97,47 @@ async def fetch_then_serve(server: ServerState, fetch_model: FetchModel) -> None
         server.stop(str(exc))
 
 
+async def open_gallery(server: ServerState) -> None:
+    """Open the image store and index, then repair and sweep them in the background. A store or
+    index that cannot be opened leaves the server serving without one (b64_json works; url answers
+    503 with the reason), as `zimage-server serve` has checked both before starting."""
+    settings = server.settings
+    try:
+        store = ImageStore.from_setting(settings.store)
+        if store is None:
+            server.gallery_error = "this server keeps no images (Z_IMAGE_STORE=none)"
+            return
+        index = await open_index(settings.index_url)
+    except (IndexUnavailable, OSError, ValueError, RuntimeError) as exc:
+        server.gallery_error = f"the image store is unavailable ({first_line(exc)})"
+        log.error("%s; serving without it", server.gallery_error)
+        return
+    secret = settings.url_secret or await index.url_secret()
+    server.signer = UrlSigner(secret.encode(), settings.url_ttl_s)
+    server.gallery = Gallery(store, index, on_store_error=server.metrics.store_errors.inc)
+    server.upkeep = asyncio.create_task(
+        keep_tidy(server.gallery, settings.store_max_age_s, settings.store_max_bytes_count), name="store-upkeep"
+    )
+    log.info("keeping images in %s, indexed in %s", store.description, index.description)
+
+
+async def close_gallery(server: ServerState) -> None:
+    """After the drain: the writes still pending finish (bounded), then the index closes."""
+    if server.upkeep is not None:
+        server.upkeep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server.upkeep
+    if server.gallery is not None:
+        await server.gallery.drain(server.settings.drain_timeout_s)
+        await server.gallery.index.close()
+
+
 @asynccontextmanager
 async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Load the model before accepting requests (or, to fetch it first, in the background), and stop on the way out."""
     server: ServerState = app.state.server
     starting = None
+    await open_gallery(server)  # first: the history answers while the model loads
     if server.fetch_model is None:
         await start_serving(server)
     else:
@@ -113,6 +155,7 @@ async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
                 await starting
         if server.batcher is not None:
             await server.batcher.stop(server.settings.drain_timeout_s)
+        await close_gallery(server)
 
 
 def uploads_router(settings: Settings) -> Router:
@@ -128,7 +171,7 @@ def cors_config(settings: Settings) -> CORSConfig | None:
         return None
     return CORSConfig(
         allow_origins=list(settings.cors_origins),
-        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["*"],
         expose_headers=["X-Request-ID", "X-Seed", "Retry-After"],
     )
@@ -149,11 +192,13 @@ def create_app(
     faults: test-only fault injection, handed to the runner this app loads.
     """
     server = ServerState(settings=settings, runner=runner, fetch_model=fetch_model, faults=faults)
+    server.api_keys = ApiKeys.load(settings.api_key, settings.api_keys_file)
     server.credentials = ContentCredentials.from_settings(settings)
     server.metrics = ServerMetrics(server)
     app = Litestar(
         route_handlers=[
             *ROUTES,
+            *HISTORY_ROUTES,
             uploads_router(settings),
             sdapi_router(settings),
             controlnet_router(),

@@ -1,25 +1,29 @@
-"""The API key guard: with Z_IMAGE_API_KEY set, every /v1/* and /sdapi/* route needs the key.
+"""The API key guard: with keys configured (Z_IMAGE_API_KEY, Z_IMAGE_API_KEYS_FILE), every /v1/* and
+/sdapi/* route needs one, and the request acts for its key's principal (keys.py).
 
 /v1 routes take `Authorization: Bearer <key>`, as OpenAI clients send it. /sdapi routes also take
 HTTP Basic with the key as the password and any user name: AUTOMATIC1111 clients authenticate
 with `--api-auth user:pass` and can send nothing else. Without a key, Authorization is ignored
 (SillyTavern always sends a Basic header, empty when unconfigured). Probes, metrics, the OpenAPI
-schema and the page at / stay open, so orchestrators and browsers work without the key.
+schema and the page at / stay open, so orchestrators and browsers work without the key. A signed
+image link (signed_urls.py) needs no key either: its signature is checked by the route instead.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hmac
+import re
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
+from ..keys import ANONYMOUS, Principal
 from .errors import A1111_PREFIXES, ApiError
 from .state import server_state
 
 OPENAI_PREFIX = "/v1/"
+CONTENT_PATH = re.compile(r"^/v1/images/[^/]+/content$")
 
 
 def bearer_token(authorization: str) -> str | None:
@@ -44,17 +48,28 @@ async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> No
     """An app-wide guard: it runs before the body is read, so an unauthorised upload costs nothing.
 
     Async, as every guard here: Litestar would run a sync one in a worker thread on each request."""
-    key: str | None = server_state(connection).settings.api_key
     path = connection.scope["path"]
-    if key is None or not path.startswith((OPENAI_PREFIX, *A1111_PREFIXES)):
+    if not path.startswith((OPENAI_PREFIX, *A1111_PREFIXES)):
         return
+    keys = server_state(connection).api_keys
+    if not keys.required:
+        connection.state.principal = ANONYMOUS
+        return
+    if "signature" in connection.query_params and CONTENT_PATH.match(path):
+        return  # a signed link: the route checks the signature, and it is all the link grants
     authorization = connection.headers.get("authorization", "")
     sdapi = path.startswith(A1111_PREFIXES)
     token = bearer_token(authorization) or (basic_password(authorization) if sdapi else None)
-    # Constant-time, so response timing does not reveal how much of a guessed key matched. Header
-    # values arrive decoded as latin-1; encoding back gives the bytes the client sent.
-    if token is None or not hmac.compare_digest(token.encode("latin-1"), key.encode()):
+    # Header values arrive decoded as latin-1; encoding back gives the bytes the client sent.
+    principal = keys.resolve(token.encode("latin-1").decode("utf-8", "replace")) if token is not None else None
+    if principal is None:
         raise unauthorised(sdapi)
+    connection.state.principal = principal
+
+
+def principal_of(connection: ASGIConnection) -> Principal:
+    """Who the request acts for (set by the guard; anonymous where no key is needed)."""
+    return connection.state.get("principal", ANONYMOUS)
 
 
 def unauthorised(sdapi: bool) -> ApiError:
@@ -65,7 +80,7 @@ def unauthorised(sdapi: bool) -> ApiError:
         how, challenge = "'Authorization: Bearer <key>'", "Bearer"
     return ApiError(
         401,
-        f"Missing or invalid API key: send {how} with the key this server was given (Z_IMAGE_API_KEY).",
+        f"Missing or invalid API key: send {how} with a key this server was given (Z_IMAGE_API_KEY or Z_IMAGE_API_KEYS_FILE).",
         code="invalid_api_key",
         headers={"WWW-Authenticate": challenge},
     )

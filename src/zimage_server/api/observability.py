@@ -130,6 +130,14 @@ class ServerMetrics:
         self.cancelled_batches = Counter(
             "zimage_batches_cancelled", "Pipeline calls stopped early because every client left", registry=registry
         )
+        self.store_errors = Counter(
+            "zimage_store_errors",
+            "Failed image store or index operations (writes, reads, deletes); b64_json answers go out regardless",
+            registry=registry,
+        )
+        Gauge(
+            "zimage_store_pending_writes", "Requests whose images are still being written to the store", registry=registry
+        ).set_function(lambda: server.gallery.pending_writes if server.gallery is not None else 0)
         registry.register(GpuMemoryCollector(server))
 
     def record_batch(self, report: BatchReport) -> None:

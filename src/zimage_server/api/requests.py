@@ -8,7 +8,7 @@ import secrets
 from ..lora_library import LoraError, LoraKey, check_lora_limits, merge_requests, parse_lora_tags
 from ..specs import CallMode, CallParams, GenerationSpec
 from .errors import ApiError, lora_error
-from .responses import OutputOptions
+from .responses import OutputOptions, store_unavailable
 from .schemas import GenerationRequest
 from .state import ServerState
 
@@ -120,12 +120,7 @@ def generation_spec(
         raise ApiError(400, "'prompt' must not be empty.", param="prompt")
     check_model(data.model, server)
     check_n(data.n, server)
-    if data.response_format == "url":
-        raise ApiError(
-            400,
-            "response_format 'url' is not supported: this server keeps no image store. Use b64_json.",
-            param="response_format",
-        )
+    response_format = response_format_for(data, server)
     width, height = parse_size(data.size, server, default_size)
     variant = server.variant
     params = CallParams(
@@ -143,4 +138,30 @@ def generation_spec(
     spec = GenerationSpec(
         prompt=prompt, negative_prompt=data.negative_prompt or None, seeds=seeds_for(data.seed, data.n), params=params
     )
-    return spec, OutputOptions(output_format=data.output_format or "png", compression=data.output_compression)
+    options = OutputOptions(
+        output_format=data.output_format or "png",
+        compression=data.output_compression,
+        response_format=response_format,
+        store=data.store is not False,
+    )
+    return spec, options
+
+
+# OpenAI's own default for these models was `url`; clients naming them (LibreChat's DALL-E 3 tool)
+# read data[0].url. Every other request gets b64_json when it names none (the Vercel AI SDK
+# sends nothing and requires b64_json).
+URL_BY_DEFAULT = ("dall-e-2", "dall-e-3")
+
+
+def response_format_for(data: GenerationRequest, server: ServerState) -> str:
+    """b64_json or url, checked now so that no GPU time goes into images the answer could not carry."""
+    chosen = data.response_format or ("url" if data.model in URL_BY_DEFAULT else "b64_json")
+    if chosen == "url":
+        if data.store is False:
+            raise ApiError(
+                400, "response_format 'url' links to the stored image: drop store=false, or ask for b64_json.",
+                param="store",
+            )  # fmt: skip
+        if server.gallery is None:
+            raise store_unavailable(server.gallery_error or "the image store is not open yet")
+    return chosen

@@ -1,6 +1,7 @@
-"""Turning a finished job's images into what the client asked for: JSON with base64 data, or raw bytes.
+"""Turning a finished job's images into what the client asked for: JSON with base64 data or signed
+links, or raw bytes; and handing them to the gallery to keep.
 
-Shared by the generations and edits routes and by their event streams.
+Shared by the generations and edits routes, their event streams and the A1111 routes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ from litestar import Request, Response
 from PIL import Image
 
 from ..content_credentials import SigningError
+from ..gallery import GalleryUnavailable, NewImages
 from ..images import FORMAT_FOR_MEDIA_TYPE, MEDIA_TYPES, ImageParameters, encode_images
+from ..index import ImageRecord
 from ..provenance import xmp_packet
 from ..specs import GenerationSpec
+from .auth import principal_of
 from .errors import ApiError
+from .links import image_link
+from .observability import request_id_of
 from .schemas import ImageData, ImagesResponse
 from .state import ServerState
 
@@ -28,6 +34,8 @@ INLINE_ENCODE_MAX_PIXELS = 128 * 128  # responses this small encode on the event
 class OutputOptions:
     output_format: str
     compression: int | None
+    response_format: str = "b64_json"  # or "url": a signed link to the stored image
+    store: bool = True  # keep the images (when the server has a store)
 
 
 def wants_raw_image(request: Request) -> str | None:
@@ -114,21 +122,111 @@ async def encode_for_response(
     return await asyncio.to_thread(encode_all)
 
 
+def stored_parameters(spec: GenerationSpec, parameters: ImageParameters) -> dict:
+    """Every generation parameter of one image, as its index row keeps it ("use these settings")."""
+    params = spec.params
+    return {
+        "mode": params.mode,
+        "width": params.width,
+        "height": params.height,
+        "seed": parameters.seed,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "cfg_normalization": params.cfg_normalization,
+        "cfg_truncation": params.cfg_truncation,
+        "max_sequence_length": params.max_sequence_length,
+        "strength": params.strength,
+        "loras": [{"name": name, "scale": scale, "sha256": digest} for name, scale, digest in parameters.loras],
+        "control_scale": params.control_scale,
+        "infotext": parameters.as_text(),
+    }
+
+
+async def keep_images(
+    request: Request,
+    server: ServerState,
+    spec: GenerationSpec,
+    encoded: list[bytes],
+    output_format: str,
+    options: OutputOptions,
+) -> list[ImageRecord] | None:
+    """Hand the images to the gallery; None when they are not kept (store: false, or no store).
+
+    A `url` answer waits until the images are kept (503 if they cannot be); any other answer leaves
+    while they are written: a store that fails never costs a client its images."""
+    gallery = server.gallery
+    if not options.store or gallery is None:
+        return None
+    records, written = gallery.keep(
+        NewImages(
+            owner=principal_of(request).name,
+            route=request.scope["path"],
+            request_id=request_id_of(request.scope) or "",
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            parameters=[stored_parameters(spec, p) for p in request_parameters(server, spec)],
+            model=server.variant.model_name,
+            checkpoint_sha256=server.checkpoint_sha256,
+            format=output_format,
+            blobs=encoded,
+        )
+    )
+    if options.response_format == "url":
+        try:
+            await asyncio.shield(written)  # a client that leaves does not stop the write
+        except GalleryUnavailable as exc:
+            raise store_unavailable(str(exc)) from None
+    return records
+
+
+def store_unavailable(reason: str) -> ApiError:
+    return ApiError(
+        503,
+        f"response_format 'url' needs the image store, and {reason}; ask for b64_json instead.",
+        param="response_format",
+        code="store_unavailable",
+    )
+
+
+def image_items(
+    request: Request,
+    server: ServerState,
+    spec: GenerationSpec,
+    encoded: list[bytes],
+    records: list[ImageRecord] | None,
+    response_format: str,
+) -> list[ImageData]:
+    items = []
+    for i, (blob, seed) in enumerate(zip(encoded, spec.seeds, strict=True)):
+        item = ImageData(seed=seed)
+        if records is not None:
+            item.id = records[i].id
+        if response_format == "url" and records is not None:
+            item.url, item.expires_at = image_link(request, server, records[i])
+        else:
+            item.b64_json = base64.b64encode(blob).decode()
+        items.append(item)
+    return items
+
+
 async def images_response(
     request: Request, server: ServerState, spec: GenerationSpec, options: OutputOptions, images: list
 ) -> Response:
-    """Encode the images (off the event loop) as JSON with b64 data, or as raw bytes when Accept asks for that."""
+    """Encode the images (off the event loop), keep them, and answer with JSON (b64 data or links), or
+    with raw bytes when Accept asks for that."""
     raw_type = wants_raw_image(request)
     output_format = FORMAT_FOR_MEDIA_TYPE[raw_type] if raw_type else options.output_format
 
     encoded = await encode_for_response(server, spec, images, output_format, options.compression)
+    records = await keep_images(request, server, spec, encoded, output_format, options)
     if raw_type:
-        return Response(encoded[0], media_type=raw_type, headers={"X-Seed": str(spec.seeds[0])})
+        headers = {"X-Seed": str(spec.seeds[0])}
+        if records is not None:
+            headers["X-Image-Id"] = records[0].id
+        return Response(encoded[0], media_type=raw_type, headers=headers)
     body = ImagesResponse(
         created=int(time.time()),
-        data=[
-            ImageData(b64_json=base64.b64encode(blob).decode(), seed=seed) for blob, seed in zip(encoded, spec.seeds)
-        ],
+        data=image_items(request, server, spec, encoded, records, options.response_format),
         output_format=output_format,
         size=f"{spec.params.width}x{spec.params.height}",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 # JavaScript clients (the browser page, the JS SDK) read JSON numbers as doubles.
 MAX_SEED = 2**53 - 1
@@ -45,6 +45,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, Meta(ge=1, description="Images to generate (1..Z_IMAGE_MAX_N).")] = 1
     size: Annotated[str, Meta(max_length=32, description="WxH, multiples of 16, or auto (1024x1024).")] | None = None
     response_format: Literal["b64_json", "url"] | None = None
+    store: Annotated[bool, Meta(description="Keep the images in the server's store (default true).")] | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
     output_compression: Compression | None = None
     # OpenAI fields we accept and cannot honour.
@@ -96,7 +97,13 @@ class LoraList(msgspec.Struct, kw_only=True):
 
 
 class ImageData(msgspec.Struct, kw_only=True):
-    b64_json: str
+    """One image of a response: `b64_json` or a signed `url` (with `expires_at`), as response_format asked;
+    `id` names it in the store (GET /v1/images/{id}) when it was kept."""
+
+    b64_json: str | UnsetType = UNSET
+    url: str | UnsetType = UNSET
+    expires_at: int | UnsetType = UNSET
+    id: str | UnsetType = UNSET
     seed: int
     revised_prompt: None = None
 
@@ -161,7 +168,10 @@ class CompletedEvent(msgspec.Struct, kw_only=True):
 
     type: str
     created_at: int
-    b64_json: str
+    b64_json: str | UnsetType = UNSET
+    url: str | UnsetType = UNSET
+    expires_at: int | UnsetType = UNSET
+    id: str | UnsetType = UNSET
     index: int
     seed: int
     size: str
@@ -177,3 +187,40 @@ class PartialImageEvent(CompletedEvent, kw_only=True):
 class ErrorEvent(msgspec.Struct, kw_only=True):
     error: ErrorDetail
     type: str = "error"
+
+
+# The image store's routes (api/history.py).
+
+
+class StoredImage(msgspec.Struct, kw_only=True):
+    """A kept image's record, with a fresh signed link."""
+
+    id: str
+    created_at: int
+    owner: str
+    route: str
+    request_id: str
+    prompt: str
+    negative_prompt: str | None
+    parameters: dict[str, Any]
+    model: str
+    checkpoint_sha256: str | None
+    output_format: str
+    bytes: int
+    url: str
+    expires_at: int
+    object: str = "image"
+
+
+class StoredImageList(msgspec.Struct, kw_only=True):
+    data: list[StoredImage]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+    object: str = "list"
+
+
+class DeletedImage(msgspec.Struct, kw_only=True):
+    id: str
+    deleted: bool = True
+    object: str = "image"

@@ -34,7 +34,7 @@ from .errors import ApiError
 from .guards import require_json, require_ready
 from .jobs import JobHandle, submit_job
 from .requests import MAX_SIDE, MIN_SIDE, generation_spec, served_model_ids
-from .responses import encode_for_response, request_parameters
+from .responses import OutputOptions, encode_for_response, keep_images, request_parameters
 from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest, Guidance, Steps
 from .state import ServerState, server_state
 from .uploads import decode_base64_image
@@ -260,6 +260,8 @@ async def with_control(spec: GenerationSpec, unit: ControlUnit | None, server: S
 
 # -- the answer ---------------------------------------------------------------------------------
 
+A1111_OUTPUT = OutputOptions(output_format="png", compression=None)  # base64 PNGs, always
+
 
 async def served_checkpoint_sha256(server: ServerState) -> str:
     """The served folder's hash, computed once when the model is loaded; before that (these discovery
@@ -311,6 +313,9 @@ async def run_and_answer(
 ) -> A1111ImagesResponse:
     images = await submit_job(server, spec, request).result()
     encoded = await encode_for_response(server, spec, images, "png", None)
+    # Kept whatever save_images says: A1111 clients leave it false (its default), and their images
+    # would never reach the history otherwise.
+    await keep_images(request, server, spec, encoded, "png", A1111_OUTPUT)
     return A1111ImagesResponse(
         images=[base64.b64encode(blob).decode() for blob in encoded] if data.send_images else [],
         parameters=without_images(data),

@@ -25,7 +25,9 @@ from types import FrameType
 import uvicorn
 from litestar import Litestar
 
+from ..keys import ApiKeys, KeysFileError
 from ..settings import Settings
+from .state import ServerState
 
 log = logging.getLogger("zimage_server.shutdown")
 
@@ -50,6 +52,8 @@ async def drain(app: Litestar, timeout: float) -> None:
     )
     started = time.monotonic()
     await batcher.stop(timeout)
+    if server.gallery is not None:  # the images of answers already sent are still being written
+        await server.gallery.drain(max(0.0, timeout - (time.monotonic() - started)) + SEND_GRACE_S)
     log.info("drained in %.1f s", time.monotonic() - started)
 
 
@@ -66,6 +70,7 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGHUP, reload_api_keys, self.app.state.server)
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -92,6 +97,17 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def reload_api_keys(server: ServerState) -> None:
+    """SIGHUP: read the keys file again. A file that no longer parses keeps the keys in force."""
+    settings = server.settings
+    try:
+        server.api_keys = ApiKeys.load(settings.api_key, settings.api_keys_file)
+    except KeysFileError as exc:
+        log.error("SIGHUP: keeping the current API keys: %s", exc)
+        return
+    log.info("SIGHUP: API keys reloaded (%d keys)", len(server.api_keys.by_digest))
+
+
 def draining_server(app: Litestar, settings: Settings) -> DrainingServer:
     """uvicorn for this app on the settings' host and port; `.run()` returns after a signal and a drain."""
     config = uvicorn.Config(
@@ -103,5 +119,8 @@ def draining_server(app: Litestar, settings: Settings) -> DrainingServer:
         log_config=None,
         # Our request log (zimage_server.access) has the request id and timings; one line is enough.
         access_log=False,
+        # X-Forwarded-* count only from Z_IMAGE_TRUSTED_PROXIES (api/links.py); uvicorn's own handling
+        # would trust any loopback peer and rewrite the client address before we could check it.
+        proxy_headers=False,
     )
     return DrainingServer(config, app, settings.drain_timeout_s)

@@ -16,6 +16,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 
 from ..faults import FaultInjector
+from ..keys import ApiKeys
 from ..lora_library import LoraInfo
 from ..settings import Settings
 from ..variants import VARIANTS, Variant
@@ -23,7 +24,9 @@ from ..variants import VARIANTS, Variant
 if TYPE_CHECKING:  # the runner imports torch; the API only holds it
     from ..batcher import Batcher
     from ..content_credentials import ContentCredentials
+    from ..gallery import Gallery
     from ..runner import ModelRunner
+    from ..signed_urls import UrlSigner
     from .observability import ServerMetrics
 
 # Fetches the model the settings name (fetch-on-start); raises if it cannot.
@@ -38,6 +41,11 @@ class ServerState:
     faults: FaultInjector | None = None  # test-only: passed to the runner it loads
     batcher: Batcher | None = None
     credentials: ContentCredentials | None = None  # signs outputs with C2PA (Z_IMAGE_C2PA_CERT/_KEY)
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys({}))  # re-read on SIGHUP
+    gallery: Gallery | None = None  # the image store and index, once open; None with Z_IMAGE_STORE=none
+    gallery_error: str | None = None  # why there is no gallery: what a url response's 503 says
+    signer: UrlSigner | None = None  # signs image links, with the gallery
+    upkeep: asyncio.Task | None = None  # reconciles the store at start, then sweeps it (retention)
     idle_watch: asyncio.Task | None = None  # unloads the model when idle (Z_IMAGE_IDLE_UNLOAD_S > 0)
     metrics: ServerMetrics | None = None
     ready: bool = False  # loaded, warmed up, taking work

@@ -5,7 +5,8 @@ Events, in order, for a request of n images (`<kind>` is `image_generation` or `
   pass, the fraction of the whole request done, and which images the pass covers;
 - `<kind>.partial_image` as many times per image as `partial_images` asks (0-3), spread over the
   steps: a cheap linear projection of the latents to RGB, never a VAE decode;
-- `<kind>.completed` once per image with the final image, its seed and its index;
+- `<kind>.completed` once per image with the final image (`b64_json`, or `url` and `expires_at` with
+  response_format=url; `id` when it was stored), its seed and its index;
 - or, if the job fails, times out or the server shuts down mid-stream, one `error` event in the
   OpenAI envelope (`{"error": {message, type, param, code}}`), and the stream closes.
 
@@ -33,7 +34,7 @@ from ..images import encode_image
 from ..specs import GenerationSpec
 from .errors import ApiError, error_detail
 from .jobs import KEEP_ALIVE, JobHandle, StepReport, submit_job
-from .responses import OutputOptions, encode_for_response
+from .responses import OutputOptions, encode_for_response, image_items, keep_images
 from .schemas import CompletedEvent, ErrorEvent, PartialImageEvent, ProgressEvent
 from .state import ServerState
 
@@ -97,14 +98,19 @@ async def job_events(
                     yield message
         images = handle.outcome()
         encoded = await encode_for_response(server, spec, images, options.output_format, options.compression)
-        for index, (blob, seed) in enumerate(zip(encoded, spec.seeds, strict=True)):
+        records = await keep_images(handle.request, server, spec, encoded, options.output_format, options)
+        items = image_items(handle.request, server, spec, encoded, records, options.response_format)
+        for index, item in enumerate(items):
             yield sse(
                 CompletedEvent(
                     type=f"{events}.completed",
                     created_at=int(time.time()),
-                    b64_json=base64.b64encode(blob).decode(),
+                    b64_json=item.b64_json,
+                    url=item.url,
+                    expires_at=item.expires_at,
+                    id=item.id,
                     index=index,
-                    seed=seed,
+                    seed=item.seed,
                     size=size,
                     output_format=options.output_format,
                 )

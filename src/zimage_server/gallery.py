@@ -1,0 +1,321 @@
+"""The service that keeps images: store writes, index rows, ownership, retention and crash repair.
+
+Every route of every dialect hands its encoded images to `Gallery.keep`; listing, reading and
+deleting go through it too, so the rules (who sees what, which order things are written in) live
+in one place, with no HTTP and no torch here.
+
+Order of writes: bytes first (atomic, durable), then the row. Deletes: bytes, then the row. A
+crash between the two leaves a file without a row (removed by `reconcile` after a grace period)
+or a row without a file (dropped by `reconcile`), never a listed image that does not download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from .index import ImageIndex, ImageRecord, UnknownCursor
+from .keys import Principal
+from .store import ImageStore, StoreError, first_line
+
+log = logging.getLogger("zimage_server.gallery")
+T = TypeVar("T")
+
+ID_PATTERN = re.compile(r"^img_[0-9a-f]{32}$")  # 128 random bits
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# A file without a row is only an orphan once no write can still be on its way to committing it
+# (another replica's included).
+ORPHAN_GRACE_S = 15 * 60
+# A staging file (a put's bytes before their rename) lives for milliseconds; one older than this
+# belongs to a write that died with its process.
+PARTIAL_GRACE_S = 5.0
+SWEEP_BATCH = 200
+PENDING_WAIT_S = 5.0  # the longest a list waits for writes this process has in flight
+SWEEP_INTERVAL_S = 600.0  # retention runs this often (and at start)
+ERROR_BURST_S = 60.0  # store errors closer together than this are one burst: logged once
+
+
+class GalleryUnavailable(Exception):
+    """The store or the index failed; the message names the cause (no secrets)."""
+
+
+def new_image_id() -> str:
+    return "img_" + secrets.token_hex(16)
+
+
+def is_image_id(text: str) -> bool:
+    return bool(ID_PATTERN.match(text))
+
+
+@dataclass(frozen=True)
+class NewImages:
+    """One request's encoded images and what made them, as the gallery records them."""
+
+    owner: str
+    route: str
+    request_id: str
+    prompt: str
+    negative_prompt: str | None
+    parameters: Sequence[dict[str, Any]]  # one per image: its seed and every generation parameter
+    model: str
+    checkpoint_sha256: str | None
+    format: str  # png, jpeg, webp
+    blobs: Sequence[bytes]
+
+
+class ErrorBurst:
+    """Logs the first store error of a burst, counts them all, and sums up the rest when the next burst starts."""
+
+    def __init__(self, on_error: Callable[[], None]):
+        self._on_error = on_error
+        self._last = -float("inf")
+        self._quiet = 0
+
+    def report(self, message: str) -> None:
+        self._on_error()
+        now = time.monotonic()
+        if now - self._last > ERROR_BURST_S:
+            more = f" ({self._quiet} more store errors since the last one logged)" if self._quiet else ""
+            log.error("%s%s", message, more)
+            self._quiet = 0
+        else:
+            self._quiet += 1
+        self._last = now
+
+
+class Gallery:
+    def __init__(
+        self, store: ImageStore, index: ImageIndex, *, on_store_error: Callable[[], None] = lambda: None
+    ):
+        self.store = store
+        self.index = index
+        self._errors = ErrorBurst(on_store_error)
+        self._pending: set[asyncio.Task] = set()
+        self._writing: dict[str, asyncio.Task] = {}  # image id -> the write that will commit it
+
+    # -- keeping -------------------------------------------------------------------------------
+
+    def keep(self, images: NewImages) -> tuple[list[ImageRecord], asyncio.Task]:
+        """Records for the images now, and the task that writes them (bytes, then rows).
+
+        Await the task to know they are kept (a URL must work when the client gets it); leave it
+        and the write finishes in the background (`drain` waits for it). A failed write raises
+        GalleryUnavailable from the task, after it is logged and counted."""
+        now = time.time()
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        records = []
+        for blob, parameters in zip(images.blobs, images.parameters, strict=True):
+            image_id = new_image_id()
+            records.append(
+                ImageRecord(
+                    id=image_id,
+                    owner=images.owner,
+                    created_at=now,
+                    request_id=images.request_id,
+                    route=images.route,
+                    prompt=images.prompt,
+                    negative_prompt=images.negative_prompt,
+                    parameters=dict(parameters),
+                    model=images.model,
+                    checkpoint_sha256=images.checkpoint_sha256,
+                    format=images.format,
+                    bytes=len(blob),
+                    object_key=f"{day}/{image_id}.{EXTENSIONS[images.format]}",
+                )
+            )
+        task = asyncio.create_task(self._write(records, images.blobs), name="store-images")
+        self._pending.add(task)
+        for record in records:
+            self._writing[record.id] = task
+        task.add_done_callback(lambda done: self._finished(done, records))
+        return records, task
+
+    async def _write(self, records: list[ImageRecord], blobs: Sequence[bytes]) -> None:
+        try:
+            await asyncio.gather(*(self.store.put(r.object_key, blob) for r, blob in zip(records, blobs)))
+        except StoreError as exc:
+            await self._forget_objects(records)
+            self._errors.report(f"storing {len(records)} image(s) failed: {exc}")
+            raise GalleryUnavailable(f"the image store failed ({exc})") from None
+        try:
+            await self.index.add(records)
+        except SQLAlchemyError as exc:
+            await self._forget_objects(records)
+            reason = first_line(exc)
+            self._errors.report(f"indexing {len(records)} image(s) failed: {reason}")
+            raise GalleryUnavailable(f"the image index failed ({reason})") from None
+
+    async def _forget_objects(self, records: list[ImageRecord]) -> None:
+        """Remove what a failed write did put; what cannot be removed now, reconcile removes later."""
+        for record in records:
+            try:
+                await self.store.delete(record.object_key)
+            except StoreError:
+                pass
+
+    def _finished(self, task: asyncio.Task, records: list[ImageRecord]) -> None:
+        self._pending.discard(task)
+        for record in records:
+            self._writing.pop(record.id, None)
+        if not task.cancelled():
+            task.exception()  # already logged and counted; retrieved so asyncio does not log it again
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (up to `timeout_s`) for the writes still in flight: part of a graceful shutdown."""
+        if self._pending:
+            log.info("waiting for %d store write(s) to finish", len(self._pending))
+            await asyncio.wait(set(self._pending), timeout=timeout_s)
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._pending)
+
+    # -- reading and deleting --------------------------------------------------------------------
+
+    async def page(
+        self, principal: Principal, limit: int, after: str | None, query: str | None
+    ) -> tuple[list[ImageRecord], bool]:
+        """The principal's images (an admin: everyone's), newest first. UnknownCursor for a bad `after`."""
+        if after is not None and not is_image_id(after):
+            raise UnknownCursor(after)
+        if self._pending:  # a list right after a generation shows it: its write commits first (milliseconds)
+            await asyncio.wait(set(self._pending), timeout=PENDING_WAIT_S)
+        return await self._index_call(self.index.page(principal.sees, limit, after, query))
+
+    async def get(self, principal: Principal | None, image_id: str) -> ImageRecord | None:
+        """The image, if it exists and `principal` may see it (None: a signed link, checked already)."""
+        if not is_image_id(image_id):
+            return None
+        await self._written(image_id)
+        record = await self._index_call(self.index.get(image_id))
+        if record is None or (principal is not None and principal.sees not in (None, record.owner)):
+            return None
+        return record
+
+    async def read(self, record: ImageRecord) -> bytes | None:
+        """The image's bytes; None if they are gone (its row is dropped then, as reconcile would)."""
+        try:
+            return await self.store.get(record.object_key)
+        except FileNotFoundError:
+            log.warning("image %s has a row but no file (%s); dropping the row", record.id, record.object_key)
+            await self._index_call(self.index.delete(record.id))
+            return None
+        except StoreError as exc:
+            self._errors.report(str(exc))
+            raise GalleryUnavailable(f"the image store failed ({exc})") from None
+
+    async def delete(self, principal: Principal, image_id: str) -> bool:
+        """Delete the image's bytes, then its row. False if it belongs to someone else; an id
+        already gone counts as deleted (deletes are idempotent)."""
+        if not is_image_id(image_id):
+            return False
+        await self._written(image_id)
+        record = await self._index_call(self.index.get(image_id))
+        if record is None:
+            return True
+        if principal.sees not in (None, record.owner):
+            return False
+        await self._remove([record])
+        return True
+
+    async def _written(self, image_id: str) -> None:
+        """Wait for the image's write if it is still in flight here: a client may use the id it was
+        just given before the background write has committed it."""
+        task = self._writing.get(image_id)
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def _remove(self, records: Sequence[ImageRecord]) -> None:
+        try:
+            await asyncio.gather(*(self.store.delete(r.object_key) for r in records))
+        except StoreError as exc:
+            self._errors.report(str(exc))
+            raise GalleryUnavailable(f"the image store failed ({exc})") from None
+        await self._index_call(self.index.delete_many([r.id for r in records]))
+
+    async def _index_call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except SQLAlchemyError as exc:
+            raise GalleryUnavailable(f"the image index failed ({first_line(exc)})") from None
+
+    # -- retention and repair ------------------------------------------------------------------
+
+    async def sweep(self, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
+        """Delete images older than `max_age_s` (0: no limit), then the oldest while the store holds
+        more than `max_bytes` (0: no limit), in small batches so no request waits on it. How many."""
+        removed = 0
+        if max_age_s > 0:
+            cutoff = (now if now is not None else time.time()) - max_age_s
+            while batch := await self.index.oldest(SWEEP_BATCH, before=cutoff):
+                await self._remove(batch)
+                removed += len(batch)
+        if max_bytes > 0:
+            excess = await self.index.total_bytes() - max_bytes
+            while excess > 0 and (batch := await self.index.oldest(SWEEP_BATCH)):
+                chosen = []
+                for record in batch:
+                    if excess <= 0:
+                        break
+                    chosen.append(record)
+                    excess -= record.bytes
+                await self._remove(chosen)
+                removed += len(chosen)
+        if removed:
+            log.info("retention removed %d image(s)", removed)
+        return removed
+
+    async def reconcile(self, grace_s: float = ORPHAN_GRACE_S) -> tuple[int, int]:
+        """Repair what a crash left: (files removed, rows dropped).
+
+        Files without a row older than `grace_s` are removed, and the staging files of writes a
+        crash cut short; rows whose file is gone are dropped."""
+        removed = await asyncio.to_thread(self.store.remove_partials, min(grace_s, PARTIAL_GRACE_S))
+        started = time.time()
+        objects: dict[str, float] = {}
+        async for stored in self.store.objects():
+            objects[stored.key] = stored.modified
+        rows: set[str] = set()
+        dropped = 0
+        after = ""
+        while page := await self.index.object_keys(after):
+            after = page[-1][0]
+            gone = [image_id for image_id, key in page if key not in objects]
+            rows.update(key for _, key in page)
+            # A row is written after its file, so a missing file was deleted or lost: the row goes.
+            if gone:
+                await self.index.delete_many(gone)
+                dropped += len(gone)
+        for key, modified in objects.items():
+            if key not in rows and modified < started - grace_s and not await self.index.has_object_key(key):
+                await self.store.delete(key)
+                removed += 1
+        if removed or dropped:
+            log.warning("reconciled the store with the index: removed %d orphan file(s), dropped %d row(s)", removed, dropped)
+        return removed, dropped
+
+
+
+async def keep_tidy(gallery: Gallery, max_age_s: float, max_bytes: int, interval_s: float = SWEEP_INTERVAL_S) -> None:
+    """Repair what a crash left, then apply retention now and every `interval_s`, until cancelled.
+
+    Runs beside the requests, never in front of them; a failure is logged and retried next round."""
+    try:
+        await gallery.reconcile()
+    except (StoreError, SQLAlchemyError) as exc:
+        log.error("reconciling the store with the index failed: %s", first_line(exc))
+    while True:
+        try:
+            await gallery.sweep(max_age_s, max_bytes)
+        except (StoreError, SQLAlchemyError, GalleryUnavailable) as exc:
+            log.error("the retention sweep failed: %s", first_line(exc))
+        await asyncio.sleep(interval_s)
