@@ -2,7 +2,7 @@
 #
 # zimage-server on an NVIDIA GPU. Build and run (see docs/deploy.md):
 #   docker build -t zimage-server .
-#   docker run --gpus all -p 8000:8000 -v "$PWD/models:/models" zimage-server
+#   docker run --gpus all -p 8000:8000 -v "$PWD/models:/models" -v "$PWD/outputs:/outputs" zimage-server
 #
 # The pattern is astral-sh/uv-docker-example (standalone.Dockerfile): a builder stage syncs the
 # locked dependencies into /app/.venv with a uv-managed Python in /python, and the final stage
@@ -70,8 +70,8 @@ RUN (userdel --remove ubuntu 2>/dev/null || true) \
     && (groupdel ubuntu 2>/dev/null || true) \
     && groupadd --gid 1000 zimage \
     && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin zimage \
-    && mkdir /models \
-    && chown zimage:zimage /models
+    && mkdir /models /outputs \
+    && chown zimage:zimage /models /outputs
 
 # Owned by root: the server has no reason to modify its own code or interpreter.
 COPY --from=builder /python /python
@@ -79,10 +79,15 @@ COPY --from=builder /app/.venv /app/.venv
 
 ENV PATH="/app/.venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
-    MODELS_DIR=/models
+    MODELS_DIR=/models \
+    Z_IMAGE_STORE=/outputs
 
 # The weights (tens of GB) live outside the image: mount a host folder or a volume here.
 VOLUME /models
+# The kept images and their SQLite index (docs/storage.md), in a volume of their own so they
+# outlive the container; mount a host folder to keep them across images, or set Z_IMAGE_STORE
+# to s3://... (with Z_IMAGE_DATABASE_URL) to keep them elsewhere.
+VOLUME /outputs
 EXPOSE 8000
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 1000:1000

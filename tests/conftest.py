@@ -64,6 +64,24 @@ def client(settings: Settings, runner: ModelRunner) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) on loopback for the session; tests use prefixes of their own."""
+    from real_servers import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL cluster on loopback for the session; tests create databases of their own."""
+    from real_servers import postgres_server
+
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

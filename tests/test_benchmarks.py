@@ -121,6 +121,13 @@ def test_provenance(tmp_path):
     assert set(results) == {"png", "jpeg", "webp"} and all(row["on_ms"] > 0 for row in results.values())
 
 
+def test_store(tmp_path):
+    results = run_smoke("store", tmp_path)
+    overhead, listing = results["request_overhead"], results["listing"]
+    assert overhead["none_ms"] > 0 and overhead["folder_ms"] > 0 and overhead["images_kept"] == 4
+    assert listing["images"] == 1000 and listing["first_page_ms"] > 0 and listing["middle_page_ms"] > 0
+
+
 @pytest.mark.parametrize(
     "script",
     [
@@ -133,6 +140,7 @@ def test_provenance(tmp_path):
         "memory_plan",
         "model_thread",
         "provenance",
+        "store",
     ],
 )
 def test_help_names_the_command(script):

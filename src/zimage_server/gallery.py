@@ -20,9 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from .index import ImageIndex, ImageRecord, UnknownCursor
+from .index import INDEX_FAILURES, ImageIndex, ImageRecord, UnknownCursor
 from .keys import Principal
 from .store import ImageStore, StoreError, first_line
 
@@ -113,13 +111,15 @@ class Gallery:
         now = time.time()
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
         records = []
-        for blob, parameters in zip(images.blobs, images.parameters, strict=True):
+        for position, (blob, parameters) in enumerate(zip(images.blobs, images.parameters, strict=True)):
             image_id = new_image_id()
             records.append(
                 ImageRecord(
                     id=image_id,
                     owner=images.owner,
-                    created_at=now,
+                    # A microsecond apart, image 0 newest: a newest-first list shows a request's
+                    # images in their order.
+                    created_at=now - position * 1e-6,
                     request_id=images.request_id,
                     route=images.route,
                     prompt=images.prompt,
@@ -148,7 +148,7 @@ class Gallery:
             raise GalleryUnavailable(f"the image store failed ({exc})") from None
         try:
             await self.index.add(records)
-        except SQLAlchemyError as exc:
+        except INDEX_FAILURES as exc:
             await self._forget_objects(records)
             reason = first_line(exc)
             self._errors.report(f"indexing {len(records)} image(s) failed: {reason}")
@@ -245,7 +245,7 @@ class Gallery:
     async def _index_call(self, call: Awaitable[T]) -> T:
         try:
             return await call
-        except SQLAlchemyError as exc:
+        except INDEX_FAILURES as exc:
             raise GalleryUnavailable(f"the image index failed ({first_line(exc)})") from None
 
     # -- retention and repair ------------------------------------------------------------------
@@ -311,11 +311,11 @@ async def keep_tidy(gallery: Gallery, max_age_s: float, max_bytes: int, interval
     Runs beside the requests, never in front of them; a failure is logged and retried next round."""
     try:
         await gallery.reconcile()
-    except (StoreError, SQLAlchemyError) as exc:
+    except (StoreError, *INDEX_FAILURES) as exc:
         log.error("reconciling the store with the index failed: %s", first_line(exc))
     while True:
         try:
             await gallery.sweep(max_age_s, max_bytes)
-        except (StoreError, SQLAlchemyError, GalleryUnavailable) as exc:
+        except (StoreError, GalleryUnavailable, *INDEX_FAILURES) as exc:
             log.error("the retention sweep failed: %s", first_line(exc))
         await asyncio.sleep(interval_s)

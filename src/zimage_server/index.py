@@ -77,6 +77,11 @@ URL_SECRET_KEY = "url_secret"
 SCHEMA_LOCK_ID = 0x5A494D47  # "ZIMG"
 
 
+# What a failed index operation raises: SQLAlchemy's wrapped driver errors, and OSError where a
+# driver's connection attempt fails before SQLAlchemy can wrap it (asyncpg's refused connection).
+INDEX_FAILURES = (SQLAlchemyError, OSError)
+
+
 class IndexUnavailable(Exception):
     """The index cannot be opened or used; the message is one line."""
 
@@ -253,7 +258,7 @@ async def open_index(url: str, migrations: Sequence[Migration] = MIGRATIONS) -> 
             if engine.dialect.name == "postgresql":
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
             await prepare_schema(conn, description, migrations)
-    except SQLAlchemyError as exc:
+    except INDEX_FAILURES as exc:
         await engine.dispose()
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise IndexUnavailable(f"cannot open the image index {description}: {reason}") from None

@@ -20,7 +20,7 @@ from ..content_credentials import ContentCredentials
 from ..faults import FaultInjector
 from ..gallery import Gallery, keep_tidy
 from ..idle import unload_when_idle
-from ..index import IndexUnavailable, open_index
+from ..index import INDEX_FAILURES, IndexUnavailable, open_index
 from ..keys import ApiKeys
 from ..model_layout import checkpoint_sha256
 from ..model_thread import model_thread
@@ -102,17 +102,20 @@ async def open_gallery(server: ServerState) -> None:
     index that cannot be opened leaves the server serving without one (b64_json works; url answers
     503 with the reason), as `zimage-server serve` has checked both before starting."""
     settings = server.settings
+    index = None
     try:
         store = ImageStore.from_setting(settings.store)
         if store is None:
             server.gallery_error = "this server keeps no images (Z_IMAGE_STORE=none)"
             return
         index = await open_index(settings.index_url)
-    except (IndexUnavailable, OSError, ValueError, RuntimeError) as exc:
+        secret = settings.url_secret or await index.url_secret()
+    except (IndexUnavailable, ValueError, RuntimeError, *INDEX_FAILURES) as exc:
         server.gallery_error = f"the image store is unavailable ({first_line(exc)})"
         log.error("%s; serving without it", server.gallery_error)
+        if index is not None:
+            await index.close()
         return
-    secret = settings.url_secret or await index.url_secret()
     server.signer = UrlSigner(secret.encode(), settings.url_ttl_s)
     server.gallery = Gallery(store, index, on_store_error=server.metrics.store_errors.inc)
     server.upkeep = asyncio.create_task(
