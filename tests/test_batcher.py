@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 
 import pytest
 
-from zimage_server.batcher import Batcher, BatcherClosedError, BatchFailedError, QueueFullError
+from zimage_server.batcher import (
+    Batcher,
+    BatcherClosedError,
+    BatchFailedError,
+    OwnerQueueFullError,
+    QueueFullError,
+)
 
 
 class FakeModel:
@@ -230,4 +237,141 @@ async def test_a_worker_that_dies_fails_its_jobs_refuses_new_ones_and_tells_its_
     with pytest.raises(BatcherClosedError):
         batcher.submit("k", 1, "after")
     model.gate.set()
+    await batcher.stop()
+
+
+# Fair shares: owners (API keys) take turns leading a batch.
+
+
+@pytest.mark.parametrize("jobs, n", [(32, 1), (8, 4)])
+@pytest.mark.parametrize("b_key", ["k", "other"])
+@pytest.mark.anyio
+async def test_a_key_with_32_queued_images_holds_back_another_keys_image_by_one_batch_at_most(jobs, n, b_key):
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=4, max_queue=40)
+    model.gate.clear()
+    a_jobs = [batcher.enqueue("k", n, f"A{i}", owner="alice") for i in range(jobs)]
+    await wait_until(lambda: batcher.running_jobs)  # alice's first batch is under way
+    b_job = batcher.enqueue(b_key, 1, "B", owner="bob")
+    model.gate.set()
+    await asyncio.gather(b_job.future, *(job.future for job in a_jobs))
+    # The worker answers a call's jobs before it starts the next call, so the call order is the
+    # order of events: bob's image ran in the very next call, long before alice's fifth batch.
+    b_call = next(i for i, call in enumerate(model.calls) if "B" in call)
+    assert b_call == 1
+    assert model.calls[b_call][0] == "B"  # bob led it: its key, not alice's
+    # Alice's images all ran, once each, in the order she sent them.
+    assert [p for call in model.calls for p in call if p != "B"] == [f"A{i}" for i in range(jobs)]
+    # And by the clock: bob was answered before alice's fifth batch (the fifth call she led) began.
+    alice_led = [call for call in model.calls if call[0] != "B"]
+    assert b_job.finished_at <= a_jobs[int(alice_led[4][0][1:])].started_at
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_three_owners_take_turns_each_in_its_own_order():
+    model, batcher, blocker = await busy_batcher("blocker", max_batch_size=1, max_queue=20)
+    futures = [batcher.submit(f"k{owner}", 1, f"{owner}{i}", owner=owner) for owner in "abc" for i in range(3)]
+    model.gate.set()
+    await asyncio.gather(blocker, *futures)
+    assert [call for (call,) in model.calls[1:]] == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2"]
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_an_owner_that_arrives_while_a_batch_runs_goes_before_the_owner_that_led_it():
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=1)
+    model.gate.clear()
+    futures = [batcher.submit("k", 1, f"a{i}", owner="a") for i in range(3)]
+    futures.append(batcher.submit("k", 1, "b0", owner="b"))
+    await wait_until(lambda: batcher.running_jobs)  # a0 runs
+    futures.append(batcher.submit("k", 1, "c0", owner="c"))  # c came after b, but while a's batch ran
+    model.gate.set()
+    await asyncio.gather(*futures)
+    assert [call for (call,) in model.calls] == ["a0", "b0", "c0", "a1", "a2"]
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_batch_fills_with_its_leaders_jobs_first_then_other_owners_in_turn():
+    model, batcher, blocker = await busy_batcher("blocker", max_batch_size=4, max_queue=20)
+    futures = [
+        batcher.submit("k", 1, "a0", owner="a"),
+        batcher.submit("k", 1, "c0", owner="c"),
+        batcher.submit("k", 1, "b0", owner="b"),
+        batcher.submit("other", 1, "a-other", owner="a"),
+        batcher.submit("k", 1, "b1", owner="b"),
+        batcher.submit("k", 1, "a1", owner="a"),
+    ]
+    model.gate.set()
+    await asyncio.gather(blocker, *futures)
+    # a leads (it came first), its own "k" job first, then c's and b's in turn order (c came
+    # before b) until the batch is full. c, its only job run, leaves the rotation; b, next in
+    # turn, leads with b1; a, who just led, comes last.
+    assert model.calls[1:] == [["a0", "a1", "c0", "b0"], ["b1"], ["a-other"]]
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_held_batch_takes_another_owners_compatible_job():
+    model = FakeModel()
+    batcher = make_batcher(model, batch_wait_s=0.3)
+    first = batcher.submit("k", 1, "a", owner="alice")
+    await asyncio.sleep(0.05)
+    second = batcher.submit("k", 1, "b", owner="bob")
+    assert await asyncio.gather(first, second) == ["done:a", "done:b"]
+    assert model.calls == [["a", "b"]]
+    await batcher.stop()
+
+
+def fifo_batches(jobs: list[tuple[str, int, str]], max_batch_size: int) -> list[list[str]]:
+    """The batching before fair shares: the oldest job, then every later job of its key that fits."""
+    left, batches = list(jobs), []
+    while left:
+        key, images, batch = left[0][0], 0, []
+        for job in list(left):
+            if job[0] == key and images + job[1] <= max_batch_size:
+                left.remove(job)
+                batch.append(job[2])
+                images += job[1]
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("owner", ["anonymous", "alice"])
+@pytest.mark.anyio
+async def test_one_owner_is_batched_exactly_as_first_in_first_out(owner):
+    chance = random.Random(7)
+    jobs = [(chance.choice("xyz"), chance.randint(1, 3), f"p{i}") for i in range(40)]
+    model, batcher, blocker = await busy_batcher("blocker", max_batch_size=4, max_queue=100)
+    futures = [batcher.submit(key, n, payload, owner=owner) for key, n, payload in jobs]
+    model.gate.set()
+    await asyncio.gather(blocker, *futures)
+    assert model.calls[1:] == fifo_batches(jobs, 4)
+    await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_an_owner_over_its_share_of_the_queue_is_refused_while_others_get_in():
+    model, batcher, running = await busy_batcher(max_queue=8, max_queue_per_owner=3)
+    alice = [batcher.submit("k", 2, "a0", owner="alice"), batcher.submit("k", 1, "a1", owner="alice")]
+    with pytest.raises(OwnerQueueFullError) as refused:
+        batcher.submit("k", 1, "a2", owner="alice")
+    assert isinstance(refused.value, QueueFullError)  # the route's 429 handling still catches it
+    assert str(refused.value) == "key 'alice' already has 3 images queued (Z_IMAGE_MAX_QUEUE_PER_KEY=3)"
+    bob = [batcher.submit("k", 3, "b0", owner="bob")]
+    assert batcher.queued_images_of("alice") == 3 and batcher.queued_images_of("carol") == 0
+    assert batcher.queued_images_by_owner == {"alice": 3, "bob": 3}
+    with pytest.raises(QueueFullError) as full:  # carol is within her share, but the queue is full
+        batcher.submit("k", 3, "c0", owner="carol")
+    assert not isinstance(full.value, OwnerQueueFullError)
+    alice[1].cancel()  # a job whose client left no longer counts against its owner
+    alice.append(batcher.submit("k", 1, "a3", owner="alice"))
+    carol = batcher.submit("k", 1, "c1", owner="carol")
+    model.gate.set()
+    assert await asyncio.gather(running, alice[0], alice[2], *bob, carol) == [
+        "done:running", "done:a0", "done:a3", "done:b0", "done:c1"
+    ]
+    assert batcher.queued_images_by_owner == {}
     await batcher.stop()

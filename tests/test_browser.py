@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from attack_support import ServerProcess
 from PIL import Image
@@ -45,12 +46,27 @@ CHROMIUM_FLAGS = (
 
 @pytest.fixture(scope="module")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`zimage-server serve` in its own process, on an ephemeral loopback port, until the module ends."""
-    process = ServerProcess(models_dir, tmp_path_factory.mktemp("browser") / "server.log").start()
+    """`zimage-server serve` in its own process, on an ephemeral loopback port, until the module ends.
+
+    Its image store is its own (beside its log), and so is its LoRA folder, with one LoRA in it."""
+    folder = tmp_path_factory.mktemp("browser")
+    write_lora(models_dir, folder / "loras" / "pixel-art.safetensors")
+    process = ServerProcess(models_dir, folder / "server.log", env={"Z_IMAGE_LORA_DIR": str(folder / "loras")}).start()
     try:
         yield process.url
     finally:
         process.stop()
+
+
+def write_lora(models_dir: Path, path: Path) -> None:
+    """A random LoRA for the tiny transformer (as test_api_loras.py writes them)."""
+    from diffusers import ZImagePipeline
+    from safetensors.torch import save_file
+    from test_loras import LAYOUTS, random_lora
+
+    transformer = ZImagePipeline.from_pretrained(models_dir / "z-image-turbo").transformer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(LAYOUTS["diffusers"](random_lora(transformer, seed=1)), path)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +96,10 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
         driver.quit()
 
 
-def open_page(browser, base: str, *, wait_for_model: bool = True):
+def open_page(browser, base: str, *, wait_for_model: bool = True, query: str = ""):
     """A fresh page load: no stored key, the model badge filled in, the default (laptop) viewport."""
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    browser.get(base + "/")
+    browser.get(base + "/" + query)
     browser.execute_script("localStorage.clear()")
     browser.refresh()
     if wait_for_model:
@@ -159,7 +175,8 @@ def natural_size(driver, image) -> list[int]:
 
 
 def finished_cards(driver) -> list:
-    return driver.find_elements(By.CSS_SELECTOR, "#gallery .card[data-seed]")
+    """The finished cards of images made in this page (not those the history brought back)."""
+    return driver.find_elements(By.CSS_SELECTOR, "#gallery .card[data-seed]:not([data-history])")
 
 
 def test_generate_moves_the_progress_bar_and_shows_an_image_of_the_chosen_size(page):
@@ -208,7 +225,7 @@ def test_an_invalid_size_shows_the_servers_message_next_to_the_form(page):
     wait(page).until(lambda d: error.is_displayed())
     assert error.text == "Invalid size 100x100: width and height must be multiples of 16."
     assert css(page, "#gen-width").get_attribute("aria-invalid") == "true"
-    assert not page.find_elements(By.CSS_SELECTOR, "#gallery .card")  # the placeholders are gone
+    assert not page.find_elements(By.CSS_SELECTOR, "#gallery .card:not([data-history])")  # the placeholders are gone
     assert css(page, "#generate-form [data-run]").text == "Generate"
     screenshot(page, "browser-invalid-size")
 
@@ -297,3 +314,256 @@ def test_edit_an_uploaded_image_with_a_painted_mask(page, tmp_path):
     assert progress[-1] == 100 and any(0 < value < 100 for value in progress), progress
     screenshot(page, "browser-edit")
     screenshot(page, "browser-edit-phone", phone=True)
+
+
+# ---- the gallery as the server's image history (GET/DELETE /v1/images) ----------------------
+
+
+def api(base: str, method: str, path: str, *, key: str | None = None, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, base + path, headers=headers, timeout=60, **kwargs)
+
+
+def make_image(base: str, prompt: str, *, key: str | None = None, **fields) -> str:
+    """One image made with a plain POST (not through the page); its id in the store."""
+    body = {"prompt": prompt, "size": "64x64", "num_inference_steps": 2} | fields
+    response = api(base, "POST", "/v1/images/generations", key=key, json=body)
+    assert response.status_code == 200, response.text[:300]
+    return response.json()["data"][0]["id"]
+
+
+def stored_records(base: str, key: str | None = None) -> list[dict]:
+    """Every kept image the key sees, newest first, read page by page from GET /v1/images."""
+    records: list[dict] = []
+    after = None
+    while True:
+        response = api(base, "GET", "/v1/images", key=key, params={"limit": 100} | ({"after": after} if after else {}))
+        assert response.status_code == 200, response.text[:300]
+        page = response.json()
+        records += page["data"]
+        if not page["has_more"]:
+            return records
+        after = page["last_id"]
+
+
+def stored_ids(base: str, key: str | None = None) -> list[str]:
+    return [record["id"] for record in stored_records(base, key)]
+
+
+def history_ids(driver) -> list[str]:
+    """The ids of the cards the history brought, in page order."""
+    cards = driver.find_elements(By.CSS_SELECTOR, "#gallery .card[data-history]")
+    return [card.get_attribute("data-id") for card in cards]
+
+
+def wait_for_history(driver) -> None:
+    """Until no page of the history is on its way (the gallery is aria-busy while one is)."""
+    wait(driver).until(lambda d: css(d, "#gallery").get_attribute("aria-busy") == "false")
+
+
+def card_of(driver, image_id: str):
+    return css(driver, f'#gallery .card[data-id="{image_id}"]')
+
+
+def test_images_made_in_the_page_come_back_from_the_history_after_a_reload(page, server):
+    start_generation(page, "a harbour at night, ink", 96, 64, n=2)
+    wait(page).until(lambda d: len(finished_cards(d)) == 2)
+    made = [card.get_attribute("data-id") for card in finished_cards(page)]
+    # The streamed images carry their stored ids, so they can be deleted like the history's.
+    assert all(made) and set(made) == set(stored_ids(server)[:2]), made
+    assert all(card.find_element(By.CSS_SELECTOR, "button.delete").is_displayed() for card in finished_cards(page))
+
+    open_page(page, server)
+    wait_for_history(page)
+    assert not finished_cards(page)  # nothing made in this page load...
+    expected = stored_ids(server)[:24]
+    assert history_ids(page) == expected  # ...and the gallery is the history, newest first
+    for image_id in made:
+        card = card_of(page, image_id)
+        page.execute_script("arguments[0].scrollIntoView()", card)
+        image = card.find_element(By.TAG_NAME, "img")
+        # The record's signed link, which needs no key.
+        assert image.get_attribute("src").startswith(f"{server}/v1/images/{image_id}/content?expires=")
+        wait(page).until(lambda d: natural_size(d, image) == [96, 64])
+        assert card.find_element(By.CSS_SELECTOR, ".prompt").text == "a harbour at night, ink"
+        assert "96×64" in card.find_element(By.CSS_SELECTOR, ".meta").text
+    assert not css(page, "#history-error").is_displayed()
+    assert not css(page, "#gallery-empty").is_displayed()
+
+
+def test_load_older_brings_the_rest_of_the_history_page_by_page(page, server):
+    for i in range(30):
+        make_image(server, f"picture {i}")
+    expected = stored_ids(server)
+    assert len(expected) >= 30
+
+    open_page(page, server, query="?page_size=10")
+    wait_for_history(page)
+    assert history_ids(page) == expected[:10]
+    older = css(page, "#load-older")
+    assert older.is_displayed()
+    screenshot(page, "browser-history")
+
+    older.click()
+    wait(page).until(lambda d: len(history_ids(d)) >= 20)
+    shown = history_ids(page)
+    assert shown == expected[: len(shown)]
+
+    # Scrolling to the end loads the next page, and the next, until there are no more.
+    def scrolled_to_the_end(driver) -> bool:
+        driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        return len(history_ids(driver)) >= len(expected)
+
+    wait(page).until(scrolled_to_the_end)
+    wait_for_history(page)
+    assert history_ids(page) == expected
+    assert not older.is_displayed()
+    screenshot(page, "browser-history-phone", phone=True)
+
+
+REFUSE_DELETES = """
+// The server refusing deletes (a full or broken store), without breaking anything else.
+window.__realFetch = window.fetch;
+window.fetch = async (url, init = {}) => {
+  if (init.method === 'DELETE') {
+    const error = { message: 'The image store failed (disk full).', type: 'server_error', param: null,
+      code: 'store_unavailable' };
+    return new Response(JSON.stringify({ error }), { status: 503, headers: { 'Content-Type': 'application/json' } });
+  }
+  return window.__realFetch(url, init);
+};
+"""
+
+
+def test_delete_removes_a_card_only_once_the_server_has_deleted_its_image(page, server):
+    # An image made in this page: its card can go at once.
+    start_generation(page, "a teapot to throw away", 64, 64)
+    wait(page).until(lambda d: len(finished_cards(d)) == 1)
+    (card,) = finished_cards(page)
+    image_id = card.get_attribute("data-id")
+    assert image_id in stored_ids(server)
+    delete = card.find_element(By.CSS_SELECTOR, "button.delete")
+    assert delete.get_attribute("aria-label") == "Delete the image “a teapot to throw away”"
+    delete.click()
+    wait(page).until(lambda d: not d.find_elements(By.CSS_SELECTOR, f'#gallery .card[data-id="{image_id}"]'))
+    assert api(server, "GET", f"/v1/images/{image_id}").status_code == 404
+    assert image_id not in stored_ids(server)
+
+    # One from the history, after a reload; the first try fails, and the card stays, saying why.
+    open_page(page, server)
+    wait_for_history(page)
+    image_id = history_ids(page)[0]
+    card = card_of(page, image_id)
+    page.execute_script(REFUSE_DELETES)
+    card.find_element(By.CSS_SELECTOR, "button.delete").click()
+    problem = card.find_element(By.CSS_SELECTOR, ".card-error")
+    wait(page).until(lambda d: problem.is_displayed())
+    assert problem.text == "Not deleted: The image store failed (disk full)."
+    assert card.is_displayed() and card.find_element(By.CSS_SELECTOR, "button.delete").is_enabled()
+    assert image_id in stored_ids(server)
+    screenshot(page, "browser-delete-failed")
+
+    page.execute_script("window.fetch = window.__realFetch")
+    card.find_element(By.CSS_SELECTOR, "button.delete").click()
+    wait(page).until(lambda d: image_id not in history_ids(d))
+    assert api(server, "GET", f"/v1/images/{image_id}").status_code == 404
+    assert image_id not in stored_ids(server)
+
+
+def field(driver, form: str, name: str):
+    return css(driver, f'#{form}-form [data-field="{name}"]')
+
+
+def test_use_these_settings_refills_the_form_from_a_stored_record(page, server, tmp_path):
+    fox = make_image(
+        server, "a red fox in snow", negative_prompt="blurry", size="96x64", num_inference_steps=3,
+        guidance_scale=1.5, seed=4242, loras=[{"name": "pixel-art", "scale": 0.5}],
+    )  # fmt: skip
+    photo = make_photo(tmp_path / "photo.png", (64, 64))
+    with photo.open("rb") as file:
+        response = api(
+            server, "POST", "/v1/images/edits", files={"image": ("photo.png", file, "image/png")},
+            data={"prompt": "make it autumn", "strength": "0.4", "num_inference_steps": "2", "seed": "77"},
+        )  # fmt: skip
+    assert response.status_code == 200, response.text[:300]
+    edited = response.json()["data"][0]["id"]
+
+    open_page(page, server)
+    wait_for_history(page)
+    # The form starts elsewhere: a preset size, a random seed, the default steps.
+    fill(css(page, "#gen-prompt"), "something else")
+    card_of(page, fox).find_element(By.CSS_SELECTOR, "button.use-settings").click()
+    # The record keeps the prompt without its LoRA tags and the LoRAs beside it: they come back as tags.
+    assert css(page, "#gen-prompt").get_attribute("value") == "a red fox in snow <lora:pixel-art:0.5>"
+    assert css(page, "#gen-negative").get_attribute("value") == "blurry"
+    assert css(page, '#gen-size-presets [data-size="custom"]').get_attribute("aria-pressed") == "true"
+    assert css(page, "#gen-custom-size").is_displayed()
+    assert css(page, "#gen-width").get_attribute("value") == "96"
+    assert css(page, "#gen-height").get_attribute("value") == "64"
+    assert field(page, "generate", "num_inference_steps").get_attribute("value") == "3"
+    assert field(page, "generate", "guidance_scale").get_attribute("value") == "1.5"
+    seed = field(page, "generate", "seed")
+    assert seed.get_attribute("value") == "4242" and seed.is_enabled()
+    assert not field(page, "generate", "random_seed").is_selected()
+    screenshot(page, "browser-use-settings")
+
+    # Generating again makes the same image from the same settings.
+    css(page, "#generate-form [data-run]").click()
+    wait(page).until(lambda d: len(finished_cards(d)) == 1)
+    again = api(server, "GET", f"/v1/images/{finished_cards(page)[0].get_attribute('data-id')}").json()
+    original = api(server, "GET", f"/v1/images/{fox}").json()
+    assert again["prompt"] == original["prompt"] and again["negative_prompt"] == original["negative_prompt"]
+    for name in ("width", "height", "seed", "num_inference_steps", "guidance_scale", "loras"):
+        assert again["parameters"][name] == original["parameters"][name], name
+    original_image = httpx.get(original["url"], timeout=30).content
+    assert httpx.get(again["url"], timeout=30).content == original_image
+
+    # An edit's settings go to the Edit tab (all but the input image, which is not kept).
+    card_of(page, edited).find_element(By.CSS_SELECTOR, "button.use-settings").click()
+    assert css(page, "#tab-edit").get_attribute("aria-selected") == "true" and css(page, "#edit-form").is_displayed()
+    assert css(page, "#edit-prompt").get_attribute("value") == "make it autumn"
+    assert css(page, "#edit-strength").get_attribute("value") == "0.4"
+    assert css(page, "#edit-strength-value").text == "0.40"
+    assert field(page, "edit", "num_inference_steps").get_attribute("value") == "2"
+    assert field(page, "edit", "seed").get_attribute("value") == "77"
+    assert not field(page, "edit", "random_seed").is_selected()
+
+
+def test_the_history_loads_once_the_api_key_is_given(keyed_server, browser):
+    made = [make_image(keyed_server, f"a keyed picture {i}", key="sk-test") for i in range(2)]
+    page = open_page(browser, keyed_server, wait_for_model=False)
+    wait(page).until(lambda d: css(d, "#key-form").is_displayed())
+    assert not history_ids(page)
+    fill(css(page, "#api-key"), "sk-test")
+    css(page, "#key-form button[type=submit]").click()
+    # Both refused requests are retried with the key: the model badge and the history.
+    wait(page).until(lambda d: d.find_element(By.ID, "model").text == "z-image-turbo")
+    wait(page).until(lambda d: history_ids(d))
+    wait_for_history(page)
+    assert history_ids(page) == stored_ids(keyed_server, key="sk-test")[:24]
+    assert set(made) <= set(history_ids(page))
+    assert not css(page, "#history-error").is_displayed()
+
+
+def test_without_an_image_store_the_gallery_is_the_sessions_and_no_error_shows(models_dir, tmp_path_factory, browser):
+    log_path = tmp_path_factory.mktemp("browser-no-store") / "server.log"
+    process = ServerProcess(models_dir, log_path, env={"Z_IMAGE_STORE": "none"}).start()
+    try:
+        listed = api(process.url, "GET", "/v1/images")
+        assert listed.status_code == 503 and listed.json()["error"]["code"] == "store_unavailable"
+        page = open_page(browser, process.url)
+        wait_for_history(page)
+        assert not css(page, "#history-error").is_displayed()
+        assert not css(page, "#load-older").is_displayed()
+        assert css(page, "#gallery-empty").is_displayed()
+
+        start_generation(page, "a cat that is not kept", 64, 64)
+        wait(page).until(lambda d: len(finished_cards(d)) == 1)
+        (card,) = finished_cards(page)
+        assert card.get_attribute("data-id") is None
+        assert not card.find_element(By.CSS_SELECTOR, "button.delete").is_displayed()  # nothing to delete
+        assert card.find_element(By.CSS_SELECTOR, "button.use-settings").is_displayed()
+        assert not css(page, "#history-error").is_displayed()
+        assert not css(page, "#generate-form .error").is_displayed()
+    finally:
+        process.stop()

@@ -10,6 +10,15 @@ job (how a request that did not fit in memory fails while its batch-mates succee
 raised by the call, or a call that returns the wrong number of results, fails the whole batch, and
 the worker goes on with the next one. Should the worker task itself ever end while the batcher is
 open, `on_worker_died` hears of it, so the server can stop saying it is ready.
+
+Fair shares: every job has an owner (the API key's name), and owners take turns leading a batch,
+round-robin, each owner's own jobs oldest first. The leader's oldest job sets the batch's key; the
+batch is then filled with jobs of that key, the leader's first, then the other owners' in turn
+order: a fuller call is cheaper per image, and it starves nobody, since every image in it runs. An
+owner who just led goes behind everyone already waiting, newcomers included, so an owner with work
+waits for at most the running batch plus one batch per other owner with work: with two keys, 32
+queued images of one delay the other's single image by the running batch alone. With one owner
+this is exactly the first-in, first-out batching of before.
 """
 
 from __future__ import annotations
@@ -17,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Hashable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("zimage_server.batcher")
@@ -33,6 +43,14 @@ R = TypeVar("R")
 
 class QueueFullError(Exception):
     """The queue cannot take this many more images; the client should retry later."""
+
+
+class OwnerQueueFullError(QueueFullError):
+    """This owner already has as many images queued as one owner may; others may still get in."""
+
+    def __init__(self, owner: str, queued: int, limit: int):
+        super().__init__(f"key {owner!r} already has {queued} images queued (Z_IMAGE_MAX_QUEUE_PER_KEY={limit})")
+        self.owner, self.queued, self.limit = owner, queued, limit
 
 
 class BatcherClosedError(Exception):
@@ -52,6 +70,7 @@ class Job(Generic[P, R]):
     payload: P
     future: asyncio.Future[R] = field(repr=False)
     tag: str | None = None  # names the job in log lines (the request id)
+    owner: str = "anonymous"  # whose turn this job waits for (the API key's name)
     # Monotonic timestamps and the batch it ran in, for request logs and metrics.
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
@@ -104,6 +123,7 @@ class Batcher(Generic[P, R]):
         *,
         max_batch_size: int,
         max_queue: int,
+        max_queue_per_owner: int | None = None,
         batch_wait_s: float = 0.0,
         quiet_errors: tuple[type[BaseException], ...] = (),
         on_batch: Callable[[BatchReport], None] | None = None,
@@ -114,12 +134,21 @@ class Batcher(Generic[P, R]):
         self._executor = executor  # where model calls run; None: the event loop's default pool
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.max_queue_per_owner = max_queue_per_owner  # None: an owner may fill the whole queue
         self.batch_wait_s = batch_wait_s
         # Exceptions that end a batch on purpose (every client left): no error log for those.
         self.quiet_errors = quiet_errors
         self.on_batch = on_batch
         self.on_worker_died = on_worker_died
-        self._queue: deque[Job[P, R]] = deque()
+        # Each owner's jobs, oldest first; an owner is here only while it has jobs queued (gone
+        # ones count until the worker meets them).
+        self._queues: dict[str, deque[Job[P, R]]] = {}
+        # Owners waiting for their turn to lead a batch, next first: an ordered set, so that an
+        # owner whose jobs all rode along in another's batch leaves it in O(1). The owner that led
+        # the last batch waits aside in `_served` and rejoins the end at the next pick, so that
+        # owners who arrived while its batch ran go before it. Every owner in `_queues` is in one.
+        self._turns: OrderedDict[str, None] = OrderedDict()
+        self._served: str | None = None
         self._running: list[Job[P, R]] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -127,13 +156,27 @@ class Batcher(Generic[P, R]):
         self._last_busy = time.monotonic()  # when a job last arrived or a call last ended
         self.stats = BatcherStats()
 
+    def _queued(self) -> Iterator[Job[P, R]]:
+        for queue in self._queues.values():
+            yield from queue
+
     @property
     def queued_images(self) -> int:
-        return sum(job.n for job in self._queue if not job.gone)
+        return sum(job.n for job in self._queued() if not job.gone)
 
     @property
     def queued_jobs(self) -> int:
-        return sum(1 for job in self._queue if not job.gone)
+        return sum(1 for job in self._queued() if not job.gone)
+
+    def queued_images_of(self, owner: str) -> int:
+        """Images this owner has waiting (not counting its running ones)."""
+        return sum(job.n for job in self._queues.get(owner, ()) if not job.gone)
+
+    @property
+    def queued_images_by_owner(self) -> dict[str, int]:
+        """Images waiting per owner, for owners with any."""
+        counts = {owner: self.queued_images_of(owner) for owner in self._queues}
+        return {owner: images for owner, images in counts.items() if images}
 
     @property
     def running_jobs(self) -> tuple[Job[P, R], ...]:
@@ -192,49 +235,101 @@ class Batcher(Generic[P, R]):
 
     def _fail_unanswered(self, error: Exception | None = None) -> int:
         failed = 0
-        for job in [*self._running, *self._queue]:
+        for job in [*self._running, *self._queued()]:
             if not job.gone:
                 job.future.set_exception(error or BatcherClosedError("the server is shutting down"))
                 failed += 1
-        self._queue.clear()
+        self._queues.clear()
+        self._turns.clear()
+        self._served = None
         return failed
 
-    def submit(self, key: Hashable, n: int, payload: P, tag: str | None = None) -> asyncio.Future[R]:
+    def submit(
+        self, key: Hashable, n: int, payload: P, tag: str | None = None, *, owner: str = "anonymous"
+    ) -> asyncio.Future[R]:
         """Queue a job of n images, or raise QueueFullError at once if it does not fit."""
-        return self.enqueue(key, n, payload, tag).future
+        return self.enqueue(key, n, payload, tag, owner=owner).future
 
-    def enqueue(self, key: Hashable, n: int, payload: P, tag: str | None = None) -> Job[P, R]:
-        """As `submit`, returning the job itself: its future, and its timings once it has run."""
+    def enqueue(
+        self, key: Hashable, n: int, payload: P, tag: str | None = None, *, owner: str = "anonymous"
+    ) -> Job[P, R]:
+        """As `submit`, returning the job itself: its future, and its timings once it has run.
+
+        Raises OwnerQueueFullError when `owner` would have more than max_queue_per_owner images
+        queued (checked first: that one is the owner's own doing), QueueFullError when the whole
+        queue would hold more than max_queue."""
         if self._closed or not self.alive:
             raise BatcherClosedError("the server is shutting down")
+        if self.max_queue_per_owner is not None:
+            mine = self.queued_images_of(owner)
+            if mine + n > self.max_queue_per_owner:
+                raise OwnerQueueFullError(owner, mine, self.max_queue_per_owner)
         if self.queued_images + n > self.max_queue:
             raise QueueFullError(f"the queue holds {self.queued_images} of {self.max_queue} images")
-        job = Job(key=key, n=n, payload=payload, future=asyncio.get_running_loop().create_future(), tag=tag)
-        self._queue.append(job)
+        job = Job(
+            key=key, n=n, payload=payload, future=asyncio.get_running_loop().create_future(), tag=tag, owner=owner
+        )
+        queue = self._queues.get(owner)
+        if queue is None:  # a newcomer waits for its turn behind the owners already waiting
+            queue = self._queues[owner] = deque()
+            self._turns[owner] = None
+        queue.append(job)
         self._last_busy = time.monotonic()
         self._wakeup.set()
         return job
 
     def _take_batch(self) -> list[Job[P, R]]:
-        """The oldest live job plus every queued job with its key, oldest first, up to max_batch_size images."""
-        while self._queue and self._queue[0].gone:
-            self._queue.popleft()
-            self.stats.dropped += 1
-        if not self._queue:
-            return []
-        return self._add_companions([self._queue.popleft()])
+        """The next owner's oldest live job, filled with queued jobs of its key (see `_add_companions`)."""
+        if self._served is not None:  # the last leader goes behind everyone who waited during its batch
+            self._turns[self._served] = None
+            self._served = None
+        while self._turns:
+            owner, _ = self._turns.popitem(last=False)
+            queue = self._queues[owner]
+            while queue and queue[0].gone:
+                queue.popleft()
+                self.stats.dropped += 1
+            if queue:
+                self._served = owner
+                return self._add_companions([queue.popleft()])
+            del self._queues[owner]  # nothing live left: it loses its place until it queues again
+        return []
 
     def _add_companions(self, batch: list[Job[P, R]]) -> list[Job[P, R]]:
-        """Move queued jobs with the batch's key into it, oldest first, while they fit; drop gone ones."""
-        images = sum(job.n for job in batch)
-        for job in list(self._queue):
-            if job.gone:
-                self._queue.remove(job)
-                self.stats.dropped += 1
-            elif job.key == batch[0].key and images + job.n <= self.max_batch_size:
-                self._queue.remove(job)
-                batch.append(job)
-                images += job.n
+        """Move queued jobs with the batch's key into it while they fit; drop gone ones met on the way.
+
+        The leader's own jobs come first, oldest first, then each other owner's in turn order. Each
+        job is looked at once and the scan stops once the batch is full, so a pick costs
+        O(owners + jobs looked at), however long the queue behind."""
+        key, images, leader = batch[0].key, sum(job.n for job in batch), batch[0].owner
+        emptied: list[str] = []
+        # The leader is in `_turns` too if it emptied and queued again while its batch was held.
+        for owner in chain([leader], (owner for owner in self._turns if owner != leader)):
+            queue = self._queues.get(owner)
+            if queue is None:
+                continue
+            kept: list[Job[P, R]] = []  # looked at and left, in order, to go back at the front
+            while queue and images < self.max_batch_size:
+                job = queue.popleft()
+                if job.gone:
+                    self.stats.dropped += 1
+                elif job.key == key and images + job.n <= self.max_batch_size:
+                    batch.append(job)
+                    images += job.n
+                else:
+                    kept.append(job)
+            queue.extendleft(reversed(kept))
+            if not queue:
+                emptied.append(owner)
+            if images >= self.max_batch_size:
+                break
+        # Owners whose jobs were all taken leave the rotation (they had their images run); queuing
+        # again, they join at its end like any newcomer.
+        for owner in emptied:
+            del self._queues[owner]
+            self._turns.pop(owner, None)
+            if self._served == owner:
+                self._served = None
         return batch
 
     async def _hold_for_companions(self, batch: list[Job[P, R]]) -> list[Job[P, R]]:

@@ -1,12 +1,14 @@
 // The zimage-server page: plain JavaScript, no build step, no network beyond this server.
 // It speaks the public API: POST v1/images/generations (JSON) and v1/images/edits (multipart),
 // relative to the page (so it also works behind a proxy that mounts the server under a prefix),
-// both with stream=true, and reads the server-sent events as they arrive.
+// both with stream=true, and reads the server-sent events as they arrive. The gallery is the
+// server's image history (GET v1/images, DELETE v1/images/{id}), so it survives a reload.
 'use strict';
 
 const KEY_STORAGE = 'zimage.apiKey';
 const PARTIAL_IMAGES = 2;
 const EDIT_MAX_PIXELS = 1024 * 1024; // edits are sized like the input, scaled to about 1 megapixel
+const HISTORY_PAGE_SIZE = 24; // kept images per GET v1/images page; ?page_size=N (1-100) overrides it
 // Sizes each variant is trained around (about 1 megapixel, multiples of 16).
 const SIZE_PRESETS = {
   turbo: [['Square', 1024, 1024], ['Portrait', 864, 1152], ['Landscape', 1152, 864]],
@@ -29,11 +31,12 @@ const state = {
 
 class AuthNeeded extends Error {}
 
-// An error the server explained: its message, and the request field it blames, if any.
+// An error the server explained: its message, the request field it blames and its code, if any.
 class ApiError extends Error {
-  constructor(message, param = null) {
+  constructor(message, param = null, code = null) {
     super(message);
     this.param = param;
+    this.code = code;
   }
 }
 
@@ -50,7 +53,7 @@ async function apiError(response) {
   const text = await response.text();
   try {
     const { error } = JSON.parse(text);
-    if (error && error.message) return new ApiError(error.message, error.param);
+    if (error && error.message) return new ApiError(error.message, error.param, error.code);
   } catch (_) { /* not the JSON envelope: a proxy or a crash page */ }
   return new ApiError(`The server answered ${response.status} ${response.statusText || ''}`.trim());
 }
@@ -81,7 +84,9 @@ async function* serverSentEvents(response) {
 // ---- the API key --------------------------------------------------------------------------
 
 function askForKey(retry) {
-  state.afterKey = retry;
+  // Several requests can be refused at once (the model and the history, on load): retry them all.
+  const earlier = state.afterKey;
+  state.afterKey = earlier && retry ? () => { earlier(); retry(); } : retry || earlier;
   const form = $('#key-form');
   form.hidden = false;
   $('#key-button').hidden = false;
@@ -98,7 +103,9 @@ $('#key-form').addEventListener('submit', (event) => {
   $('#key-form').hidden = true;
   const retry = state.afterKey;
   state.afterKey = null;
+  // A key given unasked may be someone else's: the history shown must be that key's.
   if (retry) retry();
+  else reloadHistory();
 });
 
 $('#key-button').addEventListener('click', () => askForKey(null));
@@ -203,6 +210,34 @@ function reuseSeed(task, seed) {
   input.focus();
 }
 
+// "Use these settings": the form of the task that made the image, refilled with what made it.
+// An edit's input image is not kept, so the Edit tab gets everything but the image.
+function useSettings(settings) {
+  const { task } = settings;
+  reuseSeed(task, settings.seed);
+  const form = $(`#${task}-form`);
+  $('textarea[name="prompt"]', form).value = settings.prompt;
+  $('textarea[name="negative_prompt"]', form).value = settings.negative_prompt || '';
+  // Empty where the record has no value: the server then uses the model's default.
+  $('[data-field="num_inference_steps"]', form).value = settings.num_inference_steps ?? '';
+  $('[data-field="guidance_scale"]', form).value = settings.guidance_scale ?? '';
+  if (task === 'generate') chooseSizeOf(settings.width, settings.height);
+  if (task === 'edit' && settings.strength != null) {
+    $('#edit-strength').value = settings.strength;
+    $('#edit-strength').dispatchEvent(new Event('input')); // its label follows
+  }
+  updateNegativeHints();
+  $('textarea[name="prompt"]', form).focus();
+}
+
+// The preset of that size if there is one, else Custom with the two sides filled in.
+function chooseSizeOf(width, height) {
+  $('#gen-width').value = width;
+  $('#gen-height').value = height;
+  const button = $(`#gen-size-presets [data-size="${width}x${height}"]`) || $('#gen-size-presets [data-size="custom"]');
+  if (button) chooseSize(button);
+}
+
 // ---- tabs --------------------------------------------------------------------------------
 
 function showTab(task) {
@@ -262,8 +297,12 @@ function newCard(task, params, index) {
   const [width, height] = params.size.split('x').map(Number);
   if (width > 0 && height > 0) $('.frame', card).style.aspectRatio = `${width} / ${height}`;
   $('#gallery').prepend(card);
-  $('#gallery-empty').hidden = true;
+  updateEmpty();
   return card;
+}
+
+function updateEmpty() {
+  $('#gallery-empty').hidden = $('#gallery').children.length > 0;
 }
 
 function showPreview(card, b64, format) {
@@ -271,25 +310,72 @@ function showPreview(card, b64, format) {
   card.classList.add('previewing');
 }
 
+// A streamed image arrived: the card shows it, and gets its actions. The id (absent when the
+// server keeps no images) is what makes it deletable.
 function finishCard(card, task, params, event) {
   const type = `image/${event.output_format}`;
   const url = URL.createObjectURL(b64ToBlob(event.b64_json, type));
+  const [width, height] = event.size.split('x').map(Number);
+  card.classList.remove('pending', 'previewing');
+  // What was sent, so the prompt keeps any <lora:...> tags it was written with.
+  fillCard(card, {
+    task, prompt: params.prompt, negative_prompt: params.negative_prompt, width, height, seed: event.seed,
+    num_inference_steps: params.num_inference_steps, guidance_scale: params.guidance_scale, strength: params.strength,
+  }, { url, format: event.output_format, id: event.id });
+}
+
+// A card for a kept image, from its GET v1/images record: its signed url opens without a key.
+function storedCard(record) {
+  const card = $('#card').content.firstElementChild.cloneNode(true);
+  card.dataset.history = '';
+  const settings = storedSettings(record);
+  $('.prompt', card).textContent = record.prompt;
+  $('.frame', card).style.aspectRatio = `${settings.width} / ${settings.height}`;
+  $('img', card).loading = 'lazy'; // a page of full-size images is a lot to fetch at once
+  fillCard(card, settings, { url: record.url, format: record.output_format, id: record.id, expiresAt: record.expires_at });
+  $('.meta', card).title = [`Made ${new Date(record.created_at * 1000).toLocaleString()}`, $('.meta', card).title]
+    .filter(Boolean).join('\n');
+  return card;
+}
+
+// The form fields a record's parameters stand for. The server keeps the prompt without its
+// <lora:name:scale> tags and the LoRAs beside it: put them back as tags, which the form sends.
+function storedSettings(record) {
+  const p = record.parameters;
+  const tags = (p.loras || []).map((lora) => ` <lora:${lora.name}:${lora.scale}>`).join('');
+  const edit = record.route.endsWith('/edits') || ['img2img', 'inpaint'].includes(p.mode);
+  return {
+    task: edit ? 'edit' : 'generate', prompt: record.prompt + tags, negative_prompt: record.negative_prompt,
+    width: p.width, height: p.height, seed: p.seed, num_inference_steps: p.num_inference_steps,
+    guidance_scale: p.guidance_scale, strength: edit ? p.strength : undefined,
+  };
+}
+
+function fillCard(card, settings, { url, format, id, expiresAt }) {
   const img = $('img', card);
   img.src = url;
-  img.alt = params.prompt;
-  card.classList.remove('pending', 'previewing');
-  const details = [event.size.replace('x', '×'), `seed ${event.seed}`];
-  if (params.num_inference_steps) details.push(`${params.num_inference_steps} steps`);
-  if (params.guidance_scale !== undefined) details.push(`guidance ${params.guidance_scale}`);
-  if (params.strength !== undefined) details.push(`strength ${params.strength}`);
+  img.alt = settings.prompt;
+  const details = [`${settings.width}×${settings.height}`, `seed ${settings.seed}`];
+  if (settings.num_inference_steps) details.push(`${settings.num_inference_steps} steps`);
+  if (settings.guidance_scale != null) details.push(`guidance ${settings.guidance_scale}`);
+  if (settings.strength != null) details.push(`strength ${settings.strength}`);
   $('.meta', card).textContent = details.join(' · ');
-  if (params.negative_prompt) $('.meta', card).title = `Negative prompt: ${params.negative_prompt}`;
+  if (settings.negative_prompt) $('.meta', card).title = `Negative prompt: ${settings.negative_prompt}`;
   const download = $('.download', card);
   download.href = url;
-  download.download = `zimage-${event.seed}.${event.output_format === 'jpeg' ? 'jpg' : event.output_format}`;
-  $('.reuse', card).addEventListener('click', () => reuseSeed(task, event.seed));
+  download.download = `zimage-${settings.seed}.${format === 'jpeg' ? 'jpg' : format}`;
+  $('.reuse', card).addEventListener('click', () => reuseSeed(settings.task, settings.seed));
+  $('.use-settings', card).addEventListener('click', () => useSettings(settings));
+  if (id) {
+    card.dataset.id = id;
+    const remove = $('.delete', card);
+    remove.setAttribute('aria-label', `Delete the image “${settings.prompt.slice(0, 80)}”`);
+    remove.addEventListener('click', () => deleteCard(card));
+    remove.hidden = false;
+  }
+  if (expiresAt) keepLinkFresh(card, expiresAt);
   $('.card-actions', card).hidden = false;
-  card.dataset.seed = event.seed;
+  card.dataset.seed = settings.seed;
 }
 
 // Send one request (built fresh each try, so it can be retried after asking for a key) and
@@ -350,11 +436,167 @@ async function runTask(form, task, url, build) {
       showError(form, message, error.param);
     }
     for (const card of cards) if (card.classList.contains('pending')) card.remove();
-    $('#gallery-empty').hidden = $('#gallery').children.length > 0;
+    updateEmpty();
     if (!abort.signal.aborted) $('.progress', form).hidden = true;
   } finally {
     form.abort = null;
     run.textContent = label;
+  }
+}
+
+// ---- the history: kept images, newest first, page by page, deletable -----------------------
+
+// `kept`, not `history`: that name is the browser's own (window.history).
+const kept = {
+  pageSize: pageSizeFromUrl(),
+  hasMore: false,
+  off: false, // the server keeps no images (503 store_unavailable): the gallery is this session's only
+  loading: false,
+  generation: 0, // bumped by a reload, so a page asked for with the previous key is dropped
+};
+
+function pageSizeFromUrl() {
+  const asked = Number(new URLSearchParams(location.search).get('page_size'));
+  return Number.isInteger(asked) && asked >= 1 && asked <= 100 ? asked : HISTORY_PAGE_SIZE;
+}
+
+// The cursor is the oldest image shown, not the last page's last_id: that one may have been
+// deleted since, and the server refuses a cursor it no longer has.
+function oldestShownId() {
+  const shown = $$('#gallery .card[data-id]');
+  return shown.length ? shown.at(-1).dataset.id : null;
+}
+
+async function loadHistory() {
+  if (kept.loading || kept.off) return;
+  const { generation } = kept;
+  kept.loading = true;
+  $('#load-older').disabled = true;
+  $('#gallery').setAttribute('aria-busy', 'true');
+  $('#history-error').hidden = true;
+  const query = new URLSearchParams({ limit: String(kept.pageSize) });
+  const after = oldestShownId();
+  if (after) query.set('after', after);
+  let page = null;
+  let failure = null;
+  try {
+    page = await (await request(`v1/images?${query}`)).json();
+  } catch (error) {
+    failure = error;
+  }
+  if (generation !== kept.generation) return; // reloadHistory has started over
+  kept.loading = false;
+  $('#gallery').setAttribute('aria-busy', 'false');
+  if (failure) historyFailed(failure);
+  else showHistoryPage(page);
+  $('#load-older').disabled = false;
+  $('#load-older').hidden = !kept.hasMore;
+  updateEmpty();
+  // After a failure only the button tries again: scrolling must not hammer a failing server.
+  watchLoadOlder(kept.hasMore && !failure);
+}
+
+function showHistoryPage(page) {
+  const gallery = $('#gallery');
+  // Images of this session may already be shown (streamed before the page arrived): not twice.
+  for (const record of page.data) {
+    if (!gallery.querySelector(`.card[data-id="${CSS.escape(record.id)}"]`)) gallery.append(storedCard(record));
+  }
+  kept.hasMore = page.has_more;
+}
+
+function historyFailed(error) {
+  if (error instanceof AuthNeeded) {
+    askForKey(loadHistory);
+  } else if (error.code === 'store_unavailable') {
+    kept.off = true; // not a fault to show: the gallery is what this session makes, as before
+    kept.hasMore = false;
+  } else {
+    const message = error instanceof TypeError ? `could not reach the server (${error.message})` : error.message;
+    $('#history-error').textContent = `Could not load earlier images: ${message}`;
+    $('#history-error').hidden = false;
+  }
+}
+
+// After a new key: that key's images, from the top. Cards still being made stay.
+function reloadHistory() {
+  kept.generation += 1;
+  kept.loading = false;
+  kept.off = false;
+  kept.hasMore = false;
+  for (const card of $$('#gallery .card:not(.pending)')) card.remove();
+  loadHistory();
+}
+
+// Scrolling to the bottom loads the next page, as the button does. Observing afresh after each
+// page reports where the button is now, so a page too short to fill the screen loads the next.
+const loadOlderObserver = 'IntersectionObserver' in window
+  ? new IntersectionObserver((entries) => {
+    if (entries.some((entry) => entry.isIntersecting) && kept.hasMore) loadHistory();
+  }, { rootMargin: '200px' })
+  : null;
+
+function watchLoadOlder(watch) {
+  if (!loadOlderObserver) return;
+  loadOlderObserver.unobserve($('#load-older'));
+  if (watch) loadOlderObserver.observe($('#load-older'));
+}
+
+$('#load-older').addEventListener('click', loadHistory);
+
+// The card goes only once the server has deleted the image; otherwise it stays, saying why.
+async function deleteCard(card) {
+  const button = $('.delete', card);
+  const problem = $('.card-error', card);
+  button.disabled = true;
+  problem.hidden = true;
+  try {
+    await request(`v1/images/${encodeURIComponent(card.dataset.id)}`, { method: 'DELETE' });
+  } catch (error) {
+    button.disabled = false;
+    if (error instanceof AuthNeeded) return askForKey(() => deleteCard(card));
+    const message = error instanceof TypeError ? `could not reach the server (${error.message})` : error.message;
+    problem.textContent = `Not deleted: ${message}`;
+    problem.hidden = false;
+    return;
+  }
+  const { href } = $('.download', card);
+  if (href.startsWith('blob:')) URL.revokeObjectURL(href);
+  card.remove();
+  updateEmpty();
+}
+
+// A kept image's signed link expires (Z_IMAGE_URL_TTL_S, an hour by default). A page left open
+// longer gets a fresh one (GET v1/images/{id}) when the image fails to load or is downloaded.
+function keepLinkFresh(card, expiresAt) {
+  card.dataset.expiresAt = expiresAt;
+  $('img', card).addEventListener('error', () => {
+    if (linkStale(card)) refreshLink(card);
+  });
+  $('.download', card).addEventListener('click', async (event) => {
+    if (!linkStale(card)) return;
+    event.preventDefault();
+    if (await refreshLink(card)) $('.download', card).click();
+  });
+}
+
+// Near its expiry by this browser's clock, and not refreshed in the last minute: a clock that
+// disagrees with the server's, or a very short TTL, must not make it ask again and again.
+function linkStale(card) {
+  const now = Date.now() / 1000;
+  return now >= Number(card.dataset.expiresAt) - 30 && now - Number(card.dataset.refreshedAt || 0) > 60;
+}
+
+async function refreshLink(card) {
+  card.dataset.refreshedAt = Date.now() / 1000;
+  try {
+    const record = await (await request(`v1/images/${encodeURIComponent(card.dataset.id)}`)).json();
+    card.dataset.expiresAt = record.expires_at;
+    $('img', card).src = record.url;
+    $('.download', card).href = record.url;
+    return true;
+  } catch (_) {
+    return false; // gone or unreachable: the card shows the broken image, which says as much
   }
 }
 
@@ -529,3 +771,4 @@ for (const textarea of $$('form.task textarea')) {
 }
 
 loadModel();
+loadHistory();
