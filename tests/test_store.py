@@ -20,7 +20,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from conftest import assert_envelope, live_server, metric, serving, wait_for
+from conftest import Captured, assert_envelope, live_server, metric, serving, wait_for
 from zimage_server.gallery import Gallery, NewImages
 from zimage_server.index import IndexUnavailable, images_table, open_index
 from zimage_server.keys import ANONYMOUS, KeysFileError, digest, read_keys_file
@@ -178,11 +178,13 @@ def test_a_failing_store_never_fails_b64_json_but_fails_url_with_503(settings, r
         # Today's subfolder is a file: every write fails, as on a full or broken disk.
         (folder / time.strftime("%Y-%m-%d", time.gmtime())).write_bytes(b"")
         assert "zimage_store_errors_total 0.0" in client.get("/metrics").text
-        for _ in range(3):
-            assert "b64_json" in stored(client, "")["data"][0]
-        error = assert_envelope(client.post(GEN, json=SMALL | {"response_format": "url"}), 503)
-        assert error["code"] == "store_unavailable" and "store failed" in error["message"]
-        wait_for(lambda: "zimage_store_errors_total 4.0" in client.get("/metrics").text)
+        with Captured("zimage_server.gallery") as log:
+            for _ in range(3):
+                assert "b64_json" in stored(client, "")["data"][0]
+            error = assert_envelope(client.post(GEN, json=SMALL | {"response_format": "url"}), 503)
+            assert error["code"] == "store_unavailable" and "store failed" in error["message"]
+            wait_for(lambda: "zimage_store_errors_total 4.0" in client.get("/metrics").text)
+        assert len([r for r in log.records if r.levelname == "ERROR"]) == 1  # one line per burst
         assert client.get("/v1/images").json()["data"] == []
 
 
@@ -379,28 +381,35 @@ def test_reconcile_removes_orphans_and_partials_and_drops_rows_without_files(tmp
 # -- the index's schema ------------------------------------------------------------------------------
 
 
-def test_an_older_schema_upgrades_in_place_and_a_newer_one_is_refused(tmp_path):
+def test_a_version_1_index_upgrades_in_place_and_a_newer_one_is_refused(tmp_path):
+    from sqlalchemy import insert, inspect, select, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from zimage_server.index import meta_table, schema_table
+
     url = f"sqlite:///{tmp_path / 'index.db'}"
 
-    async def add_column(conn) -> None:
-        from sqlalchemy import text
-
-        await conn.execute(text("ALTER TABLE zimage_images ADD COLUMN rating INTEGER"))
-
     async def scenario() -> None:
-        gallery = Gallery(ImageStore.from_setting(str(tmp_path / "out")), await open_index(url))
-        _, written = gallery.keep(new_images(2))
+        # An index as version 1 of the server left it: images, no jobs.
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'index.db'}")
+        async with engine.begin() as conn:
+            for table in (schema_table, meta_table, images_table):
+                await conn.run_sync(table.create)
+            await conn.execute(insert(schema_table).values(version=1))
+        await engine.dispose()
+        old = Gallery(ImageStore.from_setting(str(tmp_path / "out")), await open_index(url, migrations=()))
+        _, written = old.keep(new_images(2))
         await written
-        await gallery.index.close()
-        upgraded = await open_index(url, migrations=[add_column])  # version 1 -> 2, rows kept
-        async with upgraded._engine.connect() as conn:
-            from sqlalchemy import select, text
-
+        await old.index.close()
+        upgraded = await open_index(url)  # version 1 -> 2: the jobs table arrives, the images stay
+        async with upgraded.engine.connect() as conn:
             assert (await conn.execute(text("SELECT version FROM zimage_schema"))).scalar_one() == 2
             assert len((await conn.execute(select(images_table.c.id))).all()) == 2
-            await conn.execute(text("SELECT rating FROM zimage_images"))
+            assert "zimage_jobs" in await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+            await conn.execute(text("UPDATE zimage_schema SET version = 3"))
+            await conn.commit()
         await upgraded.close()
-        with pytest.raises(IndexUnavailable, match="schema version 2, newer than this server's 1"):
+        with pytest.raises(IndexUnavailable, match="schema version 3, newer than this server's 2"):
             await open_index(url)
 
     asyncio.run(scenario())

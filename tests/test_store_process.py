@@ -148,4 +148,4 @@ def test_an_index_from_a_newer_server_stops_the_start_in_one_line(models_dir, tm
     result = serve_once(models_dir, tmp_path, Z_IMAGE_STORE=str(store))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "schema version 99, newer than this server's 1" in lines[0]
+    assert len(lines) == 1 and "schema version 99, newer than this server's 2" in lines[0]

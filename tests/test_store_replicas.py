@@ -126,7 +126,7 @@ def test_a_newer_schema_on_postgresql_is_refused(postgres):
         async with index._engine.begin() as conn:
             await conn.execute(text("UPDATE zimage_schema SET version = 7"))
         await index.close()
-        with pytest.raises(IndexUnavailable, match="schema version 7, newer than this server's 1"):
+        with pytest.raises(IndexUnavailable, match="schema version 7, newer than this server's 2"):
             await open_index(url)
 
     asyncio.run(scenario())

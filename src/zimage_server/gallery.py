@@ -227,6 +227,14 @@ class Gallery:
         await self._remove([record])
         return True
 
+    async def forget_request(self, request_id: str) -> int:
+        """Delete every image of one request (a job run again after a crash replaces its first
+        run's images); how many."""
+        records = await self._index_call(self.index.of_request(request_id))
+        if records:
+            await self._remove(records)
+        return len(records)
+
     async def _written(self, image_id: str) -> None:
         """Wait for the image's write if it is still in flight here: a client may use the id it was
         just given before the background write has committed it."""

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Float,
     Index,
@@ -66,12 +67,52 @@ images_table = Table(
     # Newest first, for everyone (admin) and per owner; the id breaks ties in the same instant.
     Index("zimage_images_newest", "created_at", "id"),
     Index("zimage_images_owner_newest", "owner", "created_at", "id"),
+    Index("zimage_images_request", "request_id"),
 )
+
+jobs_table = Table(
+    "zimage_jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("status", String(16), nullable=False),  # queued, running, succeeded, failed, cancelled
+    Column("kind", String(32), nullable=False),  # which route's request: generations, edits, txt2img, img2img
+    Column("request", JSON, nullable=False),  # the request as received (seeds fixed), to run it again after a crash
+    Column("request_id", String(64), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("webhook_url", Text),
+    Column("lease_owner", String(64)),  # the replica running it
+    Column("lease_until", Float),  # past this, another replica may take it over
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("step", Integer),
+    Column("total", Integer),
+    Column("result", JSON),  # succeeded: the stored images' ids and seeds
+    Column("error", JSON),  # failed: the error envelope's fields
+    Column("webhook_done", Boolean, nullable=False, default=False),
+    Index("zimage_jobs_claim", "status", "created_at"),
+    Index("zimage_jobs_owner_newest", "owner", "created_at", "id"),
+)
+
+
+async def add_jobs_table(conn: AsyncConnection) -> None:
+    """Version 2: asynchronous jobs (job_queue.py), and images found by their request (a job's rerun)."""
+
+    def upgrade(sync: Any) -> None:
+        jobs_table.create(sync, checkfirst=True)
+        next(i for i in images_table.indexes if i.name == "zimage_images_request").create(sync, checkfirst=True)
+
+    await conn.run_sync(upgrade)
+
 
 # Upgrades from version N to N + 1, in order: MIGRATIONS[N - 1] runs on a version-N index. A new
 # index is created at the newest version directly, from `metadata`.
 Migration = Callable[[AsyncConnection], Awaitable[None]]
-MIGRATIONS: tuple[Migration, ...] = ()
+MIGRATIONS: tuple[Migration, ...] = (add_jobs_table,)
 URL_SECRET_KEY = "url_secret"
 # Taken while a server creates or upgrades the schema, so replicas starting together take turns.
 SCHEMA_LOCK_ID = 0x5A494D47  # "ZIMG"
@@ -150,6 +191,11 @@ class ImageIndex:
         self._engine = engine
         self.description = description  # the URL without its password, for logs
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The connection pool, shared with the job queue (the same database)."""
+        return self._engine
+
     async def close(self) -> None:
         await self._engine.dispose()
 
@@ -193,6 +239,11 @@ class ImageIndex:
             rows = (await conn.execute(statement)).all()
         records = [ImageRecord(**row._mapping) for row in rows[:limit]]
         return records, len(rows) > limit
+
+    async def of_request(self, request_id: str) -> list[ImageRecord]:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(images_table).where(images_table.c.request_id == request_id))).all()
+        return [ImageRecord(**row._mapping) for row in rows]
 
     async def delete(self, image_id: str) -> None:
         async with self._engine.begin() as conn:

@@ -325,6 +325,45 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             pattern=r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?)?[bB]?\s*$",
         ),
     ] = "20GiB"
+    max_queue_per_key: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        setting(
+            "Z_IMAGE_MAX_QUEUE_PER_KEY",
+            "queued images one key (owner) may have before its new requests get 429 while other keys still get "
+            "in (default: the whole queue)",
+        ),
+    ] = None
+    webhook_url: Annotated[
+        Annotated[str, Meta(pattern=r"^https?://\S+$", max_length=2048)] | None,
+        setting("Z_IMAGE_WEBHOOK_URL", "called when any async job finishes, besides a request's own webhook_url"),
+    ] = None
+    webhook_secret: Annotated[
+        Annotated[str, Meta(min_length=16)] | None,
+        setting(
+            "Z_IMAGE_WEBHOOK_SECRET",
+            "signs webhook calls the Standard Webhooks way (whsec_BASE64, or any string of 16+ characters); "
+            "webhooks need it",
+            secret=True,
+        ),
+    ] = None
+    webhook_allow: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=253)], ...],
+        setting(
+            "Z_IMAGE_WEBHOOK_ALLOW",
+            "comma-separated hosts or networks (CIDR) webhooks may call even when private, loopback or link-local "
+            "(refused by default)",
+        ),
+    ] = ()
+    job_lease_s: Annotated[
+        float,
+        setting(
+            "Z_IMAGE_JOB_LEASE_S",
+            "an async job's runner renews its claim this often (x3); a replica silent for longer loses its jobs "
+            "to the others, which run them again",
+            ge=1,
+            le=3600,
+        ),
+    ] = 30.0
     host: Annotated[str, setting("Z_IMAGE_HOST", "address to bind")] = "127.0.0.1"
     port: Annotated[int, setting("Z_IMAGE_PORT", "port to bind", ge=0, le=65535)] = 8000
 
@@ -491,6 +530,13 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
         )
     parse_quantize(settings.quantize)
     check_store_settings(settings)
+    if settings.max_queue_per_key is not None and settings.max_n > settings.max_queue_per_key:
+        raise SettingsError(
+            f"Z_IMAGE_MAX_N={settings.max_n} exceeds Z_IMAGE_MAX_QUEUE_PER_KEY={settings.max_queue_per_key}: "
+            "a request of n images could never be queued"
+        )
+    if settings.webhook_url is not None and settings.webhook_secret is None:
+        raise SettingsError("Z_IMAGE_WEBHOOK_URL needs Z_IMAGE_WEBHOOK_SECRET: every webhook call is signed with it")
     return settings
 
 

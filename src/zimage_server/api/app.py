@@ -21,6 +21,7 @@ from ..faults import FaultInjector
 from ..gallery import Gallery, keep_tidy
 from ..idle import unload_when_idle
 from ..index import INDEX_FAILURES, IndexUnavailable, open_index
+from ..job_queue import JobQueue
 from ..keys import ApiKeys
 from ..model_layout import checkpoint_sha256
 from ..model_thread import model_thread
@@ -29,12 +30,16 @@ from ..settings import Settings
 from ..signed_urls import UrlSigner
 from ..specs import GenerationCancelled
 from ..store import ImageStore, first_line
+from .async_jobs import JobRunner
 from .auth import require_api_key
 from .errors import EXCEPTION_HANDLERS
 from .observability import ServerMetrics, http_metrics_config, install_request_log, metrics_endpoint
 from .page import PAGE_ROUTES
 from .edits import create_edit
 from .history import HISTORY_ROUTES
+from .job_routes import JOB_ROUTES
+from .shutdown import SEND_GRACE_S
+from .webhook_targets import WebhookTargets
 from .routes import ROUTES, create_images
 from .sdapi import controlnet_router, sdapi_router
 from .state import FetchModel, ServerState
@@ -64,6 +69,7 @@ async def start_serving(server: ServerState) -> None:
         BatchPolicy(server.runner, settings.max_batch_size),
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        max_queue_per_owner=settings.max_queue_per_key,
         batch_wait_s=settings.batch_wait_ms / 1000,
         quiet_errors=(GenerationCancelled,),
         on_batch=server.metrics.record_batch,
@@ -76,6 +82,9 @@ async def start_serving(server: ServerState) -> None:
         server.idle_watch = asyncio.create_task(
             unload_when_idle(batcher, server.runner, settings.idle_unload_s, model_thread().run), name="idle-unload"
         )
+    if server.job_queue is not None:
+        server.job_runner = JobRunner(server, server.job_queue)
+        server.job_runner_task = asyncio.create_task(server.job_runner.run_forever(), name="job-runner")
     server.ready = True
     log.info("ready: %s on %s", server.variant.model_name, server.runner.device)
 
@@ -118,6 +127,7 @@ async def open_gallery(server: ServerState) -> None:
         return
     server.signer = UrlSigner(secret.encode(), settings.url_ttl_s)
     server.gallery = Gallery(store, index, on_store_error=server.metrics.store_errors.inc)
+    server.job_queue = JobQueue(index)
     server.upkeep = asyncio.create_task(
         keep_tidy(server.gallery, settings.store_max_age_s, settings.store_max_bytes_count), name="store-upkeep"
     )
@@ -156,8 +166,15 @@ async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
+        if server.job_runner is not None:
+            server.job_runner.pause()
         if server.batcher is not None:
             await server.batcher.stop(server.settings.drain_timeout_s)
+        if server.job_runner is not None:
+            await server.job_runner.stop(SEND_GRACE_S)
+            server.job_runner_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server.job_runner_task
         await close_gallery(server)
 
 
@@ -196,11 +213,13 @@ def create_app(
     """
     server = ServerState(settings=settings, runner=runner, fetch_model=fetch_model, faults=faults)
     server.api_keys = ApiKeys.load(settings.api_key, settings.api_keys_file)
+    server.webhooks = WebhookTargets(settings)
     server.credentials = ContentCredentials.from_settings(settings)
     server.metrics = ServerMetrics(server)
     app = Litestar(
         route_handlers=[
             *ROUTES,
+            *JOB_ROUTES,
             *HISTORY_ROUTES,
             uploads_router(settings),
             sdapi_router(settings),

@@ -29,6 +29,7 @@ from ..settings import Settings
 from ..specs import CallMode, GenerationSpec
 from .errors import MISSING_FIELD, ApiError, ClientGoneError
 from .guards import require_multipart, require_ready
+from .async_jobs import REPLAYS, accept_job, check_async_fields, check_sync_fields, wants_async
 from .jobs import submit_job
 from .requests import MIN_SIDE, generation_spec, max_sides
 from .responses import OutputOptions, check_raw_image_count, images_response
@@ -260,31 +261,56 @@ async def create_edit(request: Request, state: State) -> Response:
     server = server_state(state)
     form = await read_form(request, server.settings)
     try:
-        data = parse_edit_request(form_values(form))
+        values = form_values(form)
+        data = parse_edit_request(values)
         image_parts, mask_part, control_part = uploads(form)
-        mode = edit_mode(server, len(image_parts), mask_part is not None)
-        if control_part is not None and mode != "inpaint":
-            raise ApiError(
-                400,
-                "A control image on an edit needs a mask (ControlNet inpainting); for a controlled image "
-                "from a prompt, send control_image to /v1/images/generations.",
-                param="control_image",
-            )
-        check_raw_image_count(request, data.n)
+        edit_mode(server, len(image_parts), mask_part is not None)  # before reading the uploads
+        if not wants_async(request):
+            check_sync_fields(data.webhook_url)
+            check_raw_image_count(request, data.n)
         image_bytes = [await part.read() for part in image_parts]
         mask_bytes = await mask_part.read() if mask_part is not None else None
         control_bytes = await control_part.read() if control_part is not None else None
     finally:
         await form.close()
-    # Decoding and resizing take a while for big photos: off the event loop.
-    spec, options = await asyncio.to_thread(prepare_edit, data, mode, image_bytes, mask_bytes, server)
-    if control_bytes is not None:
-        spec = await asyncio.to_thread(
-            controlled, spec, server, control_bytes, data.control_preprocess or "none", data.control_scale
-        )
+    files = {"image": image_bytes, "mask": [mask_bytes] if mask_bytes else [],
+             "control_image": [control_bytes] if control_bytes else []}  # fmt: skip
+    spec, options = await prepare_edit_request(server, values, files)
+    if wants_async(request):
+        check_async_fields(data.stream)
+        body = values | {"seed": str(spec.seeds[0])}
+        return await accept_job(request, server, "edits", body, spec, files, webhook_url=data.webhook_url)
     if data.stream:
         return stream_images(
             server, spec, options, partial_images=data.partial_images or 0, events=EDIT_EVENTS, request=request
         )
     images = await submit_job(server, spec, request).result()
     return await images_response(request, server, spec, options, images)
+
+
+async def prepare_edit_request(
+    server: ServerState, values: dict[str, str], files: dict[str, list[bytes]]
+) -> tuple[GenerationSpec, OutputOptions]:
+    """The spec an edit runs, from its form fields and uploads: for the route and for its async job."""
+    data = parse_edit_request(values)
+    masks, controls = files.get("mask") or [], files.get("control_image") or []
+    mode = edit_mode(server, len(files["image"]), bool(masks))
+    if controls and mode != "inpaint":
+        raise ApiError(
+            400,
+            "A control image on an edit needs a mask (ControlNet inpainting); for a controlled image "
+            "from a prompt, send control_image to /v1/images/generations.",
+            param="control_image",
+        )
+    # Decoding and resizing take a while for big photos: off the event loop.
+    spec, options = await asyncio.to_thread(
+        prepare_edit, data, mode, files["image"], masks[0] if masks else None, server
+    )
+    if controls:
+        spec = await asyncio.to_thread(
+            controlled, spec, server, controls[0], data.control_preprocess or "none", data.control_scale
+        )
+    return spec, options
+
+
+REPLAYS["edits"] = prepare_edit_request

@@ -18,8 +18,10 @@ from typing import Any
 from litestar import Request
 
 from ..batcher import BatcherClosedError, QueueFullError
+from ..keys import ANONYMOUS
 from ..lora_library import LoraError
 from ..specs import GenerationSpec, ModelUnavailable, OutOfMemoryForRequest
+from .auth import principal_of
 from .errors import ApiError, ClientGoneError, lora_error
 from .guards import RETRY_AFTER_S, shutting_down
 from .observability import remember_job, request_id_of
@@ -168,15 +170,18 @@ def submit_job(
     *,
     stream: bool = False,
     partial_images: int = 0,
+    owner: str | None = None,
+    tag: str | None = None,
 ) -> JobHandle:
     """Queue the request's job, or fail at once with 429 (queue full) or 503 (shutting down).
 
-    With the request, the job is tagged with its id and its timings reach the request log."""
+    With the request, the job is tagged with its id, its owner is the request's key, and its
+    timings reach the request log; an async job (no request) names its owner and tag itself."""
     handle = JobHandle(server, spec, request, stream=stream, partial_images=partial_images)
+    if request is not None:
+        owner, tag = principal_of(request).name, request_id_of(request.scope)
     try:
-        job = server.batcher.enqueue(
-            handle.spec.params, spec.n, handle.spec, tag=request_id_of(request.scope) if request else None
-        )
+        job = server.batcher.enqueue(handle.spec.params, spec.n, handle.spec, tag=tag, owner=owner or ANONYMOUS.name)
     except QueueFullError as exc:
         message = f"The server is busy ({exc}); retry shortly."
         raise ApiError(429, message, code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None

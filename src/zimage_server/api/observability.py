@@ -138,6 +138,11 @@ class ServerMetrics:
         Gauge(
             "zimage_store_pending_writes", "Requests whose images are still being written to the store", registry=registry
         ).set_function(lambda: server.gallery.pending_writes if server.gallery is not None else 0)
+        Gauge(
+            "zimage_jobs_queued",
+            "Async jobs waiting in the shared queue (every replica's, as this one last saw it); scale on this",
+            registry=registry,
+        ).set_function(lambda: server.job_runner.queued if server.job_runner is not None else 0)
         registry.register(GpuMemoryCollector(server))
 
     def record_batch(self, report: BatchReport) -> None:

@@ -142,26 +142,41 @@ def stored_parameters(spec: GenerationSpec, parameters: ImageParameters) -> dict
     }
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Who asked for images, and through which route and request: what their records say."""
+
+    owner: str
+    route: str
+    request_id: str
+
+
+def origin_of(request: Request) -> Origin:
+    return Origin(principal_of(request).name, request.scope["path"], request_id_of(request.scope) or "")
+
+
 async def keep_images(
-    request: Request,
+    origin: Origin,
     server: ServerState,
     spec: GenerationSpec,
     encoded: list[bytes],
     output_format: str,
     options: OutputOptions,
+    *,
+    wait: bool = False,
 ) -> list[ImageRecord] | None:
     """Hand the images to the gallery; None when they are not kept (store: false, or no store).
 
-    A `url` answer waits until the images are kept (503 if they cannot be); any other answer leaves
-    while they are written: a store that fails never costs a client its images."""
+    A `url` answer (or `wait`) waits until the images are kept (503 if they cannot be); any other
+    answer leaves while they are written: a store that fails never costs a client its images."""
     gallery = server.gallery
     if not options.store or gallery is None:
         return None
     records, written = gallery.keep(
         NewImages(
-            owner=principal_of(request).name,
-            route=request.scope["path"],
-            request_id=request_id_of(request.scope) or "",
+            owner=origin.owner,
+            route=origin.route,
+            request_id=origin.request_id,
             prompt=spec.prompt,
             negative_prompt=spec.negative_prompt,
             parameters=[stored_parameters(spec, p) for p in request_parameters(server, spec)],
@@ -171,7 +186,7 @@ async def keep_images(
             blobs=encoded,
         )
     )
-    if options.response_format == "url":
+    if options.response_format == "url" or wait:
         try:
             await asyncio.shield(written)  # a client that leaves does not stop the write
         except GalleryUnavailable as exc:
@@ -218,7 +233,7 @@ async def images_response(
     output_format = FORMAT_FOR_MEDIA_TYPE[raw_type] if raw_type else options.output_format
 
     encoded = await encode_for_response(server, spec, images, output_format, options.compression)
-    records = await keep_images(request, server, spec, encoded, output_format, options)
+    records = await keep_images(origin_of(request), server, spec, encoded, output_format, options)
     if raw_type:
         headers = {"X-Seed": str(spec.seeds[0])}
         if records is not None:

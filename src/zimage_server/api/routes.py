@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 
+import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 
+from ..specs import GenerationSpec
+from .async_jobs import REPLAYS, accept_job, check_async_fields, check_sync_fields, wants_async
 from .control import controlled_from_base64
 from .guards import RETRY_AFTER_S, require_json, require_ready
 from .jobs import submit_job
 from .requests import generation_spec
-from .responses import check_raw_image_count, images_response
+from .responses import OutputOptions, check_raw_image_count, images_response
 from .schemas import GenerationRequest, LoraCard, LoraList, ModelCard, ModelDefaults, ModelList
-from .state import server_state
+from .state import ServerState, server_state
 from .streaming import GENERATION_EVENTS, stream_images
 
 
@@ -24,11 +27,12 @@ from .streaming import GENERATION_EVENTS, stream_images
 )
 async def create_images(request: Request, data: GenerationRequest, state: State) -> Response:
     server = server_state(state)
-    spec, options = generation_spec(data, server)
-    if data.control_image is not None:
-        spec = await controlled_from_base64(
-            spec, server, data.control_image, "control_image", data.control_preprocess or "none", data.control_scale
-        )
+    spec, options = await prepare_generation(server, data)
+    if wants_async(request):
+        check_async_fields(data.stream)
+        body = msgspec.to_builtins(data) | {"seed": spec.seeds[0]}
+        return await accept_job(request, server, "generations", body, spec, webhook_url=data.webhook_url)
+    check_sync_fields(data.webhook_url)
     if data.stream:
         return stream_images(
             server, spec, options, partial_images=data.partial_images or 0, events=GENERATION_EVENTS, request=request
@@ -36,6 +40,23 @@ async def create_images(request: Request, data: GenerationRequest, state: State)
     check_raw_image_count(request, spec.n)
     images = await submit_job(server, spec, request).result()
     return await images_response(request, server, spec, options, images)
+
+
+async def prepare_generation(server: ServerState, data: GenerationRequest) -> tuple[GenerationSpec, OutputOptions]:
+    """The spec a generations request runs, its control image decoded: for the route and for its async job."""
+    spec, options = generation_spec(data, server)
+    if data.control_image is not None:
+        spec = await controlled_from_base64(
+            spec, server, data.control_image, "control_image", data.control_preprocess or "none", data.control_scale
+        )
+    return spec, options
+
+
+async def replay_generation(server: ServerState, body: dict, _: dict) -> tuple[GenerationSpec, OutputOptions]:
+    return await prepare_generation(server, msgspec.convert(body, GenerationRequest))
+
+
+REPLAYS["generations"] = replay_generation
 
 
 @get("/v1/models", guards=[require_ready], summary="The model this server runs, with its default settings.")

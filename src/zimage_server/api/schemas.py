@@ -46,6 +46,12 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     size: Annotated[str, Meta(max_length=32, description="WxH, multiples of 16, or auto (1024x1024).")] | None = None
     response_format: Literal["b64_json", "url"] | None = None
     store: Annotated[bool, Meta(description="Keep the images in the server's store (default true).")] | None = None
+    webhook_url: (
+        Annotated[
+            str, Meta(max_length=2048, description="With Prefer: respond-async, called when the job finishes.")
+        ]
+        | None
+    ) = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
     output_compression: Compression | None = None
     # OpenAI fields we accept and cannot honour.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import Request, Response, Router, get, post
 from litestar.datastructures import State
 from msgspec import Meta
 
@@ -32,9 +32,10 @@ from .control import CONTROL_PREPROCESSES, controlled_from_base64
 from .edits import EditRequest, Strength, UploadDialect, edit_mode, prepare_edit
 from .errors import ApiError
 from .guards import require_json, require_ready
+from .async_jobs import REPLAYS, accept_job, wants_async
 from .jobs import JobHandle, submit_job
 from .requests import MAX_SIDE, MIN_SIDE, generation_spec, served_model_ids
-from .responses import OutputOptions, encode_for_response, keep_images, request_parameters
+from .responses import OutputOptions, encode_for_response, keep_images, origin_of, request_parameters
 from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest, Guidance, Steps
 from .state import ServerState, server_state
 from .uploads import decode_base64_image
@@ -315,7 +316,7 @@ async def run_and_answer(
     encoded = await encode_for_response(server, spec, images, "png", None)
     # Kept whatever save_images says: A1111 clients leave it false (its default), and their images
     # would never reach the history otherwise.
-    await keep_images(request, server, spec, encoded, "png", A1111_OUTPUT)
+    await keep_images(origin_of(request), server, spec, encoded, "png", A1111_OUTPUT)
     return A1111ImagesResponse(
         images=[base64.b64encode(blob).decode() for blob in encoded] if data.send_images else [],
         parameters=without_images(data),
@@ -332,11 +333,22 @@ async def run_and_answer(
     status_code=200,
     summary="Create images from a prompt (AUTOMATIC1111 API).",
 )
-async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111ImagesResponse:
+async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111ImagesResponse | Response:
     server = server_state(state)
-    spec, _ = generation_spec(openai_request(data, server), server)
-    spec = await with_control(spec, control_unit(data), server)
+    spec = await prepare_txt2img(server, data)
+    if wants_async(request):
+        body = msgspec.to_builtins(data) | {"seed": spec.seeds[0]}
+        return await accept_job(request, server, "txt2img", body, spec)
     return await run_and_answer(request, server, spec, data)
+
+
+async def prepare_txt2img(server: ServerState, data: Txt2ImgRequest) -> GenerationSpec:
+    spec, _ = generation_spec(openai_request(data, server), server)
+    return await with_control(spec, control_unit(data), server)
+
+
+async def replay_txt2img(server: ServerState, body: dict, _: dict) -> tuple[GenerationSpec, OutputOptions]:
+    return await prepare_txt2img(server, msgspec.convert(body, Txt2ImgRequest)), A1111_OUTPUT
 
 
 @post(
@@ -345,8 +357,16 @@ async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111
     status_code=200,
     summary="Edit an image from a prompt, optionally within a mask (AUTOMATIC1111 API).",
 )
-async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111ImagesResponse:
+async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111ImagesResponse | Response:
     server = server_state(state)
+    spec = await prepare_img2img_request(server, data)
+    if wants_async(request):
+        body = msgspec.to_builtins(data) | {"seed": spec.seeds[0]}
+        return await accept_job(request, server, "img2img", body, spec)
+    return await run_and_answer(request, server, spec, data)
+
+
+async def prepare_img2img_request(server: ServerState, data: Img2ImgRequest) -> GenerationSpec:
     if not data.init_images:
         raise ApiError(400, "'init_images' is required: the image to edit, base64.", param="init_images")
     # Decoding and resizing take a while for big photos: off the event loop.
@@ -359,8 +379,15 @@ async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111
             "for a controlled image from a prompt.",
             param="alwayson_scripts",
         )
-    spec = await with_control(spec, unit, server)
-    return await run_and_answer(request, server, spec, data)
+    return await with_control(spec, unit, server)
+
+
+async def replay_img2img(server: ServerState, body: dict, _: dict) -> tuple[GenerationSpec, OutputOptions]:
+    return await prepare_img2img_request(server, msgspec.convert(body, Img2ImgRequest)), A1111_OUTPUT
+
+
+REPLAYS["txt2img"] = replay_txt2img
+REPLAYS["img2img"] = replay_img2img
 
 
 def without_images(data: Txt2ImgRequest) -> dict[str, Any]:

@@ -41,6 +41,8 @@ async def drain(app: Litestar, timeout: float) -> None:
     if server.draining:
         return
     server.draining = True
+    if server.job_runner is not None:
+        server.job_runner.pause()  # queued async jobs stay queued: the next start or another replica runs them
     batcher = server.batcher
     if batcher is None:  # still loading: nothing was accepted
         return

@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # the runner imports torch; the API only holds it
     from ..batcher import Batcher
     from ..content_credentials import ContentCredentials
     from ..gallery import Gallery
+    from ..job_queue import JobQueue
+    from .async_jobs import JobRunner
+    from .webhook_targets import WebhookTargets
     from ..runner import ModelRunner
     from ..signed_urls import UrlSigner
     from .observability import ServerMetrics
@@ -46,6 +49,10 @@ class ServerState:
     gallery_error: str | None = None  # why there is no gallery: what a url response's 503 says
     signer: UrlSigner | None = None  # signs image links, with the gallery
     upkeep: asyncio.Task | None = None  # reconciles the store at start, then sweeps it (retention)
+    job_queue: JobQueue | None = None  # the durable queue of async jobs, in the index
+    job_runner: JobRunner | None = None  # takes async jobs from it while the batcher has room
+    job_runner_task: asyncio.Task | None = None
+    webhooks: WebhookTargets | None = None
     idle_watch: asyncio.Task | None = None  # unloads the model when idle (Z_IMAGE_IDLE_UNLOAD_S > 0)
     metrics: ServerMetrics | None = None
     ready: bool = False  # loaded, warmed up, taking work

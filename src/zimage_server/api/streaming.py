@@ -34,7 +34,7 @@ from ..images import encode_image
 from ..specs import GenerationSpec
 from .errors import ApiError, error_detail
 from .jobs import KEEP_ALIVE, JobHandle, StepReport, submit_job
-from .responses import OutputOptions, encode_for_response, image_items, keep_images
+from .responses import OutputOptions, encode_for_response, image_items, keep_images, origin_of
 from .schemas import CompletedEvent, ErrorEvent, PartialImageEvent, ProgressEvent
 from .state import ServerState
 
@@ -98,7 +98,7 @@ async def job_events(
                     yield message
         images = handle.outcome()
         encoded = await encode_for_response(server, spec, images, options.output_format, options.compression)
-        records = await keep_images(handle.request, server, spec, encoded, options.output_format, options)
+        records = await keep_images(origin_of(handle.request), server, spec, encoded, options.output_format, options)
         items = image_items(handle.request, server, spec, encoded, records, options.response_format)
         for index, item in enumerate(items):
             yield sse(
