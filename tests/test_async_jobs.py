@@ -63,7 +63,10 @@ def test_an_async_generation_is_accepted_then_succeeds_with_its_synchronous_twin
             from_link = client.get(item["url"]).content
             assert from_link == base64.b64decode(item["b64_json"])
             assert np.array_equal(pixels(from_link), pixels(base64.b64decode(sync["b64_json"])))
-        assert "b64_json" not in finished(client, client.post(GEN, json=SMALL, headers=ASYNC).json()["id"])["data"][0]
+        # As the synchronous answer: b64_json by default, links only with response_format=url.
+        assert "b64_json" in finished(client, client.post(GEN, json=SMALL, headers=ASYNC).json()["id"])["data"][0]
+        url_only = client.post(GEN, json=SMALL | {"response_format": "url"}, headers=ASYNC).json()["id"]
+        assert "b64_json" not in finished(client, url_only)["data"][0]
 
 
 def test_other_prefer_values_are_ignored(settings, runner, tmp_path):
@@ -139,6 +142,7 @@ def test_async_needs_a_store_and_refuses_streams_and_sync_webhooks(settings, run
         assert assert_envelope(client.post(GEN, json=SMALL, headers=ASYNC), 503)["code"] == "store_unavailable"
     with serving(settings, runner, store=str(tmp_path / "out")) as client:
         assert assert_envelope(client.post(GEN, json=SMALL | {"stream": True}, headers=ASYNC), 400)["param"] == "stream"
+        assert assert_envelope(client.post(GEN, json=SMALL | {"store": False}, headers=ASYNC), 400)["param"] == "store"
         body = SMALL | {"webhook_url": "https://example.com/hook"}
         assert assert_envelope(client.post(GEN, json=body), 400)["param"] == "webhook_url"
         assert assert_envelope(client.post(GEN, json=body, headers=ASYNC), 400)["param"] == "webhook_url"  # no secret

@@ -28,6 +28,9 @@ log = logging.getLogger("zimage_server.gallery")
 T = TypeVar("T")
 
 ID_PATTERN = re.compile(r"^img_[0-9a-f]{32}$")  # 128 random bits
+# The names the gallery gives images; reconcile touches nothing else in the store (a SQLite index
+# beside the images, async jobs' uploads under jobs/).
+IMAGE_KEY_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}/img_[0-9a-f]{32}\.(png|jpg|webp)$")
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # A file without a row is only an orphan once no write can still be on its way to committing it
@@ -39,6 +42,7 @@ PARTIAL_GRACE_S = 5.0
 SWEEP_BATCH = 200
 PENDING_WAIT_S = 5.0  # the longest a list waits for writes this process has in flight
 SWEEP_INTERVAL_S = 600.0  # retention runs this often (and at start)
+RECONCILE_INTERVAL_S = 24 * 3600.0
 ERROR_BURST_S = 60.0  # store errors closer together than this are one burst: logged once
 
 
@@ -214,15 +218,11 @@ class Gallery:
             raise GalleryUnavailable(f"the image store failed ({exc})") from None
 
     async def delete(self, principal: Principal, image_id: str) -> bool:
-        """Delete the image's bytes, then its row. False if it belongs to someone else; an id
-        already gone counts as deleted (deletes are idempotent)."""
-        if not is_image_id(image_id):
-            return False
-        await self._written(image_id)
-        record = await self._index_call(self.index.get(image_id))
+        """Delete the image's bytes, then its row. False if there is no such image the principal
+        may see: a missing id and another key's answer alike, so ids cannot be probed (a second
+        delete finds nothing; the effect is the same, as HTTP's idempotent DELETE has it)."""
+        record = await self.get(principal, image_id)
         if record is None:
-            return True
-        if principal.sees not in (None, record.owner):
             return False
         await self._remove([record])
         return True
@@ -289,22 +289,25 @@ class Gallery:
         crash cut short; rows whose file is gone are dropped."""
         removed = await asyncio.to_thread(self.store.remove_partials, min(grace_s, PARTIAL_GRACE_S))
         started = time.time()
+        settled = started - grace_s  # older than this, no write can still be on its way
         objects: dict[str, float] = {}
         async for stored in self.store.objects():
-            objects[stored.key] = stored.modified
+            if IMAGE_KEY_PATTERN.match(stored.key):
+                objects[stored.key] = stored.modified
         rows: set[str] = set()
         dropped = 0
         after = ""
         while page := await self.index.object_keys(after):
             after = page[-1][0]
-            gone = [image_id for image_id, key in page if key not in objects]
-            rows.update(key for _, key in page)
-            # A row is written after its file, so a missing file was deleted or lost: the row goes.
+            rows.update(key for _, key, _ in page)
+            # A row is written after its file, so a settled row without a file lost it: the row goes.
+            # Newer rows may belong to files written after the listing above.
+            gone = [image_id for image_id, key, created in page if key not in objects and created < settled]
             if gone:
                 await self.index.delete_many(gone)
                 dropped += len(gone)
         for key, modified in objects.items():
-            if key not in rows and modified < started - grace_s and not await self.index.has_object_key(key):
+            if key not in rows and modified < settled and not await self.index.has_object_key(key):
                 await self.store.delete(key)
                 removed += 1
         if removed or dropped:
@@ -314,14 +317,18 @@ class Gallery:
 
 
 async def keep_tidy(gallery: Gallery, max_age_s: float, max_bytes: int, interval_s: float = SWEEP_INTERVAL_S) -> None:
-    """Repair what a crash left, then apply retention now and every `interval_s`, until cancelled.
+    """Repair what a crash left (at start, then daily: a failed write's clean-up may leave a file
+    behind), and apply retention now and every `interval_s`, until cancelled.
 
     Runs beside the requests, never in front of them; a failure is logged and retried next round."""
-    try:
-        await gallery.reconcile()
-    except (StoreError, *INDEX_FAILURES) as exc:
-        log.error("reconciling the store with the index failed: %s", first_line(exc))
+    last_reconcile = -float("inf")
     while True:
+        if time.monotonic() - last_reconcile >= RECONCILE_INTERVAL_S:
+            try:
+                await gallery.reconcile()
+                last_reconcile = time.monotonic()
+            except (StoreError, *INDEX_FAILURES) as exc:
+                log.error("reconciling the store with the index failed: %s", first_line(exc))
         try:
             await gallery.sweep(max_age_s, max_bytes)
         except (StoreError, GalleryUnavailable, *INDEX_FAILURES) as exc:

@@ -172,11 +172,12 @@ def make_engine(url: str) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def on_connect(dbapi_connection: Any, _: Any) -> None:
-            # WAL: readers never wait for the writer, and a crash mid-write loses nothing committed;
-            # the busy timeout lets a second process (or a sweep) wait its turn instead of failing.
+            # WAL: readers never wait for the writer; synchronous=FULL: a commit (an accepted job, a
+            # kept image) survives a power cut, not only a crash; the busy timeout lets a second
+            # process (or a sweep) wait its turn instead of failing.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
 
@@ -267,12 +268,17 @@ class ImageIndex:
         async with self._engine.connect() as conn:
             return [ImageRecord(**row._mapping) for row in (await conn.execute(statement)).all()]
 
-    async def object_keys(self, after_id: str = "", limit: int = 1000) -> list[tuple[str, str]]:
-        """(id, object key) of rows in id order, a page at a time: for reconciling rows with the store."""
+    async def object_keys(self, after_id: str = "", limit: int = 1000) -> list[tuple[str, str, float]]:
+        """(id, object key, created_at) of rows in id order, a page at a time: for reconciling rows with the store."""
         images = images_table.c
-        statement = select(images.id, images.object_key).where(images.id > after_id).order_by(images.id).limit(limit)
+        statement = (
+            select(images.id, images.object_key, images.created_at)
+            .where(images.id > after_id)
+            .order_by(images.id)
+            .limit(limit)
+        )
         async with self._engine.connect() as conn:
-            return [(row.id, row.object_key) for row in (await conn.execute(statement)).all()]
+            return [(row.id, row.object_key, row.created_at) for row in (await conn.execute(statement)).all()]
 
     async def has_object_key(self, key: str) -> bool:
         async with self._engine.connect() as conn:

@@ -44,6 +44,9 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous", "admin")
+# Where no key was checked (a signed link's request): sees nothing. Its name cannot be a key's.
+NOBODY = Principal("-", "user")
+RESERVED_NAMES = (SINGLE_KEY_NAME, ANONYMOUS.name)
 
 
 def digest(secret: str) -> str:
@@ -97,6 +100,8 @@ def read_keys_file(path: Path) -> list[tuple[Principal, str]]:
         name, role, secret = fields
         if not NAME_PATTERN.match(name):
             raise KeysFileError(f"{where}: invalid name {name!r} (letters, digits and _.@- only, at most 128)")
+        if name in RESERVED_NAMES:
+            raise KeysFileError(f"{where}: the name {name!r} is reserved (Z_IMAGE_API_KEY's and keyless requests')")
         if role not in ROLES:
             raise KeysFileError(f"{where}: role must be admin or user, not {role!r}")
         if name in names:

@@ -33,7 +33,7 @@ class UrlSigner:
 
     def verify(self, image_id: str, expires: str, signature: str, now: float | None = None) -> None:
         """Raises BadSignature unless the signature is this server's for this image and has not expired."""
-        if not expires.isdigit() or len(expires) > 12:
+        if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:
             raise BadSignature("the link's expiry is malformed")
         expected = self._signature(image_id, int(expires))
         # Constant-time, so response timing does not reveal how much of a forged signature matched.

@@ -130,17 +130,13 @@ class ImageStore:
 
 
 def fsync_file(path: Path) -> None:
-    """Flush the file, then its folder's entry (the rename), to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Flush the file, then its folder's entry (the rename) and the folder's own (a new day), to the disk."""
+    for target in (path, path.parent, path.parent.parent):
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def first_line(exc: BaseException) -> str:

@@ -23,7 +23,10 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 
+from ..gallery import GalleryUnavailable
+from ..index import INDEX_FAILURES
 from ..job_queue import CANCELLED, FAILED, MAX_ATTEMPTS, QUEUED, RUNNING, SUCCEEDED, JobQueue, JobRecord, new_job_id
+from ..store import StoreError, first_line
 from ..specs import GenerationSpec
 from .auth import principal_of
 from .errors import ApiError, error_detail
@@ -48,7 +51,12 @@ def wants_async(request: Request) -> bool:
     return any(PREFER_ASYNC.search(value) for value in request.headers.getall("prefer", []))
 
 
-def check_async_fields(stream: bool | None) -> None:
+def check_async_fields(stream: bool | None, store: bool | None = None) -> None:
+    if store is False:
+        raise ApiError(
+            400, "An async job's images are handed out from the store: drop store=false, or the Prefer header.",
+            param="store",
+        )  # fmt: skip
     if stream:
         raise ApiError(
             400, "An async job (Prefer: respond-async) has no event stream: drop stream, or the Prefer header.",
@@ -89,12 +97,15 @@ async def accept_job(
         await server.webhooks.check(webhook_url)
     job_id = new_job_id()
     stored_files: dict[str, list[str]] = {}
-    for field, blobs in (files or {}).items():
-        stored_files[field] = []
-        for number, blob in enumerate(blobs):
-            key = f"jobs/{job_id}/{field}-{number}"
-            await server.gallery.store.put(key, blob)
-            stored_files[field].append(key)
+    try:
+        for field, blobs in (files or {}).items():
+            stored_files[field] = []
+            for number, blob in enumerate(blobs):
+                key = f"jobs/{job_id}/{field}-{number}"
+                await server.gallery.store.put(key, blob)
+                stored_files[field].append(key)
+    except StoreError as exc:
+        raise ApiError(503, f"The job's uploads could not be stored ({exc}); retry shortly.", code="store_unavailable") from None
     job = JobRecord(
         id=job_id,
         owner=principal_of(request).name,
@@ -108,7 +119,10 @@ async def accept_job(
         webhook_url=webhook_url,
         webhook_done=webhook_url is None and server.settings.webhook_url is None,
     )
-    await queue.submit(job)
+    try:
+        await queue.submit(job)
+    except INDEX_FAILURES as exc:
+        raise ApiError(503, f"The job could not be queued ({first_line(exc)}); retry shortly.", code="store_unavailable") from None
     server.job_runner.wake()
     return Response(
         await job_object(server, job, request),
@@ -146,11 +160,14 @@ async def job_object(server: ServerState, job: JobRecord, request: Request | Non
 async def result_data(server: ServerState, job: JobRecord, request: Request | None) -> dict[str, Any]:
     """`data` as the synchronous response would have it: fresh links, and base64 when asked for."""
     result = job.result or {}
-    want_b64 = job.request["body"].get("response_format") == "b64_json"
+    want_b64 = result.get("response_format") == "b64_json"  # as the synchronous answer would carry it
     items = []
     for image_id, seed in zip(result.get("image_ids", []), result.get("seeds", []), strict=False):
         item: dict[str, Any] = {"id": image_id, "seed": seed, "revised_prompt": None}
-        record = await server.gallery.get(None, image_id) if server.gallery is not None else None
+        try:
+            record = await server.gallery.get(None, image_id) if server.gallery is not None else None
+        except GalleryUnavailable as exc:
+            raise ApiError(503, f"The job's images are unavailable ({exc}).", code="store_unavailable") from None
         if record is not None:
             if request is not None:
                 item["url"], item["expires_at"] = image_link(request, server, record)
@@ -158,7 +175,10 @@ async def result_data(server: ServerState, job: JobRecord, request: Request | No
                 query, item["expires_at"] = server.signer.sign(record.id)
                 item["url"] = f"{base_without_request(server)}/v1/images/{record.id}/content?{query}"
             if want_b64:
-                blob = await server.gallery.read(record)
+                try:
+                    blob = await server.gallery.read(record)
+                except GalleryUnavailable as exc:
+                    raise ApiError(503, f"The job's images are unavailable ({exc}).", code="store_unavailable") from None
                 item["b64_json"] = base64.b64encode(blob).decode() if blob is not None else None
         items.append(item)
     return {"data": items, "output_format": result.get("output_format"), "size": result.get("size")}
@@ -181,7 +201,8 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._running: dict[str, Any] = {}  # job id -> its JobHandle
         self._stopped: dict[str, str] = {}  # job id -> why we stopped it: "cancel" (asked) or "lost" (lease)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # running jobs
+        self._deliveries: set[asyncio.Task] = set()  # webhook calls, retrying up to 15 minutes
         self._stopping = False
         self._preparing = 0  # images of jobs taken but not yet in the batcher's queue
         self.queued = 0  # the shared queue's depth at the last look, for /metrics
@@ -233,15 +254,27 @@ class JobRunner:
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
 
     async def run(self, job: JobRecord) -> None:
+        """One job, start to end. Whatever goes wrong here is logged and the job goes back to the
+        queue (or, stopped by a cancel, ends cancelled): it is never left running with nobody on it."""
         try:
-            handle = await self.start(job)
-        finally:
-            self._preparing -= job.n
-        if handle is not None:
-            await self.wait(job, *handle)
+            try:
+                handle = await self.start(job)
+            finally:
+                self._preparing -= job.n
+            if handle is not None:
+                await self.wait(job, *handle)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("job %s: %s; back to the queue", job.id, first_line(exc))
+            with contextlib.suppress(Exception):
+                await self.queue.release(job.id, self.replica)
 
     async def start(self, job: JobRecord) -> tuple[Any, GenerationSpec, OutputOptions] | None:
         """Rebuild the job's request and queue it on the batcher; None if it ended here instead."""
+        if job.cancel_requested:  # cancelled while its last runner held it: it does not run again
+            await self.finish(job, CANCELLED)
+            return None
         if job.attempts > MAX_ATTEMPTS:
             error = error_detail(500, f"The job was interrupted {MAX_ATTEMPTS} times and is given up.")
             await self.finish(job, FAILED, error=error_dict(error))
@@ -249,6 +282,11 @@ class JobRunner:
         try:
             files = {field: [await self.server.gallery.store.get(key) for key in keys]
                      for field, keys in job.request.get("files", {}).items()}  # fmt: skip
+        except StoreError as exc:  # the store is down for now: someone runs it later
+            log.warning("job %s: its uploads cannot be read (%s); back to the queue", job.id, exc)
+            await self.queue.release(job.id, self.replica)
+            return None
+        try:
             spec, options = await REPLAYS[job.kind](self.server, job.request["body"], files)
         except ApiError as exc:  # the request no longer fits this server (a LoRA removed, another model)
             await self.finish(job, FAILED, error=error_dict(error_detail(exc.status_code, exc.message, exc.param, exc.code)))
@@ -301,12 +339,14 @@ class JobRunner:
             # The job's images carry its id as their request id: what makes a rerun's clean-up exact.
             origin = Origin(job.owner, job.request.get("route", ""), job.id)
             records = await keep_images(origin, self.server, spec, encoded, options.output_format, options, wait=True)
-        except ApiError as exc:  # the store failed: the images are lost with it, say so
-            await self.finish(job, FAILED, error=error_dict(error_detail(exc.status_code, exc.message, exc.param, exc.code)))
+        except (ApiError, GalleryUnavailable) as exc:  # the store failed: the images are lost with it, say so
+            message = exc.message if isinstance(exc, ApiError) else f"The images could not be stored ({exc})."
+            await self.finish(job, FAILED, error=error_dict(error_detail(503, message, None, "store_unavailable")))
             return
         result = {
             "image_ids": [r.id for r in records or []],
             "seeds": list(spec.seeds),
+            "response_format": options.response_format,
             "output_format": options.output_format,
             "size": f"{spec.params.width}x{spec.params.height}",
         }
@@ -331,8 +371,18 @@ class JobRunner:
         if not await self.queue.finish(job.id, self.replica, status, result=result, error=error):
             return  # no longer ours
         log.info("job %s %s", job.id, status)
-        done = await self.queue.get(job.id)
-        if done is not None and not done.webhook_done:
+        await self.ended(job.id)
+
+    async def ended(self, job_id: str) -> None:
+        """A job reached its end (here, or cancelled while queued): its uploads go, its webhooks fire."""
+        done = await self.queue.get(job_id)
+        if done is None:
+            return
+        for keys in done.request.get("files", {}).values():
+            for key in keys:
+                with contextlib.suppress(StoreError):
+                    await self.server.gallery.store.delete(key)
+        if not done.webhook_done:
             self.notify(done)
 
     def notify(self, job: JobRecord) -> None:
@@ -351,8 +401,8 @@ class JobRunner:
             await self.queue.webhook_done(job.id)
 
         task = asyncio.create_task(deliver(), name=f"webhook-{job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     async def resume_webhooks(self) -> None:
         """Webhooks a crash cut short are delivered again (receivers de-duplicate on webhook-id)."""
@@ -361,10 +411,15 @@ class JobRunner:
                 self.notify(job)
 
     async def stop(self, timeout_s: float) -> None:
-        """Take no more jobs; running ones end with the batcher's drain, webhooks get `timeout_s`."""
+        """After the batcher's drain: let the jobs record how they ended (up to `timeout_s`), then
+        stop what is left. Webhook calls still retrying stop too: the next start resumes them."""
         self.pause()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        leftovers = [*self._tasks, *self._deliveries]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
 
 
 def error_dict(detail: Any) -> dict[str, Any]:

@@ -18,11 +18,12 @@ import re
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from ..keys import ANONYMOUS, Principal
+from ..keys import ANONYMOUS, NOBODY, Principal
 from .errors import A1111_PREFIXES, ApiError
 from .state import server_state
 
 OPENAI_PREFIX = "/v1/"
+KEPT_PREFIX = "/v1/images/"
 CONTENT_PATH = re.compile(r"^/v1/images/[^/]+/content$")
 
 
@@ -59,7 +60,9 @@ async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> No
         return  # a signed link: the route checks the signature, and it is all the link grants
     authorization = connection.headers.get("authorization", "")
     sdapi = path.startswith(A1111_PREFIXES)
-    token = bearer_token(authorization) or (basic_password(authorization) if sdapi else None)
+    # A1111 clients can send only Basic: also where they follow their async jobs and images.
+    basic_ok = sdapi or path.startswith(KEPT_PREFIX)
+    token = bearer_token(authorization) or (basic_password(authorization) if basic_ok else None)
     # Header values arrive decoded as latin-1; encoding back gives the bytes the client sent.
     principal = keys.resolve(token.encode("latin-1").decode("utf-8", "replace")) if token is not None else None
     if principal is None:
@@ -68,8 +71,8 @@ async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> No
 
 
 def principal_of(connection: ASGIConnection) -> Principal:
-    """Who the request acts for (set by the guard; anonymous where no key is needed)."""
-    return connection.state.get("principal", ANONYMOUS)
+    """Who the request acts for, as the guard found; where it checked no key, nobody (sees nothing)."""
+    return connection.state.get("principal", NOBODY)
 
 
 def unauthorised(sdapi: bool) -> ApiError:

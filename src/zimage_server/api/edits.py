@@ -277,7 +277,7 @@ async def create_edit(request: Request, state: State) -> Response:
              "control_image": [control_bytes] if control_bytes else []}  # fmt: skip
     spec, options = await prepare_edit_request(server, values, files)
     if wants_async(request):
-        check_async_fields(data.stream)
+        check_async_fields(data.stream, data.store)
         body = values | {"seed": str(spec.seeds[0])}
         return await accept_job(request, server, "edits", body, spec, files, webhook_url=data.webhook_url)
     if data.stream:

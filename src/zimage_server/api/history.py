@@ -8,6 +8,8 @@ a signed link (signed_urls.py); the auth guard lets signed requests through to b
 
 from __future__ import annotations
 
+import time
+
 from litestar import Request, Response, delete, get
 from litestar.datastructures import State
 
@@ -116,11 +118,13 @@ async def get_image_content(
     server = server_state(state)
     gallery = gallery_of(server)
     signed = signature is not None
+    max_age = 3600
     if signed:
         try:
             server.signer.verify(image_id, expires or "", signature)
         except BadSignature as exc:
             raise ApiError(403, f"This image link is not valid: {exc}.", code="invalid_signature") from None
+        max_age = max(0, int(expires) - int(time.time()))  # not cached past the link's own life
     try:
         record = await gallery.get(None if signed else principal_of(request), image_id)
         blob = await gallery.read(record) if record is not None else None
@@ -133,7 +137,7 @@ async def get_image_content(
         media_type=MEDIA_TYPES[record.format],
         headers={
             # A link is a credential: private caches only, and not past what the link itself allows.
-            "Cache-Control": "private, max-age=3600" if not signed else f"private, max-age={server.settings.url_ttl_s}",
+            "Cache-Control": f"private, max-age={max_age}",
             "Content-Disposition": f'inline; filename="{record.id}.{record.object_key.rsplit(".", 1)[-1]}"',
             "X-Content-Type-Options": "nosniff",
         },

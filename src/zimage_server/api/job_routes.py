@@ -57,8 +57,11 @@ async def cancel_job(request: Request, state: State, job_id: str) -> dict:
     server = server_state(state)
     job = await visible_job(request, server, job_id)
     if not job.finished:
+        was_queued = job.status == "queued"
         job = await job_queue_of(server).cancel(job.id) or job
         server.job_runner.cancel_local(job.id)
+        if was_queued and job.status == "cancelled":  # ended here: nobody else will say so
+            await server.job_runner.ended(job.id)
     return await job_object(server, job, request)
 
 

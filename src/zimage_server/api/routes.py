@@ -29,7 +29,7 @@ async def create_images(request: Request, data: GenerationRequest, state: State)
     server = server_state(state)
     spec, options = await prepare_generation(server, data)
     if wants_async(request):
-        check_async_fields(data.stream)
+        check_async_fields(data.stream, data.store)
         body = msgspec.to_builtins(data) | {"seed": spec.seeds[0]}
         return await accept_job(request, server, "generations", body, spec, webhook_url=data.webhook_url)
     check_sync_fields(data.webhook_url)

@@ -31,7 +31,3 @@ class WebhookTargets:
         if self.sender is None:
             return False
         return await self.sender.deliver(url, event_type, payload, event_id)
-
-    async def drain(self, timeout_s: float) -> None:
-        if self.sender is not None:
-            await self.sender.drain(timeout_s)

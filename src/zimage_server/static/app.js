@@ -553,17 +553,21 @@ async function deleteCard(card) {
   try {
     await request(`v1/images/${encodeURIComponent(card.dataset.id)}`, { method: 'DELETE' });
   } catch (error) {
-    button.disabled = false;
-    if (error instanceof AuthNeeded) return askForKey(() => deleteCard(card));
-    const message = error instanceof TypeError ? `could not reach the server (${error.message})` : error.message;
-    problem.textContent = `Not deleted: ${message}`;
-    problem.hidden = false;
-    return;
+    // Already gone (deleted elsewhere, or by retention): what the click asked for is done.
+    if (error.code !== 'image_not_found') return failDelete(card, button, problem, error);
   }
   const { href } = $('.download', card);
   if (href.startsWith('blob:')) URL.revokeObjectURL(href);
   card.remove();
   updateEmpty();
+}
+
+function failDelete(card, button, problem, error) {
+  button.disabled = false;
+  if (error instanceof AuthNeeded) return askForKey(() => deleteCard(card));
+  const message = error instanceof TypeError ? `could not reach the server (${error.message})` : error.message;
+  problem.textContent = `Not deleted: ${message}`;
+  problem.hidden = false;
 }
 
 // A kept image's signed link expires (Z_IMAGE_URL_TTL_S, an hour by default). A page left open
