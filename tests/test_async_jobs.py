@@ -271,3 +271,18 @@ def test_a_finished_jobs_record_is_posted_to_its_webhook_and_the_servers_signed(
             assert record["id"] == job and record["status"] == "succeeded"
             assert record["data"][0]["url"].startswith("http://127.0.0.1:8000/v1/images/img_")
         assert len(set(own.ids)) == 1 and own.ids[0] != servers.ids[0]  # one id per delivery, kept on retry
+
+
+def test_a_job_that_fails_records_the_error_envelope(settings, tmp_path):
+    from litestar.testing import TestClient
+
+    from zimage_server.api import create_app
+    from zimage_server.faults import FaultInjector
+
+    app = create_app(settings.replace(store=str(tmp_path / "out")), faults=FaultInjector())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        job = client.post(GEN, json=SMALL | {"prompt": "a barn [[fault:oom]]"}, headers=ASYNC).json()["id"]
+        done = finished(client, job)
+        assert done["status"] == "failed" and "data" not in done
+        assert set(done["error"]) == {"message", "type", "param", "code"} and done["error"]["code"] == "out_of_memory"
+        assert client.get("/v1/images").json()["data"] == []

@@ -199,6 +199,12 @@ class JobQueue:
             )
         return await self.get(job_id)
 
+    async def queued_images(self) -> int:
+        """Images of the jobs waiting: what the shared queue's limit counts."""
+        statement = select(func.coalesce(func.sum(jobs_table.c.n), 0)).where(jobs_table.c.status == QUEUED)
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(statement)).scalar_one())
+
     async def queued_count(self) -> int:
         async with self._engine.connect() as conn:
             return int((await conn.execute(select(func.count()).where(jobs_table.c.status == QUEUED))).scalar_one())

@@ -354,6 +354,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "(refused by default)",
         ),
     ] = ()
+    max_jobs_queued: Annotated[
+        int,
+        setting(
+            "Z_IMAGE_MAX_JOBS_QUEUED",
+            "images the shared queue of async jobs may hold before new jobs get 429 (every replica's together)",
+            ge=1,
+        ),
+    ] = 1000
     job_lease_s: Annotated[
         float,
         setting(
@@ -364,6 +372,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             le=3600,
         ),
     ] = 30.0
+    mcp: Annotated[
+        Literal["on", "off"],
+        setting("Z_IMAGE_MCP", "on: POST /mcp serves the image tools to agents (Model Context Protocol); off: no route"),
+    ] = "on"
+    mcp_allowed_hosts: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=253)], ...],
+        setting(
+            "Z_IMAGE_MCP_ALLOWED_HOSTS",
+            "comma-separated Host values /mcp answers besides the bind address and Z_IMAGE_PUBLIC_URL's host "
+            "(HOST, HOST:PORT or HOST:*; DNS-rebinding protection refuses others)",
+        ),
+    ] = ()
+    mcp_wait_s: Annotated[
+        float,
+        setting(
+            "Z_IMAGE_MCP_WAIT_S",
+            "how long an MCP tool call waits for its images before answering with the job's id to poll",
+            gt=0,
+            le=3600,
+        ),
+    ] = 60.0
+    mcp_fetch_allow: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=253)], ...],
+        setting(
+            "Z_IMAGE_MCP_FETCH_ALLOW",
+            "comma-separated hosts whose https:// image URLs edit_image may fetch (none by default: only this "
+            "server's own image links and base64)",
+        ),
+    ] = ()
     host: Annotated[str, setting("Z_IMAGE_HOST", "address to bind")] = "127.0.0.1"
     port: Annotated[int, setting("Z_IMAGE_PORT", "port to bind", ge=0, le=65535)] = 8000
 

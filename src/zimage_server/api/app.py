@@ -38,6 +38,7 @@ from .page import PAGE_ROUTES
 from .edits import create_edit
 from .history import HISTORY_ROUTES
 from .job_routes import JOB_ROUTES
+from .mcp_tools import build_mcp, mcp_endpoint
 from .shutdown import SEND_GRACE_S
 from .webhook_targets import WebhookTargets
 from .routes import ROUTES, create_images
@@ -149,8 +150,18 @@ async def close_gallery(server: ServerState) -> None:
 async def model_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Load the model before accepting requests (or, to fetch it first, in the background), and stop on the way out."""
     server: ServerState = app.state.server
-    starting = None
     await open_gallery(server)  # first: the history answers while the model loads
+    async with contextlib.AsyncExitStack() as stack:
+        if server.mcp is not None:  # a mounted app's own lifespan never runs: its session manager runs here
+            await stack.enter_async_context(server.mcp.session_manager.run())
+        async with serving_model(app, server):
+            yield
+
+
+@asynccontextmanager
+async def serving_model(app: Litestar, server: ServerState) -> AsyncIterator[None]:
+    """The model and everything that runs it: loaded (or fetched) now, drained and stopped after."""
+    starting = None
     if server.fetch_model is None:
         await start_serving(server)
     else:
@@ -214,12 +225,15 @@ def create_app(
     server = ServerState(settings=settings, runner=runner, fetch_model=fetch_model, faults=faults)
     server.api_keys = ApiKeys.load(settings.api_key, settings.api_keys_file)
     server.webhooks = WebhookTargets(settings)
+    if settings.mcp == "on":
+        server.mcp, server.mcp_app = build_mcp(server)
     server.credentials = ContentCredentials.from_settings(settings)
     server.metrics = ServerMetrics(server)
     app = Litestar(
         route_handlers=[
             *ROUTES,
             *JOB_ROUTES,
+            *([mcp_endpoint] if settings.mcp == "on" else []),
             *HISTORY_ROUTES,
             uploads_router(settings),
             sdapi_router(settings),

@@ -30,6 +30,7 @@ from ..store import StoreError, first_line
 from ..specs import GenerationSpec
 from .auth import principal_of
 from .errors import ApiError, error_detail
+from .guards import RETRY_AFTER_S
 from .jobs import submit_job
 from .observability import request_id_of
 from .links import image_link
@@ -91,10 +92,40 @@ async def accept_job(
     files: dict[str, list[bytes]] | None = None,
     webhook_url: str | None = None,
 ) -> Response:
-    """Write the job (uploads first, then its row) and answer 202: it is durable before the client hears of it."""
-    queue = job_queue_of(server)
+    """Write the job and answer 202 with its Location: it is durable before the client hears of it."""
     if webhook_url is not None:
         await server.webhooks.check(webhook_url)
+    origin = Origin(principal_of(request).name, request.scope["path"], request_id_of(request.scope) or "")
+    job = await submit_async(server, origin, kind, body, spec, files, webhook_url)
+    return Response(
+        await job_object(server, job, request),
+        status_code=202,
+        headers={"Location": f"/v1/images/jobs/{job.id}"},
+    )
+
+
+async def submit_async(
+    server: ServerState,
+    origin: Origin,
+    kind: str,
+    body: dict[str, Any],
+    spec: GenerationSpec,
+    files: dict[str, list[bytes]] | None = None,
+    webhook_url: str | None = None,
+) -> JobRecord:
+    """Write a job: its uploads into the store, then its row (503 if either cannot be written;
+    429 when the shared queue is full)."""
+    queue = job_queue_of(server)
+    limit = server.settings.max_jobs_queued
+    try:
+        waiting = await queue.queued_images()
+    except INDEX_FAILURES as exc:
+        raise ApiError(503, f"The job could not be queued ({first_line(exc)}); retry shortly.", code="store_unavailable") from None
+    if waiting + spec.n > limit:
+        raise ApiError(
+            429, f"The server is busy (the job queue holds {waiting} images, at most {limit}: Z_IMAGE_MAX_JOBS_QUEUED); "
+            "retry shortly.", code="queue_full", headers={"Retry-After": RETRY_AFTER_S},
+        )  # fmt: skip
     job_id = new_job_id()
     stored_files: dict[str, list[str]] = {}
     try:
@@ -108,12 +139,12 @@ async def accept_job(
         raise ApiError(503, f"The job's uploads could not be stored ({exc}); retry shortly.", code="store_unavailable") from None
     job = JobRecord(
         id=job_id,
-        owner=principal_of(request).name,
+        owner=origin.owner,
         created_at=time.time(),
         status=QUEUED,
         kind=kind,
-        request={"body": body, "files": stored_files, "route": request.scope["path"]},
-        request_id=request_id_of(request.scope) or "",
+        request={"body": body, "files": stored_files, "route": origin.route},
+        request_id=origin.request_id,
         model=server.variant.model_name,
         n=spec.n,
         webhook_url=webhook_url,
@@ -124,11 +155,7 @@ async def accept_job(
     except INDEX_FAILURES as exc:
         raise ApiError(503, f"The job could not be queued ({first_line(exc)}); retry shortly.", code="store_unavailable") from None
     server.job_runner.wake()
-    return Response(
-        await job_object(server, job, request),
-        status_code=202,
-        headers={"Location": f"/v1/images/jobs/{job_id}"},
-    )
+    return job
 
 
 async def job_object(server: ServerState, job: JobRecord, request: Request | None) -> dict[str, Any]:
@@ -289,7 +316,7 @@ class JobRunner:
         try:
             spec, options = await REPLAYS[job.kind](self.server, job.request["body"], files)
         except ApiError as exc:  # the request no longer fits this server (a LoRA removed, another model)
-            await self.finish(job, FAILED, error=error_dict(error_detail(exc.status_code, exc.message, exc.param, exc.code)))
+            await self.finish(job, FAILED, error=error_dict(error_detail(exc.status_code, exc.message, param=exc.param, code=exc.code)))
             return None
         except Exception as exc:
             log.error("job %s could not be prepared: %s", job.id, exc)
@@ -327,7 +354,7 @@ class JobRunner:
         elif failure is not None and self._stopping:
             await self.queue.release(job.id, self.replica)  # the drain ran out of time: run it at the next start
         elif failure is not None:
-            await self.finish(job, FAILED, error=error_dict(error_detail(failure.status_code, failure.message, failure.param, failure.code)))
+            await self.finish(job, FAILED, error=error_dict(error_detail(failure.status_code, failure.message, param=failure.param, code=failure.code)))
         else:
             await self.succeed(job, spec, options, images)
 
@@ -341,7 +368,7 @@ class JobRunner:
             records = await keep_images(origin, self.server, spec, encoded, options.output_format, options, wait=True)
         except (ApiError, GalleryUnavailable) as exc:  # the store failed: the images are lost with it, say so
             message = exc.message if isinstance(exc, ApiError) else f"The images could not be stored ({exc})."
-            await self.finish(job, FAILED, error=error_dict(error_detail(503, message, None, "store_unavailable")))
+            await self.finish(job, FAILED, error=error_dict(error_detail(503, message, code="store_unavailable")))
             return
         result = {
             "image_ids": [r.id for r in records or []],

@@ -52,22 +52,30 @@ async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> No
     path = connection.scope["path"]
     if not path.startswith((OPENAI_PREFIX, *A1111_PREFIXES)):
         return
-    keys = server_state(connection).api_keys
-    if not keys.required:
-        connection.state.principal = ANONYMOUS
-        return
     if "signature" in connection.query_params and CONTENT_PATH.match(path):
-        return  # a signed link: the route checks the signature, and it is all the link grants
-    authorization = connection.headers.get("authorization", "")
+        if server_state(connection).api_keys.required:
+            return  # a signed link: the route checks the signature, and it is all the link grants
     sdapi = path.startswith(A1111_PREFIXES)
     # A1111 clients can send only Basic: also where they follow their async jobs and images.
-    basic_ok = sdapi or path.startswith(KEPT_PREFIX)
-    token = bearer_token(authorization) or (basic_password(authorization) if basic_ok else None)
-    # Header values arrive decoded as latin-1; encoding back gives the bytes the client sent.
-    principal = keys.resolve(token.encode("latin-1").decode("utf-8", "replace")) if token is not None else None
-    if principal is None:
-        raise unauthorised(sdapi)
+    authenticate(connection, basic_ok=sdapi or path.startswith(KEPT_PREFIX), sdapi=sdapi)
+
+
+def authenticate(connection: ASGIConnection, *, basic_ok: bool = False, sdapi: bool = False) -> Principal:
+    """The request's principal, recorded on it: its key's, or anonymous where no key is configured.
+    ApiError 401 for a missing or unknown key. (The MCP mount calls this itself: Litestar's guards
+    do not run on mounted ASGI apps.)"""
+    keys = server_state(connection).api_keys
+    if not keys.required:
+        principal = ANONYMOUS
+    else:
+        authorization = connection.headers.get("authorization", "")
+        token = bearer_token(authorization) or (basic_password(authorization) if basic_ok else None)
+        # Header values arrive decoded as latin-1; encoding back gives the bytes the client sent.
+        principal = keys.resolve(token.encode("latin-1").decode("utf-8", "replace")) if token is not None else None
+        if principal is None:
+            raise unauthorised(sdapi)
     connection.state.principal = principal
+    return principal
 
 
 def principal_of(connection: ASGIConnection) -> Principal:

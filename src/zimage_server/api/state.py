@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -53,6 +53,8 @@ class ServerState:
     job_runner: JobRunner | None = None  # takes async jobs from it while the batcher has room
     job_runner_task: asyncio.Task | None = None
     webhooks: WebhookTargets | None = None
+    mcp: Any = None  # the MCP server (api/mcp_tools.py), with Z_IMAGE_MCP=on
+    mcp_app: Any = None  # its Streamable HTTP ASGI app, mounted at /mcp
     idle_watch: asyncio.Task | None = None  # unloads the model when idle (Z_IMAGE_IDLE_UNLOAD_S > 0)
     metrics: ServerMetrics | None = None
     ready: bool = False  # loaded, warmed up, taking work
