@@ -170,3 +170,21 @@ def test_mcp_off_removes_the_route_and_public_hosts_are_allowed(settings, runner
                                   headers={"Host": host, "Accept": "application/json, text/event-stream",
                                            "MCP-Protocol-Version": "2025-06-18"})  # fmt: skip
             assert response.status_code == 200, (host, response.text[:200])
+
+
+def test_without_a_store_the_full_png_comes_inline_or_a_reason(settings, runner, tmp_path):
+    from conftest import live_server
+
+    async def run(base: str, arguments: dict):
+        async with Client(base + "/mcp") as client:
+            return await client.call_tool("generate_image", arguments)
+
+    with live_server(settings, runner, store="none") as base:
+        small = asyncio.run(run(base, {"prompt": "a barn", "size": "64x64", "steps": 2, "seed": 4}))
+        assert not small.is_error and [c.type for c in small.content] == ["text", "image"]
+        assert small.content[1].mime_type == "image/png"
+        http = httpx.post(base + GEN, json={"prompt": "a barn", "size": "64x64", "num_inference_steps": 2, "seed": 4},
+                          timeout=60).json()  # fmt: skip
+        assert base64.b64decode(small.content[1].data) == base64.b64decode(http["data"][0]["b64_json"])
+        big = asyncio.run(run(base, {"prompt": "noise", "size": "1024x1024", "steps": 1, "n": 2}))
+        assert big.is_error and "Z_IMAGE_STORE=none" in big.content[0].text

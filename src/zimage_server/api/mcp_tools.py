@@ -41,7 +41,8 @@ from .async_jobs import job_object, submit_async
 from .edits import prepare_edit_request
 from .auth import authenticate
 from .errors import ApiError, error_detail
-from .responses import Origin
+from .jobs import submit_job
+from .responses import Origin, OutputOptions, encode_for_response
 from .routes import prepare_generation
 from .schemas import MAX_PROMPT_CHARS, GenerationRequest
 from .state import ServerState
@@ -162,10 +163,37 @@ class ImageTools:
             structured_content={"images": images, "job_id": job.id},
         )
 
-    async def run_job(self, ctx: Context, kind: str, body: dict, spec: Any, files: dict | None, previews: bool) -> CallToolResult:
+    async def run_job(
+        self, ctx: Context, kind: str, body: dict, spec: Any, options: OutputOptions, files: dict | None, previews: bool
+    ) -> CallToolResult:
         principal = principal_of_call(ctx)
+        if self.server.gallery is None:
+            return await self.run_inline(ctx, principal, spec, options)
         job = await submit_async(self.server, Origin(principal.name, "/mcp", ctx.request_id), kind, body, spec, files)
         return await self.answer(ctx, await self.wait(ctx, job), previews)
+
+    async def run_inline(self, ctx: Context, principal: Principal, spec: Any, options: OutputOptions) -> CallToolResult:
+        """Without a store there are no links or jobs: the full PNGs inline, when they fit a result."""
+        handle = submit_job(self.server, spec, owner=principal.name, tag=ctx.request_id)
+        images = await handle.result()
+        encoded = await encode_for_response(self.server, spec, images, "png", None)
+        data = [base64.b64encode(blob).decode() for blob in encoded]
+        size = sum(len(text) for text in data)
+        if size > PREVIEW_BUDGET_CHARS:
+            return failure(
+                f"The {len(data)} PNG(s) take {size:,} characters of base64, over the {PREVIEW_BUDGET_CHARS:,} a "
+                "result may carry inline, and this server keeps no images to link to (Z_IMAGE_STORE=none): "
+                "ask for fewer or smaller images."
+            )
+        width, height = spec.params.width, spec.params.height
+        images_info = [{"id": None, "url": None, "width": width, "height": height, "seed": seed, "revised_prompt": None}
+                       for seed in spec.seeds]  # fmt: skip
+        return CallToolResult(
+            content=[TextContent(type="text", text=f"Made {len(data)} image(s), {width}x{height}, seeds "
+                                 f"{', '.join(map(str, spec.seeds))} (not stored: this server keeps no images)."),
+                     *(ImageContent(type="image", data=text, mime_type="image/png") for text in data)],
+            structured_content={"images": images_info},
+        )  # fmt: skip
 
     # -- the tools ----------------------------------------------------------------------------
 
@@ -196,8 +224,10 @@ class ImageTools:
         body = {key: value for key, value in body.items() if value is not None}
         try:
             data = msgspec.convert(body, GenerationRequest)
-            spec, _ = await prepare_generation(self.server, data)
-            return await self.run_job(ctx, "generations", body | {"seed": spec.seeds[0]}, spec, None, previews)
+            if self.server.gallery is None:
+                data = msgspec.structs.replace(data, response_format="b64_json")
+            spec, options = await prepare_generation(self.server, data)
+            return await self.run_job(ctx, "generations", body | {"seed": spec.seeds[0]}, spec, options, None, previews)
         except ApiError as exc:
             return failure(exc.message)
         except msgspec.ValidationError as exc:
@@ -224,13 +254,13 @@ class ImageTools:
             files = {"image": [await self.image_bytes(image, principal, "image")]}
             if mask is not None:
                 files["mask"] = [await self.image_bytes(mask, principal, "mask")]
-            values = {"prompt": prompt, "response_format": "url"}
+            values = {"prompt": prompt, "response_format": "url" if self.server.gallery is not None else "b64_json"}
             if strength is not None:
                 values["strength"] = str(strength)
             if seed is not None:
                 values["seed"] = str(seed)
-            spec, _ = await prepare_edit_request(self.server, values, files)
-            return await self.run_job(ctx, "edits", values | {"seed": str(spec.seeds[0])}, spec, files, previews)
+            spec, options = await prepare_edit_request(self.server, values, files)
+            return await self.run_job(ctx, "edits", values | {"seed": str(spec.seeds[0])}, spec, options, files, previews)
         except (ApiError, ToolFailure) as exc:
             return failure(exc.message if isinstance(exc, ApiError) else str(exc))
 
