@@ -352,8 +352,10 @@ def stored_ids(base: str, key: str | None = None) -> list[str]:
 
 def history_ids(driver) -> list[str]:
     """The ids of the cards the history brought, in page order."""
-    cards = driver.find_elements(By.CSS_SELECTOR, "#gallery .card[data-history]")
-    return [card.get_attribute("data-id") for card in cards]
+    # In one script: read card by card, a card the page removes meanwhile would be a stale element.
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#gallery .card[data-history]')].map((card) => card.dataset.id)"
+    )
 
 
 def wait_for_history(driver) -> None:
@@ -450,21 +452,26 @@ def test_delete_removes_a_card_only_once_the_server_has_deleted_its_image(page, 
     assert image_id not in stored_ids(server)
 
     # One from the history, after a reload; the first try fails, and the card stays, saying why.
+    image_id = make_image(server, "a teapot from the history")
     open_page(page, server)
     wait_for_history(page)
-    image_id = history_ids(page)[0]
+    assert history_ids(page)[0] == image_id
     card = card_of(page, image_id)
     page.execute_script(REFUSE_DELETES)
     card.find_element(By.CSS_SELECTOR, "button.delete").click()
-    problem = card.find_element(By.CSS_SELECTOR, ".card-error")
-    wait(page).until(lambda d: problem.is_displayed())
-    assert problem.text == "Not deleted: The image store failed (disk full)."
+
+    def problem(driver):
+        return card_of(driver, image_id).find_element(By.CSS_SELECTOR, ".card-error")
+
+    wait(page).until(lambda d: problem(d).is_displayed())
+    assert problem(page).text == "Not deleted: The image store failed (disk full)."
+    card = card_of(page, image_id)
     assert card.is_displayed() and card.find_element(By.CSS_SELECTOR, "button.delete").is_enabled()
     assert image_id in stored_ids(server)
     screenshot(page, "browser-delete-failed")
 
     page.execute_script("window.fetch = window.__realFetch")
-    card.find_element(By.CSS_SELECTOR, "button.delete").click()
+    card_of(page, image_id).find_element(By.CSS_SELECTOR, "button.delete").click()
     wait(page).until(lambda d: image_id not in history_ids(d))
     assert api(server, "GET", f"/v1/images/{image_id}").status_code == 404
     assert image_id not in stored_ids(server)
