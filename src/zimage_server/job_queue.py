@@ -111,7 +111,9 @@ class JobQueue:
         only one moves it (PostgreSQL re-checks WHERE on the locked row; SQLite has one writer)."""
         now = now if now is not None else time.time()
         jobs = jobs_table.c
-        takeable = or_(jobs.status == QUEUED, and_(jobs.status == RUNNING, jobs.lease_until < now))
+        # Never our own lapsed lease: a runner here that was slow to renew still runs that job.
+        lapsed = and_(jobs.status == RUNNING, jobs.lease_until < now, jobs.lease_owner != replica)
+        takeable = or_(jobs.status == QUEUED, lapsed)
         for _ in range(5):  # lost races: try the next candidate
             async with self._engine.begin() as conn:
                 owner = await self._next_owner(conn, takeable)
