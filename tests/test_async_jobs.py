@@ -286,3 +286,29 @@ def test_a_job_that_fails_records_the_error_envelope(settings, tmp_path):
         assert done["status"] == "failed" and "data" not in done
         assert set(done["error"]) == {"message", "type", "param", "code"} and done["error"]["code"] == "out_of_memory"
         assert client.get("/v1/images").json()["data"] == []
+
+
+def test_finished_jobs_rows_go_after_the_stores_max_age_and_waiting_ones_stay(tmp_path):
+    import asyncio
+
+    from zimage_server.index import open_index
+    from zimage_server.job_queue import QUEUED, JobQueue, JobRecord, new_job_id
+
+    async def scenario() -> None:
+        index = await open_index(f"sqlite:///{tmp_path / 'index.db'}")
+        queue = JobQueue(index)
+        ids = []
+        for _ in range(3):
+            job = JobRecord(id=new_job_id(), owner="anonymous", created_at=time.time(), status=QUEUED,
+                            kind="generations", request={"body": {}}, request_id="r", model="m", n=1)  # fmt: skip
+            await queue.submit(job)
+            ids.append(job.id)
+        for _ in range(2):  # two run to an end, one stays queued
+            claimed = await queue.claim("replica_a", 30)
+            assert await queue.finish(claimed.id, "replica_a", "succeeded", result={})
+        assert await queue.prune(3600) == 0  # nothing is old yet
+        assert await queue.prune(3600, now=time.time() + 7200) == 2
+        assert [await queue.get(i) is not None for i in ids] == [False, False, True]
+        await index.close()
+
+    asyncio.run(scenario())

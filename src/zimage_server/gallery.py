@@ -316,9 +316,16 @@ class Gallery:
 
 
 
-async def keep_tidy(gallery: Gallery, max_age_s: float, max_bytes: int, interval_s: float = SWEEP_INTERVAL_S) -> None:
+async def keep_tidy(
+    gallery: Gallery,
+    max_age_s: float,
+    max_bytes: int,
+    interval_s: float = SWEEP_INTERVAL_S,
+    also: Callable[[float], Awaitable[int]] | None = None,
+) -> None:
     """Repair what a crash left (at start, then daily: a failed write's clean-up may leave a file
-    behind), and apply retention now and every `interval_s`, until cancelled.
+    behind), and apply retention now and every `interval_s`, until cancelled. `also` is retention
+    of other records kept beside the images (the jobs' rows), given the same age limit.
 
     Runs beside the requests, never in front of them; a failure is logged and retried next round."""
     last_reconcile = -float("inf")
@@ -331,6 +338,8 @@ async def keep_tidy(gallery: Gallery, max_age_s: float, max_bytes: int, interval
                 log.error("reconciling the store with the index failed: %s", first_line(exc))
         try:
             await gallery.sweep(max_age_s, max_bytes)
+            if also is not None and max_age_s > 0:
+                await also(max_age_s)
         except (StoreError, GalleryUnavailable, *INDEX_FAILURES) as exc:
             log.error("the retention sweep failed: %s", first_line(exc))
         await asyncio.sleep(interval_s)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 
 from .index import ImageIndex, UnknownCursor, jobs_table
 
@@ -218,6 +218,15 @@ class JobQueue:
         async with self._engine.connect() as conn:
             statement = select(func.count()).where(jobs.status == QUEUED, ahead)
             return int((await conn.execute(statement)).scalar_one())
+
+    async def prune(self, max_age_s: float, now: float | None = None) -> int:
+        """Delete the rows of jobs that ended more than `max_age_s` ago (their images follow the
+        store's own retention); how many."""
+        cutoff = (now if now is not None else time.time()) - max_age_s
+        jobs = jobs_table.c
+        async with self._engine.begin() as conn:
+            done = await conn.execute(delete(jobs_table).where(jobs.status.in_(FINISHED), jobs.finished_at < cutoff))
+        return done.rowcount
 
     async def undelivered(self, limit: int = 50) -> Sequence[JobRecord]:
         """Finished jobs whose webhook has not been delivered (a restart resumes them)."""

@@ -130,7 +130,10 @@ async def open_gallery(server: ServerState) -> None:
     server.gallery = Gallery(store, index, on_store_error=server.metrics.store_errors.inc)
     server.job_queue = JobQueue(index)
     server.upkeep = asyncio.create_task(
-        keep_tidy(server.gallery, settings.store_max_age_s, settings.store_max_bytes_count), name="store-upkeep"
+        keep_tidy(
+            server.gallery, settings.store_max_age_s, settings.store_max_bytes_count, also=server.job_queue.prune
+        ),
+        name="store-upkeep",
     )
     log.info("keeping images in %s, indexed in %s", store.description, index.description)
 
