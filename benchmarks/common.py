@@ -89,6 +89,7 @@ def server_env(models_dir: Path, threads: int | None = None, **settings: str) ->
         env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     env["MODELS_DIR"] = str(models_dir)
+    env["Z_IMAGE_STORE"] = "none"  # measured without keeping images, unless a benchmark asks for a store
     env.update({f"Z_IMAGE_{key.upper()}": str(value) for key, value in settings.items()})
     return env
 

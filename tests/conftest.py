@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,11 @@ from zimage_server.runner import ModelRunner, load_runner
 from zimage_server.settings import Settings
 from zimage_server.specs import CallMode, CallParams, GenerationSpec
 from zimage_server.testing import write_tiny_pipeline
+
+
+# Server processes a test starts from this environment keep their images in a folder of this test
+# process's own, not in ./outputs of the checkout (ServerProcess sets one per server itself).
+os.environ.setdefault("Z_IMAGE_STORE", tempfile.mkdtemp(prefix="zimage-test-outputs-"))
 
 
 def assert_each_is_the_diffusers_image(images, pipeline, first_seed: int, prompt: str, **call) -> None:

@@ -64,11 +64,15 @@ def test_a_kill_9_loses_no_accepted_job_and_records_none_twice(models_dir, tmp_p
     # The third job takes a second a step, so the kill finds it running.
     bodies = [BODY | {"seed": 100 + i} | ({"prompt": BODY["prompt"] + " [[fault:slow=1]]"} if i == 2 else {})
               for i in range(8)]  # fmt: skip
-    jobs = [httpx.post(first.url + GEN, json=body, headers=ASYNC).json()["id"] for body in bodies]
-    wait_until(lambda: status(first.url, jobs[1])["status"] == "succeeded", 120, "the second job never finished")
-    wait_until(lambda: status(first.url, jobs[2]).get("progress", {}).get("step", 0) >= 1, 60, "the third job never ran")
-    first.signal(signal.SIGKILL)
-    first.wait(10)
+    try:
+        jobs = [httpx.post(first.url + GEN, json=body, headers=ASYNC).json()["id"] for body in bodies]
+        wait_until(lambda: status(first.url, jobs[1])["status"] == "succeeded", 120, "the second job never finished")
+        wait_until(lambda: status(first.url, jobs[2]).get("progress", {}).get("step", 0) >= 1, 60,
+                   "the third job never ran")  # fmt: skip
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        first.stop()
     second = ServerProcess(models_dir, tmp_path / "second.log", env).start()
     try:
         wait_until(lambda: all(status(second.url, j)["status"] == "succeeded" for j in jobs), 180,
@@ -85,10 +89,13 @@ def test_sigterm_runs_what_runs_and_leaves_queued_jobs_for_the_next_start(models
     env = {"Z_IMAGE_STORE": str(tmp_path / "out"), "Z_IMAGE_MAX_BATCH_SIZE": "1", "Z_IMAGE_FAULT_INJECTION": "1"}
     first = ServerProcess(models_dir, tmp_path / "first.log", env).start()
     slow = {"prompt": "fog [[fault:slow=0.5]]", "size": "64x64", "num_inference_steps": 2}  # a second a job
-    jobs = [httpx.post(first.url + GEN, json=slow | {"seed": i}, headers=ASYNC).json()["id"] for i in range(6)]
-    wait_until(lambda: status(first.url, jobs[0]).get("progress", {}).get("step", 0) >= 1, 60, "nothing ran")
-    first.signal(signal.SIGTERM)
-    assert first.wait(120) == 0
+    try:
+        jobs = [httpx.post(first.url + GEN, json=slow | {"seed": i}, headers=ASYNC).json()["id"] for i in range(6)]
+        wait_until(lambda: status(first.url, jobs[0]).get("progress", {}).get("step", 0) >= 1, 60, "nothing ran")
+        first.signal(signal.SIGTERM)
+        assert first.wait(120) == 0
+    finally:
+        first.stop()
     with sqlite3.connect(tmp_path / "out" / "index.db") as db:
         left = dict(db.execute("SELECT status, COUNT(*) FROM zimage_jobs GROUP BY status").fetchall())
     assert left.get("queued", 0) >= 3 and left.get("running", 0) == 0, left  # the drain ran only what had started

@@ -246,8 +246,8 @@ def serve(args: argparse.Namespace) -> None:
     try:
         ContentCredentials.from_settings(settings)  # the C2PA certificate and key: before any weights load
         ApiKeys.load(settings.api_key, settings.api_keys_file)
-        check_gallery(settings)  # the store's folder and the index (created or upgraded now)
         preflight(settings)  # device, attention backend, quantization, transformer file: before any weights load
+        check_gallery(settings)  # the store's folder and the index (created or upgraded now)
     except (SettingsError, KeysFileError, IndexUnavailable) as exc:
         fail(str(exc), EXIT_BAD_SETTING)
     except CheckpointError as exc:

@@ -9,8 +9,11 @@ older one in place, and refuses a newer one (a newer zimage-server wrote it) in 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,7 +314,7 @@ async def open_index(url: str, migrations: Sequence[Migration] = MIGRATIONS) -> 
     engine = make_engine(url)
     description = engine.url.render_as_string(hide_password=True)
     try:
-        async with engine.begin() as conn:
+        async with sqlite_schema_lock(engine), engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
             await prepare_schema(conn, description, migrations)
@@ -325,10 +328,27 @@ async def open_index(url: str, migrations: Sequence[Migration] = MIGRATIONS) -> 
     return ImageIndex(engine, description)
 
 
+@contextlib.asynccontextmanager
+async def sqlite_schema_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Servers starting together on one SQLite file take turns creating or upgrading its schema,
+    through a lock file beside it (PostgreSQL's turn-taking is an advisory lock instead): otherwise
+    two could each find no schema and create it twice."""
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    lock_path = Path(str(engine.url.database) + ".lock")
+    with open(lock_path, "a+b") as lock:
+        await asyncio.to_thread(fcntl.flock, lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 async def prepare_schema(conn: AsyncConnection, description: str, migrations: Sequence[Migration]) -> None:
     newest = len(migrations) + 1
     await conn.run_sync(lambda sync: schema_table.create(sync, checkfirst=True))
-    version = (await conn.execute(select(schema_table.c.version))).scalar_one_or_none()
+    version = (await conn.execute(select(func.max(schema_table.c.version)))).scalar_one_or_none()
     if version is None:
         await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
         await conn.execute(insert(schema_table).values(version=newest))
