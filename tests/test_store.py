@@ -449,3 +449,19 @@ def test_metrics_count_pending_writes_gauge(settings, runner, tmp_path):
         httpx.post(base + GEN, json=SMALL, timeout=60)
         assert metric(base, "zimage_store_pending_writes") == 0
         assert metric(base, "zimage_store_errors_total") == 0
+
+
+def test_servers_starting_together_on_one_sqlite_file_create_one_schema(tmp_path):
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+
+    async def scenario() -> int:
+        indexes = await asyncio.gather(*(open_index(url) for _ in range(6)))
+        async with indexes[0].engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT COUNT(*) FROM zimage_schema"))).scalar_one()
+        for index in indexes:
+            await index.close()
+        return rows
+
+    assert asyncio.run(scenario()) == 1
