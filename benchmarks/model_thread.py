@@ -31,7 +31,6 @@ import httpx
 from common import (
     REPO,
     add_standard_options,
-    generate_over_http,
     median,
     print_table,
     running_server,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import Iterator
 from datetime import timedelta
 
 import obstore
 import pytest
 from obstore.exceptions import PermissionDeniedError
 from obstore.store import S3Store
-from real_servers import PostgresServer, S3Server, create_database, postgres_server, s3_server
+from real_servers import PostgresServer, S3Server, create_database
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 

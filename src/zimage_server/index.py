@@ -43,6 +43,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from .store import first_line
+
 metadata = MetaData()
 
 schema_table = Table("zimage_schema", metadata, Column("version", Integer, nullable=False))
@@ -320,8 +322,7 @@ async def open_index(url: str, migrations: Sequence[Migration] = MIGRATIONS) -> 
             await prepare_schema(conn, description, migrations)
     except INDEX_FAILURES as exc:
         await engine.dispose()
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise IndexUnavailable(f"cannot open the image index {description}: {reason}") from None
+        raise IndexUnavailable(f"cannot open the image index {description}: {first_line(exc)}") from None
     except BaseException:
         await engine.dispose()
         raise

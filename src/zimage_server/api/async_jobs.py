@@ -28,13 +28,11 @@ from ..index import INDEX_FAILURES
 from ..job_queue import CANCELLED, FAILED, MAX_ATTEMPTS, QUEUED, RUNNING, SUCCEEDED, JobQueue, JobRecord, new_job_id
 from ..store import StoreError, first_line
 from ..specs import GenerationSpec
-from .auth import principal_of
-from .errors import ApiError, error_detail
+from .errors import ApiError
 from .guards import RETRY_AFTER_S
 from .jobs import submit_job
-from .observability import request_id_of
 from .links import image_link
-from .responses import Origin, OutputOptions, encode_for_response, keep_images
+from .responses import Origin, OutputOptions, encode_for_response, keep_images, origin_of
 from .state import ServerState
 
 log = logging.getLogger("zimage_server.jobs")
@@ -95,8 +93,7 @@ async def accept_job(
     """Write the job and answer 202 with its Location: it is durable before the client hears of it."""
     if webhook_url is not None:
         await server.webhooks.check(webhook_url)
-    origin = Origin(principal_of(request).name, request.scope["path"], request_id_of(request.scope) or "")
-    job = await submit_async(server, origin, kind, body, spec, files, webhook_url)
+    job = await submit_async(server, origin_of(request), kind, body, spec, files, webhook_url)
     return Response(
         await job_object(server, job, request),
         status_code=202,
@@ -303,8 +300,7 @@ class JobRunner:
             await self.finish(job, CANCELLED)
             return None
         if job.attempts > MAX_ATTEMPTS:
-            error = error_detail(500, f"The job was interrupted {MAX_ATTEMPTS} times and is given up.")
-            await self.finish(job, FAILED, error=error_dict(error))
+            await self.finish(job, FAILED, error=job_error(ApiError(500, f"The job was interrupted {MAX_ATTEMPTS} times and is given up.")))
             return None
         try:
             files = {field: [await self.server.gallery.store.get(key) for key in keys]
@@ -316,11 +312,11 @@ class JobRunner:
         try:
             spec, options = await REPLAYS[job.kind](self.server, job.request["body"], files)
         except ApiError as exc:  # the request no longer fits this server (a LoRA removed, another model)
-            await self.finish(job, FAILED, error=error_dict(error_detail(exc.status_code, exc.message, param=exc.param, code=exc.code)))
+            await self.finish(job, FAILED, error=job_error(exc))
             return None
         except Exception as exc:
             log.error("job %s could not be prepared: %s", job.id, exc)
-            await self.finish(job, FAILED, error=error_dict(error_detail(500, "The job could not be prepared.")))
+            await self.finish(job, FAILED, error=job_error(ApiError(500, "The job could not be prepared.")))
             return None
         try:
             handle = submit_job(self.server, spec, owner=job.owner, tag=job.request_id or job.id)
@@ -354,7 +350,7 @@ class JobRunner:
         elif failure is not None and self._stopping:
             await self.queue.release(job.id, self.replica)  # the drain ran out of time: run it at the next start
         elif failure is not None:
-            await self.finish(job, FAILED, error=error_dict(error_detail(failure.status_code, failure.message, param=failure.param, code=failure.code)))
+            await self.finish(job, FAILED, error=job_error(failure))
         else:
             await self.succeed(job, spec, options, images)
 
@@ -368,7 +364,7 @@ class JobRunner:
             records = await keep_images(origin, self.server, spec, encoded, options.output_format, options, wait=True)
         except (ApiError, GalleryUnavailable) as exc:  # the store failed: the images are lost with it, say so
             message = exc.message if isinstance(exc, ApiError) else f"The images could not be stored ({exc})."
-            await self.finish(job, FAILED, error=error_dict(error_detail(503, message, code="store_unavailable")))
+            await self.finish(job, FAILED, error=job_error(ApiError(503, message, code="store_unavailable")))
             return
         result = {
             "image_ids": [r.id for r in records or []],
@@ -449,5 +445,6 @@ class JobRunner:
         await asyncio.gather(*leftovers, return_exceptions=True)
 
 
-def error_dict(detail: Any) -> dict[str, Any]:
-    return msgspec.to_builtins(detail)
+def job_error(error: ApiError) -> dict[str, Any]:
+    """A failed job's `error`: the envelope's inside, as its row keeps it."""
+    return msgspec.to_builtins(error.detail)

@@ -55,6 +55,17 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    @property
+    def detail(self) -> ErrorDetail:
+        """The envelope's inside: what a stream's error event, a job's record and MCP's 401 carry."""
+        return error_detail(self.status_code, self.message, param=self.param, code=self.code)
+
+
+def not_found(kind: str, value: str, param: str) -> ApiError:
+    """404 for an id the caller cannot see; echoed only when short and printable (not a 10 kB or NUL-laden one)."""
+    shown = value if len(value) <= 64 and value.isprintable() else value[:32].encode("unicode_escape").decode() + "..."
+    return ApiError(404, f"No {kind} with id '{shown}'.", param=param, code=f"{kind}_not_found")
+
 
 def lora_error(exc: Exception) -> ApiError:
     """A LoRA the request named that this server cannot apply; the message names it."""

@@ -17,7 +17,7 @@ from ..gallery import MEDIA_TYPES, Gallery, GalleryUnavailable
 from ..index import ImageRecord, UnknownCursor
 from ..signed_urls import BadSignature
 from .auth import principal_of
-from .errors import ApiError
+from .errors import ApiError, not_found
 from .links import image_link
 from .schemas import DeletedImage, StoredImage, StoredImageList
 from .state import ServerState, server_state
@@ -35,10 +35,8 @@ def gallery_of(server: ServerState) -> Gallery:
     return server.gallery
 
 
-def not_found(image_id: str) -> ApiError:
-    # Echoed only when short and printable: a 10 kB or NUL-laden id is not worth repeating.
-    shown = image_id if len(image_id) <= 64 and image_id.isprintable() else image_id[:32].encode("unicode_escape").decode() + "..."
-    return ApiError(404, f"No image with id '{shown}'.", param="image_id", code="image_not_found")
+def image_not_found(image_id: str) -> ApiError:
+    return not_found("image", image_id, "image_id")
 
 
 def unavailable(exc: GalleryUnavailable) -> ApiError:
@@ -104,7 +102,7 @@ async def get_image(request: Request, state: State, image_id: str) -> StoredImag
     except GalleryUnavailable as exc:
         raise unavailable(exc) from None
     if record is None:
-        raise not_found(image_id)
+        raise image_not_found(image_id)
     return stored_image(request, server, record)
 
 
@@ -131,7 +129,7 @@ async def get_image_content(
     except GalleryUnavailable as exc:
         raise unavailable(exc) from None
     if record is None or blob is None:
-        raise not_found(image_id)
+        raise image_not_found(image_id)
     return Response(
         blob,
         media_type=MEDIA_TYPES[record.format],
@@ -152,7 +150,7 @@ async def delete_image(request: Request, state: State, image_id: str) -> Deleted
     except GalleryUnavailable as exc:
         raise unavailable(exc) from None
     if not deleted:
-        raise not_found(image_id)
+        raise image_not_found(image_id)
     return DeletedImage(id=image_id)
 
 

@@ -9,14 +9,9 @@ from ..index import UnknownCursor
 from ..job_queue import JobRecord, is_job_id
 from .async_jobs import job_object, job_queue_of
 from .auth import principal_of
-from .errors import ApiError
+from .errors import ApiError, not_found
 from .history import parse_limit
 from .state import ServerState, server_state
-
-
-def not_found(job_id: str) -> ApiError:
-    shown = job_id if len(job_id) <= 64 and job_id.isprintable() else job_id[:32].encode("unicode_escape").decode() + "..."
-    return ApiError(404, f"No job with id '{shown}'.", param="job_id", code="job_not_found")
 
 
 async def visible_job(request: Request, server: ServerState, job_id: str) -> JobRecord:
@@ -25,7 +20,7 @@ async def visible_job(request: Request, server: ServerState, job_id: str) -> Job
     job = await queue.get(job_id) if is_job_id(job_id) else None
     sees = principal_of(request).sees
     if job is None or sees not in (None, job.owner):
-        raise not_found(job_id)
+        raise not_found("job", job_id, "job_id")
     return job
 
 

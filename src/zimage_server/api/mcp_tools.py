@@ -40,7 +40,7 @@ from ..keys import NOBODY, Principal
 from .async_jobs import job_object, submit_async
 from .edits import prepare_edit_request
 from .auth import authenticate
-from .errors import ApiError, error_detail
+from .errors import ApiError
 from .jobs import submit_job
 from .responses import Origin, OutputOptions, encode_for_response
 from .routes import prepare_generation
@@ -409,7 +409,7 @@ async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         authenticate(ASGIConnection(scope, receive, send))
     except ApiError as error:
-        body = msgspec.json.encode({"error": error_detail(error.status_code, error.message, code=error.code)})
+        body = msgspec.json.encode({"error": error.detail})
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items()]
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})

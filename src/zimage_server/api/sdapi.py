@@ -309,6 +309,15 @@ def info_text(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState, s
     return msgspec.json.encode(info).decode()
 
 
+async def answer(
+    request: Request, server: ServerState, kind: str, spec: GenerationSpec, data: Txt2ImgRequest
+) -> A1111ImagesResponse | Response:
+    """Run the request and answer A1111's way, or (Prefer: respond-async) accept it as a job."""
+    if wants_async(request):
+        return await accept_job(request, server, kind, msgspec.to_builtins(data) | {"seed": spec.seeds[0]}, spec)
+    return await run_and_answer(request, server, spec, data)
+
+
 async def run_and_answer(
     request: Request, server: ServerState, spec: GenerationSpec, data: Txt2ImgRequest
 ) -> A1111ImagesResponse:
@@ -335,11 +344,7 @@ async def run_and_answer(
 )
 async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111ImagesResponse | Response:
     server = server_state(state)
-    spec = await prepare_txt2img(server, data)
-    if wants_async(request):
-        body = msgspec.to_builtins(data) | {"seed": spec.seeds[0]}
-        return await accept_job(request, server, "txt2img", body, spec)
-    return await run_and_answer(request, server, spec, data)
+    return await answer(request, server, "txt2img", await prepare_txt2img(server, data), data)
 
 
 async def prepare_txt2img(server: ServerState, data: Txt2ImgRequest) -> GenerationSpec:
@@ -359,11 +364,7 @@ async def replay_txt2img(server: ServerState, body: dict, _: dict) -> tuple[Gene
 )
 async def img2img(request: Request, data: Img2ImgRequest, state: State) -> A1111ImagesResponse | Response:
     server = server_state(state)
-    spec = await prepare_img2img_request(server, data)
-    if wants_async(request):
-        body = msgspec.to_builtins(data) | {"seed": spec.seeds[0]}
-        return await accept_job(request, server, "img2img", body, spec)
-    return await run_and_answer(request, server, spec, data)
+    return await answer(request, server, "img2img", await prepare_img2img_request(server, data), data)
 
 
 async def prepare_img2img_request(server: ServerState, data: Img2ImgRequest) -> GenerationSpec:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..images import encode_image
 from ..specs import GenerationSpec
-from .errors import ApiError, error_detail
+from .errors import ApiError
 from .jobs import KEEP_ALIVE, JobHandle, StepReport, submit_job
 from .responses import OutputOptions, encode_for_response, image_items, keep_images, origin_of
 from .schemas import CompletedEvent, ErrorEvent, PartialImageEvent, ProgressEvent
@@ -58,7 +58,7 @@ def sse(event: msgspec.Struct) -> ServerSentEventMessage:
 
 
 def error_event(error: ApiError) -> ServerSentEventMessage:
-    return sse(ErrorEvent(error=error_detail(error.status_code, error.message, param=error.param, code=error.code)))
+    return sse(ErrorEvent(error=error.detail))
 
 
 def stream_images(
