@@ -9,7 +9,7 @@
 # copies both to the same paths, so the venv's interpreter links stay valid without uv in the image.
 #
 # Matching torch to CUDA: the pytorch CUDA wheel index cannot be reached where uv.lock is made,
-# so the lock takes torch from PyPI, whose Linux wheel is a CUDA build. torch 2.13.0 in uv.lock
+# so the lock takes torch from PyPI, whose Linux wheel is a CUDA build. torch 2.14.1 in uv.lock
 # (the release CI tests) requires cuda-toolkit==13.0.3.0 (nvidia-cuda-runtime 13.0.96,
 # nvidia-cudnn-cu13, ...), that is CUDA 13.0, so both stages use nvidia/cuda:13.0.0. The "base"
 # flavour is enough, and deliberate: torch loads cuBLAS, cuDNN, NCCL, ... from those wheels in the

@@ -121,6 +121,22 @@ def test_provenance(tmp_path):
     assert set(results) == {"png", "jpeg", "webp"} and all(row["on_ms"] > 0 for row in results.values())
 
 
+def test_hires(tmp_path):
+    results = run_smoke("hires", tmp_path)
+    assert set(results) == {"Latent", "Lanczos"} and all(row["ratio"] > 0 for row in results.values())
+
+
+def test_enhance(tmp_path):
+    results = run_smoke("enhance", tmp_path)
+    assert results["tiny_tokens_per_s"] > 0 and results["kv_cache_mib"] > 0
+    assert results["variation_0"]["moved"] == 0 and results["variation_0.3"]["moved"] > 0
+
+
+def test_upscale_tiles(tmp_path):
+    results = run_smoke("upscale_tiles", tmp_path)
+    assert results, results
+
+
 def test_store(tmp_path):
     results = run_smoke("store", tmp_path)
     overhead, listing = results["request_overhead"], results["listing"]

@@ -574,3 +574,31 @@ def test_without_an_image_store_the_gallery_is_the_sessions_and_no_error_shows(m
         assert not css(page, "#generate-form .error").is_displayed()
     finally:
         process.stop()
+
+
+def test_enhance_fills_the_prompt_with_the_expansion_before_generating(models_dir, tmp_path_factory, browser):
+    """The Enhance button asks POST /v1/prompts/enhance (here a chat backend on loopback) and puts
+    the expansion in the prompt box; an answer the enhancer cannot use leaves the prompt as written."""
+    from test_prompt_enhancer import ChatServer
+
+    chat = ChatServer()
+    chat.replies = {"a lighthouse": "A white lighthouse on a basalt cliff at dawn, gulls over a calm sea.",
+                    "a secret": "I'm sorry, I can't help with that."}  # fmt: skip
+    env = {"Z_IMAGE_PROMPT_ENHANCER": chat.url, "Z_IMAGE_PROMPT_ENHANCER_MODEL": "qwen3-max"}
+    process = ServerProcess(models_dir, tmp_path_factory.mktemp("browser-enhance") / "server.log", env=env).start()
+    try:
+        page = open_page(browser, process.url)
+        box = css(page, "#gen-prompt")
+        fill(box, "a lighthouse")
+        css(page, "#gen-enhance").click()
+        wait(page).until(lambda d: css(d, "#gen-prompt").get_attribute("value").startswith("A white lighthouse"))
+        assert "Enhanced" in css(page, "#gen-enhance-status").text
+        assert chat.requests[-1]["messages"][-1]["content"] == "a lighthouse"
+        fill(box, "a secret")
+        css(page, "#gen-enhance").click()
+        wait(page).until(lambda d: "Kept as written" in css(d, "#gen-enhance-status").text)
+        assert css(page, "#gen-prompt").get_attribute("value") == "a secret"
+        assert "refusal" in css(page, "#gen-enhance-status").text
+    finally:
+        process.stop()
+        chat.close()

@@ -60,9 +60,26 @@ def hub(models_dir: Path):
         fake.repos["test/lora"] = FakeRepo({"pixel-art.safetensors": lora, "README.md": b"# a LoRA\n"})
         fake.repos["test/loras"] = FakeRepo({"a.safetensors": lora, "b/c.safetensors": lora})
         fake.repos["test/fake-lora"] = FakeRepo({"broken.safetensors": b"PK\x03\x04 not safetensors"})
+        fake.repos["test/upscalers"] = FakeRepo(
+            {"4x-Tiny.pth": torch_saved({"body.0.weight": bytes(16)}), "2x-Tiny.safetensors": lora, "README.md": b"# x\n",
+             "broken.pth": b"<html>not a torch file</html>"}
+        )  # fmt: skip
         # Only the first bytes matter to the download (tests/test_checkpoints.py loads real ones).
         fake.repos["test/gguf"] = FakeRepo({"z-image-turbo-Q8_0.gguf": b"GGUF" + bytes(2000), "README.md": b"# quants\n"})
         yield fake
+
+
+def torch_saved(state: dict[str, bytes]) -> bytes:
+    """A zip archive shaped like torch.save's: the download checks only a file's first bytes (the
+    server's reading of .pth files is tests/test_upscalers.py's)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in state.items():
+            archive.writestr(f"archive/data/{name}", data)
+    return buffer.getvalue()
 
 
 @pytest.fixture(autouse=True)
@@ -335,6 +352,27 @@ def test_download_controlnet_fetches_the_named_file_into_the_controlnet_folder(h
     assert {r.path for r in hub.body_requests()} == {"b/c.safetensors"}
     assert "Z_IMAGE_CONTROLNET=c.safetensors" in result.stderr
     assert_one_line_failure(run_download(hub.url, tmp_path, source, "--controlnet", "test/loras"), "REPO_ID:FILENAME")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_download_upscaler_fetches_the_named_file_into_the_upscaler_folder(hub, tmp_path, source):
+    repo = "test/upscalers"
+    fetch_one_file(hub, tmp_path, source, repo, "4x-Tiny.pth", "upscalers", "--upscaler", f"{repo}:4x-Tiny.pth")
+    assert {r.path for r in hub.body_requests()} == {"4x-Tiny.pth"}
+    hub.reset()
+    elsewhere = tmp_path / "mine"
+    result = run_download(
+        hub.url, tmp_path, source, "--upscaler-dir", str(elsewhere), "--upscaler", f"{repo}:2x-Tiny.safetensors"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (elsewhere / "2x-Tiny.safetensors").read_bytes() == hub.repos[repo].files["2x-Tiny.safetensors"]
+    assert "upscaler '2x-Tiny' is ready" in result.stderr
+    assert_one_line_failure(run_download(hub.url, tmp_path, source, "--upscaler", repo), "REPO_ID:FILENAME")
+    missing = run_download(hub.url, tmp_path, source, "--upscaler", f"{repo}:README.md")
+    assert_one_line_failure(missing, "README.md", "--upscaler")
+    broken = run_download(hub.url, tmp_path, source, "--upscaler", f"{repo}:broken.pth")
+    assert broken.returncode == 4 and "not a readable safetensors or .pth file" in broken.stderr
+    assert not (tmp_path / "models" / "upscalers" / "broken.pth").exists()
 
 
 def test_download_lora_failures_are_one_line(hub, tmp_path):

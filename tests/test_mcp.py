@@ -65,7 +65,7 @@ def pixels(blob: bytes) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 def test_both_protocol_eras_list_the_tools_with_their_schemas(server, mode):
     found = tools(server, mode)
-    assert set(found) == {"generate_image", "edit_image", "list_images", "get_job", "list_loras"}
+    assert set(found) == {"generate_image", "edit_image", "enhance_prompt", "list_images", "get_job", "list_loras"}
     schema = found["generate_image"].input_schema
     assert schema["required"] == ["prompt"] and "description" in schema["properties"]["size"]
     assert schema["properties"]["n"]["minimum"] == 1 and found["generate_image"].description
@@ -89,6 +89,34 @@ def test_generate_image_gives_the_http_apis_image_for_the_seed(server, mode):
     mine = [i["id"] for i in httpx.get(server.url + "/v1/images", headers={"Authorization": f"Bearer {ALICE}"}).json()["data"]]
     assert image["id"] in mine
     assert httpx.get(f"{server.url}/v1/images/{image['id']}", headers={"Authorization": f"Bearer {BOB}"}).status_code == 404
+
+
+def test_generate_image_with_a_hires_fix_and_seeded_variety_equals_the_http_api(server):
+    arguments = {"prompt": "a windmill", "size": "64x64", "steps": 2, "seed": 9, "variation_strength": 0.2,
+                 "hires": {"scale": 1.5, "upscaler": "Latent", "steps": 2}}  # fmt: skip
+    result = call(server, ALICE, "generate_image", arguments)
+    assert not result.is_error, result.content
+    [image] = result.structured_content["images"]
+    assert (image["width"], image["height"]) == (96, 96)
+    body = {"prompt": "a windmill", "size": "64x64", "num_inference_steps": 2, "seed": 9, "variation_strength": 0.2,
+            "hires": {"scale": 1.5, "upscaler": "Latent", "steps": 2}}  # fmt: skip
+    http = httpx.post(server.url + GEN, json=body, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60).json()
+    from_link = httpx.get(image["url"]).content
+    assert np.array_equal(pixels(from_link), pixels(base64.b64decode(http["data"][0]["b64_json"])))
+    bad = call(server, ALICE, "generate_image", {"prompt": "x", "hires": {"upscaler": "4x-Nowhere"}})
+    assert bad.is_error and "could not find upscaler named 4x-Nowhere" in bad.content[0].text
+
+
+def test_enhance_prompt_answers_with_the_expansion_or_why_not(server):
+    sampled = call(server, ALICE, "enhance_prompt", {"prompt": "a lighthouse", "seed": 3})
+    assert not sampled.is_error and sampled.structured_content["prompt"] == "a lighthouse"
+    http = httpx.post(server.url + "/v1/prompts/enhance", json={"prompt": "a lighthouse", "seed": 3},
+                      headers={"Authorization": f"Bearer {ALICE}"}, timeout=60).json()  # fmt: skip
+    assert sampled.structured_content["revised_prompt"] == http["revised_prompt"]
+    # The tiny random encoder's greedy answer is blank: the prompt is kept, and the tool says why.
+    greedy = call(server, ALICE, "enhance_prompt", {"prompt": "a lighthouse"})
+    assert greedy.structured_content["revised_prompt"] is None and greedy.structured_content["fallback"] == "empty"
+    assert "Kept as written (empty)" in greedy.content[0].text
 
 
 def test_previews_stay_under_the_limit_at_2048_with_four_images(server):

@@ -272,3 +272,63 @@ def test_a_controlnet_counts_in_the_plan_and_at_start_up(tmp_path, runner):
     controlnet = ZImageControlNetModel.from_pretrained(folder)
     own = sum(p.numel() * p.element_size() for p in controlnet.parameters())
     assert component_sizes(runner.pipeline, controlnet).controlnet == own > 0
+
+
+def test_an_upscaler_counts_its_weights_everywhere_and_a_tiles_activations_in_an_upscale_stage(tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact import Compact
+
+    from zimage_server.memory_plan import upscaler_sizes
+    from zimage_server.upscalers import DEFAULT_TILE, read_model, tile_activation_bytes
+
+    path = tmp_path / "realesr-general-x4v3.safetensors"  # its shape (Compact, 64 features, 16 convs), random
+    torch.manual_seed(0)
+    module = Compact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=16, upscale=4)
+    save_file(module.state_dict(), path)
+    weights, tile = upscaler_sizes(path)
+    assert weights == 2 * sum(t.numel() for t in module.state_dict().values())  # bf16 on a CUDA card
+    assert tile == tile_activation_bytes(read_model(path)[0], DEFAULT_TILE, torch.bfloat16)
+    with_upscaler, without = plan(16 * GIB, upscaler=path), plan(16 * GIB)
+    for a, b in zip(with_upscaler, without):
+        assert a.predicted_peak_bytes - b.predicted_peak_bytes == weights and a.limiting_stage == b.limiting_stage
+    # A 512 px tile of this net is 0.08 GiB (RealESRGAN_x4plus's ESRGAN: 1.0 GiB): the upscale stage
+    # sets the peak only where its tile outgrows the stage beside it.
+    sizes = dataclasses.replace(full_size_components(), upscaler=weights, upscaler_tile=tile)
+    assert predict_peak(sizes, "model", 1024, 1024, 1, False).stage != "upscale"
+    huge_tile = dataclasses.replace(sizes, upscaler_tile=40 * GIB)
+    assert predict_peak(huge_tile, "model", 1024, 1024, 1, False).stage == "upscale"
+
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    shown = subprocess.run(
+        [sys.executable, "-m", "zimage_server.cli", "plan", "--gpu-memory", "16GiB", "--upscaler", str(path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"with upscaler realesr-general-x4v3: 0.00 GiB of weights resident, {tile / GIB:.2f} GiB" in shown.stdout
+    (tmp_path / "broken.pth").write_bytes(b"not a pickle")
+    broken = subprocess.run(
+        [sys.executable, "-m", "zimage_server.cli", "plan", "--upscaler", str(tmp_path / "broken.pth")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert broken.returncode == 2 and broken.stderr.startswith("zimage-server: upscaler file broken.pth: ")
+    assert len(broken.stderr.strip().splitlines()) == 1
+
+
+def test_the_resident_enhancers_kv_cache_is_a_stage_beside_the_text_encoders_weights():
+    from dataclasses import replace
+
+    from zimage_server.memory_plan import ComponentSizes, enhancer_kv_bytes, plan, predict_peak
+
+    assert enhancer_kv_bytes(400) == 144 * 1024 * (512 + 400) and enhancer_kv_bytes(0) == 0
+    sizes = ComponentSizes(text_encoder=8 * GIB, text_encoder_streamed=GIB, transformer=12 * GIB, vae=GIB // 4)
+    # The enhance stage holds what encoding holds in that mode, less encoding's activations, plus the cache.
+    resident_when_encoding = {"none": 8 * GIB + 12 * GIB + GIB // 4, "text_encoder": GIB + 12 * GIB + GIB // 4,
+                              "model": 8 * GIB}  # fmt: skip
+    for mode, weights in resident_when_encoding.items():
+        with_kv = predict_peak(replace(sizes, enhancer_kv=64 * GIB), mode, 1024, 1024, 1, False)
+        assert with_kv.stage == "enhance" and with_kv.peak_bytes == weights + 64 * GIB
+    # At the default budget (about 128 MiB) it sets no peak on a 16 GiB card's plan.
+    assert [row.offload for row in plan(16 * GIB, enhance_tokens=400) if row.fits] == ["text_encoder", "model"]

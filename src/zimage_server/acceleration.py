@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory_plan import OFFLOAD_MODES, TEXT_ENCODER_BLOCKS_ON_DEVICE, ComponentSizes, choose, plan_mode
+from .memory_plan import (
+    OFFLOAD_MODES,
+    TEXT_ENCODER_BLOCKS_ON_DEVICE,
+    ComponentSizes,
+    choose,
+    enhancer_kv_bytes,
+    plan_mode,
+)
 from .settings import SettingsError
 
 log = logging.getLogger("zimage_server.acceleration")
@@ -57,8 +64,9 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def component_sizes(pipeline, controlnet: torch.nn.Module | None = None) -> ComponentSizes:
-    """The pipeline's weight bytes; `controlnet` before `from_transformer` joins it (its own blocks only)."""
+def component_sizes(pipeline, controlnet: torch.nn.Module | None = None, enhance_tokens: int = 0) -> ComponentSizes:
+    """The pipeline's weight bytes; `controlnet` before `from_transformer` joins it (its own blocks only);
+    the resident prompt enhancer's KV cache for `enhance_tokens` new tokens."""
     text_encoder = module_bytes(pipeline.text_encoder)
     blocks = [module_bytes(block) for block in _block_list(pipeline.text_encoder)]
     resident = text_encoder - sum(blocks) + TEXT_ENCODER_BLOCKS_ON_DEVICE * max(blocks, default=0)
@@ -68,6 +76,7 @@ def component_sizes(pipeline, controlnet: torch.nn.Module | None = None) -> Comp
         transformer=module_bytes(pipeline.transformer),
         vae=module_bytes(pipeline.vae),
         controlnet=module_bytes(controlnet) if controlnet is not None else 0,
+        enhancer_kv=enhancer_kv_bytes(enhance_tokens),
     )
 
 
@@ -78,7 +87,12 @@ def _block_list(module: torch.nn.Module) -> Sequence[torch.nn.Module]:
 
 
 def resolve_offload(
-    setting: str, pipeline, device: torch.device, max_batch_size: int = 1, controlnet: torch.nn.Module | None = None
+    setting: str,
+    pipeline,
+    device: torch.device,
+    max_batch_size: int = 1,
+    controlnet: torch.nn.Module | None = None,
+    enhance_tokens: int = 0,
 ) -> tuple[str, bool, str]:
     """The offload mode, whether to slice VAE decodes, and the reason, for Z_IMAGE_OFFLOAD=`setting` on `device`."""
     if device.type != "cuda":
@@ -92,7 +106,7 @@ def resolve_offload(
         for t in getattr(pipeline, name).parameters()
         if t.device.type == "cuda"
     )
-    sizes = component_sizes(pipeline, controlnet)
+    sizes = component_sizes(pipeline, controlnet, enhance_tokens)
     if setting == "auto":
         return choose_offload(free + on_device, sizes, max_batch_size)
     # A mode chosen by hand still gets the plan's VAE slicing decision: a batch that fits only sliced.
@@ -238,10 +252,13 @@ def prepare_pipeline(
     compile: str,
     max_batch_size: int = 1,
     controlnet: torch.nn.Module | None = None,
+    enhance_tokens: int = 0,
 ) -> Acceleration:
-    """Place the pipeline, choose attention, mark compilation. Raises SettingsError for an unusable backend."""
+    """Place the pipeline, choose attention, mark compilation. Raises SettingsError for an unusable backend.
+
+    enhance_tokens: the resident prompt enhancer's new-token budget, whose KV cache the plan counts."""
     plan = resolve_attention(attention, device, dtype)
-    mode, vae_slicing, reason = resolve_offload(offload, pipeline, device, max_batch_size, controlnet)
+    mode, vae_slicing, reason = resolve_offload(offload, pipeline, device, max_batch_size, controlnet, enhance_tokens)
     place_pipeline(pipeline, device, mode)
     if vae_slicing:
         # A batched decode's activations grow with the batch (1.5 GiB per 1024x1024 image); one at a time they do not.

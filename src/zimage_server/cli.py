@@ -24,7 +24,9 @@ EXIT_START_FAILED = 5  # loading or warming up the model failed, or the port cou
 EXIT_WORKER_DIED = 6  # the batcher's worker stopped: restart the process
 EXIT_INTERRUPTED = 130
 # The settings `download` takes; the rest are about serving.
-DOWNLOAD_SETTINGS = ("models_dir", "variant", "model_id", "download_source", "lora_dir", "log_format", "log_level")
+DOWNLOAD_SETTINGS = (
+    "models_dir", "variant", "model_id", "download_source", "lora_dir", "upscaler_dir", "log_format", "log_level"
+)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
@@ -81,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPO_ID:FILENAME",
         help="fetch this ControlNet checkpoint (.safetensors) into MODELS_DIR/controlnets instead of the model",
     )
+    download.add_argument(
+        "--upscaler",
+        metavar="REPO_ID:FILENAME",
+        help="fetch this upscaler model (.safetensors or .pth, e.g. a Real-ESRGAN or 4x-UltraSharp file) into "
+        "the upscaler folder (Z_IMAGE_UPSCALER_DIR, default MODELS_DIR/upscalers) instead of the model",
+    )
     download.add_argument("--verbose", action="store_true", help="log the hub libraries' detail and tracebacks")
     plan = commands.add_parser(
         "plan",
@@ -102,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "e.g. text_encoder=int8 [default: none]")
     plan.add_argument("--controlnet", metavar="FILE", type=Path,
                       help="a ControlNet checkpoint (.safetensors) served beside the model: its weights count too")
+    plan.add_argument("--upscaler", metavar="FILE", type=Path,
+                      help="an upscaler model (.safetensors or .pth) the hires fix runs: its weights stay resident, "
+                      "and a 512 px tile's activations count in an upscale stage")
+    plan.add_argument("--enhance-tokens", type=int, default=400, metavar="N",
+                      help="the resident prompt enhancer's new-token budget (Z_IMAGE_ENHANCE_MAX_TOKENS): its KV "
+                      "cache counts in an enhance stage; 0 with Z_IMAGE_PROMPT_ENHANCER off or a URL [default: 400]")
     plan.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
     inspect = commands.add_parser(
         "inspect",
@@ -141,7 +155,8 @@ def plan(args: argparse.Namespace) -> None:
     width, height = args.size
 
     def rows_for(transformer: str, quantize: str | None):
-        return plan_rows(args.gpu_memory, width, height, args.batch, transformer, quantize, controlnet=args.controlnet)
+        return plan_rows(args.gpu_memory, width, height, args.batch, transformer, quantize, controlnet=args.controlnet,
+                         upscaler=args.upscaler, enhance_tokens=args.enhance_tokens)
 
     try:
         rows = rows_for(args.transformer, args.quantize)
@@ -153,6 +168,12 @@ def plan(args: argparse.Namespace) -> None:
     first = rows[0]
     print(f"full-size Z-Image, transformer {first.transformer}{f', quantized {first.quantize}' if first.quantize else ''}, "
           f"{width}x{height} x{args.batch}, {args.gpu_memory / GIB:.2f} GiB card, {first.margin_bytes / GIB:.2f} GiB margin:")
+    if args.upscaler is not None:
+        from .memory_plan import upscaler_sizes
+
+        weights, tile = upscaler_sizes(args.upscaler)
+        print(f"  with upscaler {args.upscaler.stem}: {weights / GIB:.2f} GiB of weights resident, "
+              f"{tile / GIB:.2f} GiB for a 512 px tile")
     for row in rows:
         print(f"  {row.offload:<13} {row.predicted_peak_bytes / GIB:6.2f} GiB  {'fits' if row.fits else 'does not fit':<12}"
               f" peak in {row.limiting_stage}, VAE slicing {'on' if row.vae_slicing else 'off'}")
@@ -315,9 +336,17 @@ def download(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, exit_on_signal)
     signal.signal(signal.SIGTERM, exit_on_signal)
 
-    from .download import DownloadError, download_controlnet, download_lora, download_model, download_transformer
+    from .download import (
+        DownloadError,
+        download_controlnet,
+        download_lora,
+        download_model,
+        download_transformer,
+        download_upscaler,
+    )
 
-    for flag, value in (("--transformer", args.transformer), ("--controlnet", args.controlnet)):
+    named_files = (("--transformer", args.transformer), ("--controlnet", args.controlnet), ("--upscaler", args.upscaler))
+    for flag, value in named_files:
         if value and ":" not in value:
             fail(f"{flag} {value!r}: expected REPO_ID:FILENAME, e.g. owner/repo:file.safetensors", EXIT_BAD_SETTING)
     try:
@@ -326,6 +355,9 @@ def download(args: argparse.Namespace) -> None:
         elif args.controlnet:
             repo_id, filename = args.controlnet.split(":", 1)
             download_controlnet(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
+        elif args.upscaler:
+            repo_id, filename = args.upscaler.split(":", 1)
+            download_upscaler(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
         elif args.transformer:
             repo_id, filename = args.transformer.split(":", 1)
             download_transformer(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)

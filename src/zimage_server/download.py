@@ -518,6 +518,28 @@ def download_controlnet(
     return target
 
 
+def download_upscaler(
+    settings: Settings, repo_id: str, filename: str, *, revision: str | None = None, progress_bars: bool = False
+) -> Path:
+    """Fetch one upscaler model (.safetensors or .pth) into the upscaler folder (Z_IMAGE_UPSCALER_DIR)."""
+    target = download_file(
+        settings, repo_id, filename, settings.upscalers_dir, UPSCALER_FILE, revision=revision,
+        progress_bars=progress_bars,
+    )
+    log.info("downloaded %s: upscaler %r is ready", target, target.stem)
+    return target
+
+
+def is_torch_save(path: Path) -> bool:
+    """What torch.save writes: a zip archive (torch >= 1.6), or a pickle stream (older files)."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 @dataclass(frozen=True)
 class FileKind:
     """What `download_file` accepts: a kind of single weights file, how to recognise it, the flag naming it."""
@@ -530,6 +552,12 @@ class FileKind:
 
 LORA_FILE = FileKind("safetensors", (".safetensors",), is_safetensors, "--file")
 CONTROLNET_FILE = FileKind("safetensors", (".safetensors",), is_safetensors, "--controlnet REPO_ID:FILENAME")
+# Only the format is checked here (no torch): whether spandrel knows the architecture, and that a
+# .pth pickle imports nothing, is checked when the server reads it (upscalers.py).
+UPSCALER_FILE = FileKind(
+    "safetensors or .pth", (".safetensors", ".pth"),
+    lambda p: is_safetensors(p) if p.suffix == ".safetensors" else is_torch_save(p), "--upscaler REPO_ID:FILENAME",
+)
 TRANSFORMER_FILE = FileKind("safetensors or GGUF", (".safetensors", ".gguf"), lambda p: is_safetensors(p) or is_gguf(p),
                             "--transformer REPO_ID:FILENAME")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import zlib
@@ -32,6 +33,7 @@ class ImageParameters:
     variant: str
     strength: float | None = None  # edits only: how much of the input image was re-noised
     loras: tuple[tuple[str, float, str], ...] = ()  # (name, scale, short hash) of each LoRA applied
+    extra: tuple[tuple[str, str], ...] = ()  # further A1111 keys, in order (the hires fix's, ...)
 
     def as_text(self) -> str:
         # The layout other image tools parse: prompt, then "Negative prompt:", then key: value pairs.
@@ -44,6 +46,7 @@ class ImageParameters:
             f"Steps: {self.steps}, CFG scale: {self.guidance_scale:g}, Seed: {self.seed}, "
             f"Size: {self.width}x{self.height}, Model: z-image-{self.variant}"
             + (f", Denoising strength: {self.strength:g}" if self.strength is not None else "")
+            + "".join(f", {key}: {infotext_value(value)}" for key, value in self.extra)
             + (
                 f', Lora hashes: "{", ".join(f"{name}: {digest}" for name, _, digest in self.loras)}"'
                 if self.loras
@@ -51,6 +54,13 @@ class ImageParameters:
             )
         )
         return "\n".join(lines)
+
+
+def infotext_value(value: str) -> str:
+    """A value as A1111's infotext writes it (its `quote`): JSON-quoted when it holds a comma, colon or newline."""
+    if any(c in value for c in ",:\n"):
+        return json.dumps(value, ensure_ascii=False)
+    return value
 
 
 # fpng writes a 1024x1024 RGB PNG in 5-10 ms where Pillow's default takes 100-650 ms, in files

@@ -16,12 +16,21 @@ bf16 with flash/memory-efficient attention and 512-token prompts (the server's m
   denoising step    a + b * batch * (pixels / 256 + 512)   (image tokens + caption tokens)
   VAE decode        a + b * pixels * images decoded at once (1 with VAE slicing, else the batch)
 
+An upscaler model (`zimage-server plan --upscaler FILE`) stays on the device once loaded, so its
+weights count in every stage, and the hires fix adds a stage of its own: one tile's activations
+(simulated from the file, upscalers.tile_activation_bytes) beside whatever is resident then.
+
+The resident prompt enhancer (prompt_enhancer.py) runs the text encoder as a causal LM: an
+`enhance` stage holds what text encoding holds plus its KV cache, 144 KiB a token at full size
+(K and V, 36 layers, 8 KV heads of 128, bf16) for the conversation and its new tokens.
+
 `MARGIN_BYTES` is added for what the simulation does not see: the CUDA context and kernels,
 cuDNN workspace in the VAE, allocator fragmentation (0.5-1.5 GiB together, REFERENCE.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
@@ -76,6 +85,11 @@ class ComponentSizes:
     transformer_transient: int = 0
     # A ControlNet's own blocks (Z_IMAGE_CONTROLNET): resident beside the transformer, which it shares.
     controlnet: int = 0
+    # An upscaler model (the hires fix's, or the extras'): resident once loaded, and one tile's activations.
+    upscaler: int = 0
+    upscaler_tile: int = 0
+    # The resident prompt enhancer's KV cache (enhancer_kv_bytes); 0 with it off or elsewhere.
+    enhancer_kv: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,17 @@ def full_size_components(
     )
 
 
+ENHANCER_KV_BYTES_PER_TOKEN = 2 * 36 * 8 * 128 * 2
+# The conversation before the answer: the instructions (about 270 Qwen tokens) and the prompt;
+# the enhancer takes prompts of up to 8,000 characters, so a bound of 512 covers nearly all.
+ENHANCER_CONVERSATION_TOKENS = 512
+
+
+def enhancer_kv_bytes(max_new_tokens: int) -> int:
+    """The resident enhancer's KV cache at its longest: the conversation plus every new token."""
+    return 0 if max_new_tokens <= 0 else ENHANCER_KV_BYTES_PER_TOKEN * (ENHANCER_CONVERSATION_TOKENS + max_new_tokens)
+
+
 def activation_bytes(stage: str, width: int, height: int, batch: int, vae_slicing: bool = False) -> int:
     """A stage's activations (and the small tensors carried through it) for one call, from the fit."""
     a, b = ACTIVATION_FIT[stage]
@@ -168,25 +193,34 @@ def predict_peak(sizes: ComponentSizes, offload: str, width: int, height: int, b
     encode = activation_bytes("text_encoder", width, height, batch)
     step = activation_bytes("transformer_step", width, height, batch) + sizes.transformer_transient
     decode = activation_bytes("vae_decode", width, height, batch, vae_slicing)
+    upscaler = sizes.upscaler  # never offloaded: resident in every stage once loaded
     if offload == "none":
-        resident = sizes.text_encoder + sizes.transformer + sizes.controlnet + sizes.vae
+        resident = sizes.text_encoder + sizes.transformer + sizes.controlnet + sizes.vae + upscaler
         stages = {"text_encoder": resident + encode, "transformer_step": resident + step, "vae_decode": resident + decode}
+        upscale = resident
     elif offload == "text_encoder":
         # Streamed, the text encoder's blocks are on the device only while it encodes.
-        resident = sizes.transformer + sizes.controlnet + sizes.vae
+        resident = sizes.transformer + sizes.controlnet + sizes.vae + upscaler
         stages = {
             "text_encoder": resident + sizes.text_encoder_streamed + encode,
             "transformer_step": resident + step,
             "vae_decode": resident + decode,
         }
+        upscale = resident
     elif offload == "model":
         stages = {
-            "text_encoder": sizes.text_encoder + encode,
-            "transformer_step": sizes.transformer + sizes.controlnet + step,
-            "vae_decode": sizes.vae + decode,
+            "text_encoder": sizes.text_encoder + upscaler + encode,
+            "transformer_step": sizes.transformer + sizes.controlnet + upscaler + step,
+            "vae_decode": sizes.vae + upscaler + decode,
         }
+        upscale = sizes.vae + upscaler  # the VAE that decoded the first pass is still on the device
     else:
         raise ValueError(f"unknown offload mode {offload!r}")
+    if upscaler:
+        stages["upscale"] = upscale + sizes.upscaler_tile
+    if sizes.enhancer_kv:
+        # The encoder's weights as they are when it encodes; one token's activations are negligible.
+        stages["enhance"] = stages["text_encoder"] - encode + sizes.enhancer_kv
     stage = max(stages, key=stages.get)
     return Prediction(stages[stage], stage)
 
@@ -240,17 +274,34 @@ def plan_mode(
 def plan(
     gpu_memory: int, width: int = 1024, height: int = 1024, batch: int = 1,
     transformer: str | Path = "bf16", quantize: str | None = None, margin: int = MARGIN_BYTES,
-    controlnet: Path | None = None,
+    controlnet: Path | None = None, upscaler: Path | None = None, enhance_tokens: int = 0,
 ) -> list[PlanRow]:
     """Every offload mode's row for the full-size model, lightest first; the first that fits is the one to use.
 
-    controlnet: a ControlNet checkpoint file, whose tensors (at bf16) are resident beside the transformer."""
+    controlnet: a ControlNet checkpoint file, whose tensors (at bf16) are resident beside the transformer.
+    upscaler: an upscaler model file (reading it imports torch): its weights and a tile's activations.
+    enhance_tokens: the resident prompt enhancer's budget of new tokens (0: it is off or elsewhere)."""
     sizes, label = model_sizes(transformer, quantize)
+    sizes = replace(sizes, enhancer_kv=enhancer_kv_bytes(enhance_tokens))
     if controlnet is not None:
         sizes = replace(sizes, controlnet=file_weight_bytes(Path(controlnet))[0])
+    if upscaler is not None:
+        weights, tile = upscaler_sizes(Path(upscaler))
+        sizes = replace(sizes, upscaler=weights, upscaler_tile=tile)
     # "int8" reads as what it means: transformer=int8,text_encoder=int8.
     quantized = ",".join(f"{component}={kind}" for component, kind in parse_quantize(quantize or "none").items()) or None
     return [plan_mode(sizes, mode, gpu_memory, width, height, batch, label, quantized, margin) for mode in OFFLOAD_MODES]
+
+
+@functools.lru_cache(maxsize=8)
+def upscaler_sizes(path: Path) -> tuple[int, int]:
+    """An upscaler file's bytes on a CUDA card: its weights in the dtype they run in there (bf16 where
+    the architecture allows), and one default tile's activations. Read once per path (the plan asks
+    again for each configuration it tries); spandrel reads the file, so this imports torch."""
+    from .upscalers import DEFAULT_TILE, upscaler_memory
+
+    weights, tile, _ = upscaler_memory(path, DEFAULT_TILE)
+    return weights, tile
 
 
 def choose(rows: list[PlanRow]) -> tuple[PlanRow, str]:

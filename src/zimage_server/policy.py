@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .hires import UpscalerError
 from .lora_library import LoraError
 from .specs import (
     CallParams,
@@ -58,9 +59,9 @@ class BatchPolicy:
                 return [ModelUnavailable(f"the model could not be loaded again after sleeping: {exc}")] * len(specs)
         try:
             return self.recovering(self.run)(specs)
-        except LoraError as exc:
-            # A LoRA file that cannot be applied (all specs of a call share their LoRAs): each
-            # request gets the client-facing error, and the runner is back on the base model.
+        except (LoraError, UpscalerError) as exc:
+            # A LoRA or hires upscaler file that cannot be used (all specs of a call share them):
+            # each request gets the client-facing error, and the runner is back on the base model.
             return [exc] * len(specs)
 
     def run(self, specs: list[GenerationSpec]) -> list[list[Any]]:

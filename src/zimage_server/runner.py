@@ -44,7 +44,9 @@ from .model_layout import verify_model_dir
 from .model_thread import on_model_thread
 from .prompt_cache import PromptEmbeddingCache
 from .settings import Settings, SettingsError
-from .specs import CallParams, GenerationCancelled, GenerationSpec, ImageRow
+from .hires import LATENT_MODES
+from .upscalers import Upscalers
+from .specs import CallParams, GenerationCancelled, GenerationSpec, HiresParams, ImageRow
 from .variants import VARIANTS, Variant
 
 log = logging.getLogger("zimage_server.runner")
@@ -119,6 +121,26 @@ def latent_previews(latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in pixels]
 
 
+def vary(embedding: torch.Tensor, seed: int, strength: float) -> torch.Tensor:
+    """Seed variation: noise drawn from the image's own seed (a generator of its own, so the
+    latents' noise is untouched), scaled by the embedding's standard deviation, added to one
+    prompt embedding. A new tensor: the prompt cache's copy stays as it was."""
+    noise = torch.randn(embedding.shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    scale = strength * embedding.float().std()
+    return (embedding.float() + noise.to(embedding.device) * scale).to(embedding.dtype)
+
+
+def fit_to_output(image: Image.Image, hires: HiresParams) -> Image.Image:
+    """A hires result at A1111's exact size: resized to the cover size when the run (multiples of
+    16) differs from it, then cropped as A1111 crops its latents."""
+    if image.size != (hires.cover_width, hires.cover_height):
+        image = image.resize((hires.cover_width, hires.cover_height), Image.Resampling.LANCZOS)
+    if image.size != (hires.output_width, hires.output_height):
+        left, top = hires.crop_left, hires.crop_top
+        image = image.crop((left, top, left + hires.output_width, top + hires.output_height))
+    return image
+
+
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
     """(batch, 3, h, w) pixels in 0..1, as diffusers' `output_type="pt"` gives them, to PIL images.
 
@@ -149,6 +171,8 @@ class ModelRunner:
         self.lock = threading.Lock()
         self.calls = 0  # pipeline calls made: how tests see that requests shared a call
         self.faults = faults  # test-only: fails or stalls calls whose prompts carry markers
+        # Upscaler models (hires fix, A1111's extras): loaded on first use, on this device, under this lock.
+        self.upscalers = Upscalers.from_settings(settings, device, lock=self.lock)
         # Text-to-image style pipelines take per-prompt embeddings, so prompts go through the cache;
         # Omni's embeddings depend on its condition images, so it encodes prompts itself.
         self.caches_prompts = self.variant.edit_method != "omni"
@@ -212,6 +236,7 @@ class ModelRunner:
             self.resident = False
             self.pipeline = self.controlnet = self.lora_slot = None
             self.mode_pipelines = {}
+            self.upscalers.unload()
             self.prompt_cache = PromptEmbeddingCache(self.settings.prompt_cache)
         self.free_memory()
         release_freed_host_memory()
@@ -254,19 +279,26 @@ class ModelRunner:
         """One pipeline call making one image per row, every row with `params`; images in row order.
 
         Each image gets its own CPU generator seeded with its row's seed, as diffusers users seed
-        it, so an image never depends on what it was batched with. A sleeping model wakes first."""
+        it, so an image never depends on what it was batched with. A sleeping model wakes first.
+        With `params.hires` the call is two passes under one hold of the lock (`_hires_pass`)."""
         if not self.resident:
             self.wake()
+        hires = params.hires
         with self.lock:
             self.calls += 1
             if self.lora_slot is not None:
                 self.lora_slot.activate(params.loras)
-            prompts, needs_mask = self._prompt_inputs(params, rows)
+            prompts, needs_mask = self._prompt_inputs(
+                params, rows, [row.prompt for row in rows], [row.negative_prompt for row in rows]
+            )
+            # A latent hires fix takes the first pass's latents as they are: no VAE round trip.
+            output_type = "latent" if hires is not None and hires.upscaler in LATENT_MODES else "pt"
+            first = self.mode_pipelines[params.mode]
             with self.acceleration.attention.applied(needs_mask):
-                output = self.mode_pipelines[params.mode](
+                output = first(
                     **prompts,
                     **self._image_inputs(params, rows),
-                    generator=[torch.Generator("cpu").manual_seed(row.seed) for row in rows],
+                    generator=self._generators(rows),
                     width=params.width,
                     height=params.height,
                     num_inference_steps=params.num_inference_steps,
@@ -274,13 +306,71 @@ class ModelRunner:
                     cfg_normalization=params.cfg_normalization,
                     cfg_truncation=params.cfg_truncation,
                     max_sequence_length=params.max_sequence_length,
-                    output_type="pt",
-                    callback_on_step_end=self._step_callback(rows),
+                    output_type=output_type,
+                    callback_on_step_end=self._step_callback(rows, steps_after=hires.steps if hires else 0),
                 )
-        images = to_images(output.images)
+            pixels = output.images
+            if hires is not None:
+                pixels = self._hires_pass(params, rows, pixels, steps_before=first.num_timesteps)
+        images = to_images(pixels)
+        if hires is not None:
+            images = [fit_to_output(image, hires) for image in images]
         if self.faults is not None:
             images = self.faults.after_call([row.prompt for row in rows], images)
         return images
+
+    @staticmethod
+    def _generators(rows: Sequence[ImageRow]) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
+
+    def _hires_pass(self, params: CallParams, rows: Sequence[ImageRow], first, steps_before: int) -> torch.Tensor:
+        """The hires fix's second pass, under the lock `run_call` holds: the first pass's output
+        (latents, or pixels in 0..1) upscaled to the second pass's size, then img2img over it with
+        fresh generators seeded as the first pass's were (A1111 seeds its second pass alike)."""
+        hires = params.hires
+        if hires.upscaler in LATENT_MODES:
+            mode, antialias = LATENT_MODES[hires.upscaler]
+            size = (hires.height // self.pipeline.vae_scale_factor, hires.width // self.pipeline.vae_scale_factor)
+            start = torch.nn.functional.interpolate(first, size=size, mode=mode, antialias=antialias)
+        else:
+            start = [self._upscale(image, hires.upscaler, hires.width, hires.height) for image in to_images(first)]
+        prompts, needs_mask = self._prompt_inputs(
+            params, rows, [row.hires_prompt for row in rows], [row.hires_negative_prompt for row in rows],
+            guidance_scale=hires.guidance_scale,
+        )  # fmt: skip
+        with self.acceleration.attention.applied(needs_mask):
+            output = self.hires_pipeline(
+                **prompts,
+                image=start,
+                strength=hires.strength,
+                generator=self._generators(rows),
+                width=hires.width,
+                height=hires.height,
+                num_inference_steps=hires.schedule_length,
+                guidance_scale=hires.guidance_scale,
+                cfg_normalization=params.cfg_normalization,
+                cfg_truncation=params.cfg_truncation,
+                max_sequence_length=params.max_sequence_length,
+                output_type="pt",
+                callback_on_step_end=self._step_callback(rows, steps_before=steps_before),
+            )
+        return output.images
+
+    @property
+    def hires_pipeline(self):
+        """img2img over the loaded modules, its image processor told that 16-channel tensors are
+        latents: otherwise it resizes them as if they were pixels (diffusers' VaeImageProcessor
+        assumes 4 latent channels), while PIL inputs go through it as before."""
+        pipeline = self.mode_pipelines.get("hires")
+        if pipeline is None:
+            pipeline = self._pipelines_over_the_model(img2img=None)["img2img"]
+            pipeline.image_processor.register_to_config(vae_latent_channels=self.pipeline.vae.config.latent_channels)
+            self.mode_pipelines["hires"] = pipeline
+        return pipeline
+
+    def _upscale(self, image: Image.Image, upscaler: str, width: int, height: int) -> Image.Image:
+        """A decoded image to width x height with a plain resize or an upscaler model. Under the lock."""
+        return self.upscalers.upscale_to(image, upscaler, width, height, lock_held=True)
 
     @staticmethod
     def _image_inputs(params: CallParams, rows: Sequence[ImageRow]) -> dict:
@@ -320,23 +410,34 @@ class ModelRunner:
             )
         return [embedding.to(self.execution_device) for embedding in embeddings]
 
-    def _prompt_inputs(self, params: CallParams, rows: Sequence[ImageRow]) -> tuple[dict, bool]:
-        """Pipeline keyword arguments for the rows' prompts, and whether the call will need an attention mask."""
-        prompts = [row.prompt for row in rows]
-        negatives = [row.negative_prompt for row in rows]
+    def _prompt_inputs(
+        self,
+        params: CallParams,
+        rows: Sequence[ImageRow],
+        prompts: list[str],
+        negatives: list[str],
+        guidance_scale: float | None = None,
+    ) -> tuple[dict, bool]:
+        """Pipeline keyword arguments for these prompts (one per row), and whether the call will
+        need an attention mask. `guidance_scale` defaults to the call's (a hires pass has its own)."""
         if not self.caches_prompts:
             return {"prompt": prompts, "negative_prompt": negatives}, True
         # Negative prompts only matter with classifier-free guidance (guidance_scale > 0).
-        cfg = params.guidance_scale > 0
+        cfg = (params.guidance_scale if guidance_scale is None else guidance_scale) > 0
         embeddings = self.encode_prompts(prompts + negatives if cfg else prompts, params.max_sequence_length)
         positive, negative = embeddings[: len(prompts)], embeddings[len(prompts) :]
+        if params.variation_strength:
+            positive = [vary(e, row.seed, params.variation_strength) for e, row in zip(positive, rows, strict=True)]
         from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
         needs_mask = captions_need_mask([len(e) for e in embeddings], SEQ_MULTI_OF)
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative if cfg else None}, needs_mask
 
-    def _step_callback(self, rows: Sequence[ImageRow]):
-        """A diffusers step callback that reports progress per request and stops a call nobody awaits."""
+    def _step_callback(self, rows: Sequence[ImageRow], steps_before: int = 0, steps_after: int = 0):
+        """A diffusers step callback that reports progress per request and stops a call nobody awaits.
+
+        A hires fix's two passes report as one run: the second pass counts on from `steps_before`
+        (the first's), the first counts `steps_after` (the second's) into its total."""
         # Rows of the latents batch that belong to each observed request in this call.
         observed: dict[int, tuple[GenerationSpec, list[int]]] = {}
         for index, row in enumerate(rows):
@@ -352,16 +453,17 @@ class ModelRunner:
         def on_step_end(pipeline, step: int, _timestep, tensors: dict) -> dict:
             if faults is not None:
                 faults.after_step(prompts, requests)
-            total = pipeline.num_timesteps
+            total = steps_before + pipeline.num_timesteps + steps_after
+            done = steps_before + step + 1
             for spec, spec_rows in observed.values():
                 observer = spec.observer
                 if observer.cancelled:
                     continue
                 latents = tensors["latents"][spec_rows]
-                previews = latent_previews(latents) if observer.wants_previews(step + 1, total) else None
-                observer.on_step(step + 1, total, latents, previews)
+                previews = latent_previews(latents) if observer.wants_previews(done, total) else None
+                observer.on_step(done, total, latents, previews)
             if everyone_observed and all(spec.observer.cancelled for spec, _ in observed.values()):
-                raise GenerationCancelled(f"stopped after step {step + 1}: every client left")
+                raise GenerationCancelled(f"stopped after step {done}: every client left")
             return {}
 
         return on_step_end
@@ -507,6 +609,8 @@ def place_components(
         compile=settings.compile,
         max_batch_size=settings.max_batch_size,
         controlnet=controlnet,  # its weights count in the memory plan
+        # and so does the resident prompt enhancer's KV cache
+        enhance_tokens=settings.enhance_max_tokens if settings.prompt_enhancer == "resident" else 0,
     )
     if controlnet is not None and VARIANTS[settings.variant].edit_method == "omni":
         raise SettingsError("Z_IMAGE_CONTROLNET works with the turbo and base variants, not with Omni (edit)")

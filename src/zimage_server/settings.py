@@ -96,6 +96,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         float, setting("Z_IMAGE_REQUEST_TIMEOUT_S", "seconds before a request gets 504", gt=0)
     ] = 300.0
     max_pixels: Annotated[int, setting("Z_IMAGE_MAX_PIXELS", "largest width*height accepted", ge=64 * 64)] = 2048 * 2048
+    variation_strength: Annotated[
+        float,
+        setting(
+            "Z_IMAGE_VARIATION_STRENGTH",
+            "seed variation for requests that send none: noise from each image's seed on its prompt embedding, 0..1",
+            ge=0,
+            le=1,
+        ),
+    ] = 0.0
     max_n: Annotated[int, setting("Z_IMAGE_MAX_N", "largest n (images per request)", ge=1, le=16)] = 4
     download_source: Annotated[
         Literal["huggingface", "modelscope"],
@@ -243,6 +252,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lora_cache: Annotated[
         int, setting("Z_IMAGE_LORA_CACHE", "LoRA files kept loaded on the CPU, least recently used first out", ge=1, le=1000)
     ] = 8
+    upscaler_dir: Annotated[
+        Path | None,
+        setting(
+            "Z_IMAGE_UPSCALER_DIR",
+            "folder of upscaler models (.safetensors or .pth; ESRGAN, Compact, SPAN, SwinIR... as spandrel reads "
+            "them), each named by its file name without the extension (default MODELS_DIR/upscalers)",
+        ),
+    ] = None
+    upscaler_cache: Annotated[
+        int,
+        setting(
+            "Z_IMAGE_UPSCALER_CACHE", "upscaler models kept loaded on the device, least recently used first out", ge=1, le=16
+        ),
+    ] = 2
     sdapi_sampling: Annotated[
         Literal["model", "client"],
         setting(
@@ -401,6 +424,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "server's own image links and base64)",
         ),
     ] = ()
+    prompt_enhancer: Annotated[
+        str,
+        setting(
+            "Z_IMAGE_PROMPT_ENHANCER",
+            "what rewrites short prompts into detailed captions: resident (the loaded text encoder, Qwen3-4B, "
+            "as a chat model), off, or the http(s)://HOST:PORT/v1 base URL of an OpenAI-compatible chat endpoint",
+        ),
+    ] = "resident"
+    prompt_enhancer_model: Annotated[
+        str | None,
+        setting("Z_IMAGE_PROMPT_ENHANCER_MODEL", "the model a Z_IMAGE_PROMPT_ENHANCER URL serves (required with one)"),
+    ] = None
+    prompt_enhancer_api_key: Annotated[
+        str | None,
+        setting("Z_IMAGE_PROMPT_ENHANCER_API_KEY", "Bearer key for the Z_IMAGE_PROMPT_ENHANCER URL", secret=True),
+    ] = None
+    enhance_max_tokens: Annotated[
+        int, setting("Z_IMAGE_ENHANCE_MAX_TOKENS", "most tokens an enhanced prompt may take to write", ge=1, le=4096)
+    ] = 400
+    enhance_prompt: Annotated[
+        bool,
+        setting("Z_IMAGE_ENHANCE_PROMPT", "enhance every request's prompt unless the request says otherwise", switch=True),
+    ] = False
+    enhance_timeout_s: Annotated[
+        float,
+        setting(
+            "Z_IMAGE_ENHANCE_TIMEOUT_S", "seconds to wait for an enhanced prompt before using the original", gt=0, le=3600
+        ),
+    ] = 60.0
     host: Annotated[str, setting("Z_IMAGE_HOST", "address to bind")] = "127.0.0.1"
     port: Annotated[int, setting("Z_IMAGE_PORT", "port to bind", ge=0, le=65535)] = 8000
 
@@ -442,6 +494,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def loras_dir(self) -> Path:
         return Path(self.lora_dir) if self.lora_dir is not None else Path(self.models_dir) / "loras"
+
+    @property
+    def upscalers_dir(self) -> Path:
+        return Path(self.upscaler_dir) if self.upscaler_dir is not None else Path(self.models_dir) / "upscalers"
 
     @property
     def controlnet_path(self) -> Path | None:
@@ -574,7 +630,27 @@ def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, 
         )
     if settings.webhook_url is not None and settings.webhook_secret is None:
         raise SettingsError("Z_IMAGE_WEBHOOK_URL needs Z_IMAGE_WEBHOOK_SECRET: every webhook call is signed with it")
+    check_prompt_enhancer_settings(settings)
     return settings
+
+
+PROMPT_ENHANCER_URL = re.compile(r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
+
+
+def check_prompt_enhancer_settings(settings: Settings) -> None:
+    """Z_IMAGE_PROMPT_ENHANCER is resident, off or a chat endpoint's URL, which needs a model name."""
+    enhancer = settings.prompt_enhancer
+    if enhancer not in ("resident", "off") and not PROMPT_ENHANCER_URL.match(enhancer):
+        raise SettingsError(
+            f"invalid Z_IMAGE_PROMPT_ENHANCER={enhancer!r}: expected resident, off, or the http(s)://HOST:PORT/v1 "
+            "base URL of an OpenAI-compatible chat endpoint"
+        )
+    if enhancer not in ("resident", "off") and not settings.prompt_enhancer_model:
+        raise SettingsError(
+            "Z_IMAGE_PROMPT_ENHANCER set to a URL needs Z_IMAGE_PROMPT_ENHANCER_MODEL: the model name its endpoint serves"
+        )
+    if enhancer == "off" and settings.enhance_prompt:
+        raise SettingsError("Z_IMAGE_ENHANCE_PROMPT needs a prompt enhancer, but Z_IMAGE_PROMPT_ENHANCER=off")
 
 
 def check_store_settings(settings: Settings) -> None:

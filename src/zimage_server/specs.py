@@ -17,6 +17,37 @@ CallMode = Literal["generate", "img2img", "inpaint", "omni", "control", "control
 
 
 @dataclass(frozen=True)
+class HiresParams:
+    """The second pass of a hires fix: upscale the first pass's result, then re-noise and denoise it
+    at the bigger size (img2img). Part of `CallParams`, so only equal hires settings share a call.
+
+    `width` x `height` is the size the second pass runs at (multiples of 16). The client gets
+    A1111's exact size: the result is resized (Lanczos) to `cover_width` x `cover_height` when
+    that differs, then cut to `output_width` x `output_height` from (`crop_left`, `crop_top`), as
+    A1111 crops the latents when both hr_resize sides are given (hires.a1111_target)."""
+
+    width: int
+    height: int
+    upscaler: str  # a latent mode (hires.LATENT_MODES), Lanczos, Nearest, None, or an upscaler model's name
+    steps: int  # denoising steps the second pass runs
+    strength: float  # 0 < strength <= 1: how much of the upscaled image is re-noised
+    guidance_scale: float
+    output_width: int
+    output_height: int
+    cover_width: int
+    cover_height: int
+    crop_left: int = 0
+    crop_top: int = 0
+
+    @property
+    def schedule_length(self) -> int:
+        """The `num_inference_steps` img2img is given: diffusers runs about N x strength of N steps,
+        A1111 exactly `steps`; N = int(steps / min(strength, 0.999)) (A1111's own formula) makes
+        diffusers run exactly `steps` (tests/test_hires.py counts them)."""
+        return int(self.steps / min(self.strength, 0.999))
+
+
+@dataclass(frozen=True)
 class CallParams:
     """The arguments every image of one pipeline call shares; equal params, shareable call."""
 
@@ -35,6 +66,17 @@ class CallParams:
     # The LoRAs applied to the whole call: canonical (name, scale) pairs (lora_library.merge_requests).
     loras: tuple[tuple[str, float], ...] = ()
     control_scale: float | None = None  # control modes: how strongly the control image steers
+    hires: HiresParams | None = None  # a second, bigger pass after this one (hires fix)
+    # Seed variation: noise from each image's seed added to its prompt embedding, this many of the
+    # embedding's standard deviations (0: none, bit-identical to no variation).
+    variation_strength: float = 0.0
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images the call returns."""
+        if self.hires is not None:
+            return self.hires.output_width, self.hires.output_height
+        return self.width, self.height
 
 
 class StepObserver(Protocol):
@@ -76,6 +118,25 @@ class GenerationSpec:
     observer: StepObserver | None = field(default=None, compare=False, repr=False)
     # The uploaded files an edit started from, as sent: C2PA names them as ingredients by hash.
     uploads: tuple[bytes, ...] = field(default=(), compare=False, repr=False)
+    # The hires fix's second pass prompts (A1111's hr_prompt/hr_negative_prompt); None: the main ones.
+    hires_prompt: str | None = None
+    hires_negative_prompt: str | None = None
+    # How the request asked for its hires target, as A1111's infotext keys (("Hires upscale", "2"), ...).
+    hires_described_as: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # The prompt enhancer's expansion of `prompt` for each image (seed order); None where it did
+    # not run or fell back. Empty: enhancement was not asked for.
+    revised_prompts: tuple[str | None, ...] = ()
+
+    def prompt_of(self, seed: int) -> str:
+        """The prompt image `seed` is made from: its expansion, or the request's prompt."""
+        if self.revised_prompts:
+            revised = self.revised_prompts[self.seeds.index(seed)]
+            if revised is not None:
+                return revised
+        return self.prompt
+
+    def revised_prompt_of(self, seed: int) -> str | None:
+        return self.revised_prompts[self.seeds.index(seed)] if self.revised_prompts else None
 
     @property
     def n(self) -> int:
@@ -91,11 +152,19 @@ class ImageRow:
 
     @property
     def prompt(self) -> str:
-        return self.spec.prompt
+        return self.spec.prompt_of(self.seed)
 
     @property
     def negative_prompt(self) -> str:
         return self.spec.negative_prompt or ""
+
+    @property
+    def hires_prompt(self) -> str:
+        return self.spec.hires_prompt or self.prompt
+
+    @property
+    def hires_negative_prompt(self) -> str:
+        return self.spec.hires_negative_prompt or self.negative_prompt
 
 
 class GenerationCancelled(Exception):

@@ -39,6 +39,7 @@ from .edits import create_edit
 from .history import HISTORY_ROUTES
 from .job_routes import JOB_ROUTES
 from .mcp_tools import build_mcp, mcp_endpoint
+from .prompts import build_enhancer, enhance_prompt
 from .shutdown import SEND_GRACE_S
 from .webhook_targets import WebhookTargets
 from .routes import ROUTES, create_images
@@ -66,6 +67,7 @@ async def start_serving(server: ServerState) -> None:
         # (seconds to minutes) must not block.
         server.runner = await model_thread().run(load_model, server)
     server.checkpoint_sha256 = await asyncio.to_thread(checkpoint_sha256, settings.model_dir)
+    server.enhancer = build_enhancer(settings, server.runner)
     batcher = Batcher(
         BatchPolicy(server.runner, settings.max_batch_size),
         max_batch_size=settings.max_batch_size,
@@ -236,6 +238,7 @@ def create_app(
         route_handlers=[
             *ROUTES,
             *JOB_ROUTES,
+            enhance_prompt,
             *([mcp_endpoint] if settings.mcp == "on" else []),
             *HISTORY_ROUTES,
             uploads_router(settings),

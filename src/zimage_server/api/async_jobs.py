@@ -186,8 +186,9 @@ async def result_data(server: ServerState, job: JobRecord, request: Request | No
     result = job.result or {}
     want_b64 = result.get("response_format") == "b64_json"  # as the synchronous answer would carry it
     items = []
-    for image_id, seed in zip(result.get("image_ids", []), result.get("seeds", []), strict=False):
-        item: dict[str, Any] = {"id": image_id, "seed": seed, "revised_prompt": None}
+    revised = result.get("revised_prompts") or [None] * len(result.get("seeds", []))
+    for image_id, seed, revised_prompt in zip(result.get("image_ids", []), result.get("seeds", []), revised, strict=False):
+        item: dict[str, Any] = {"id": image_id, "seed": seed, "revised_prompt": revised_prompt}
         try:
             record = await server.gallery.get(None, image_id) if server.gallery is not None else None
         except GalleryUnavailable as exc:
@@ -369,9 +370,10 @@ class JobRunner:
         result = {
             "image_ids": [r.id for r in records or []],
             "seeds": list(spec.seeds),
+            "revised_prompts": [spec.revised_prompt_of(seed) for seed in spec.seeds],
             "response_format": options.response_format,
             "output_format": options.output_format,
-            "size": f"{spec.params.width}x{spec.params.height}",
+            "size": "{}x{}".format(*spec.params.output_size),
         }
         await self.finish(job, SUCCEEDED, result=result)
 

@@ -31,6 +31,7 @@ from .errors import MISSING_FIELD, ApiError, ClientGoneError
 from .guards import require_multipart, require_ready
 from .async_jobs import REPLAYS, accept_job, check_async_fields, check_sync_fields, wants_async
 from .jobs import submit_job
+from .prompts import enhanced
 from .requests import MIN_SIDE, generation_spec, max_sides
 from .responses import OutputOptions, check_raw_image_count, images_response
 from .schemas import GenerationRequest
@@ -100,17 +101,22 @@ def form_values(form: FormMultiDict) -> dict[str, str]:
     return values
 
 
+# The structured fields: the same JSON the generations route takes, as text.
+JSON_FIELDS = {
+    "loras": """a list like [{"name": "pixel-art", "scale": 0.8}]""",
+    "hires": """an object like {"scale": 1.5, "upscaler": "Lanczos"}""",
+}
+
+
 def parse_edit_request(values: dict[str, str]) -> EditRequest:
-    if "loras" in values:
-        # The one structured field: the same JSON list the generations route takes, as text.
+    for name, example in JSON_FIELDS.items():
+        if name not in values:
+            continue
         try:
-            values = values | {"loras": msgspec.json.decode(values["loras"])}
+            values = values | {name: msgspec.json.decode(values[name])}
         except msgspec.DecodeError:
             raise ApiError(
-                400,
-                """'loras' must be JSON text: a list like [{"name": "pixel-art", "scale": 0.8}].""",
-                param="loras",
-                code="invalid_value",
+                400, f"'{name}' must be JSON text: {example}.", param=name, code="invalid_value"
             ) from None
     try:
         # strict=False converts the strings: "2" -> 2, "0.5" -> 0.5, "true"/"false" -> booleans.
@@ -310,7 +316,7 @@ async def prepare_edit_request(
         spec = await asyncio.to_thread(
             controlled, spec, server, controls[0], data.control_preprocess or "none", data.control_scale
         )
-    return spec, options
+    return await enhanced(server, spec, data.enhance_prompt), options
 
 
 REPLAYS["edits"] = prepare_edit_request

@@ -19,6 +19,7 @@ from litestar import Request
 
 from ..batcher import BatcherClosedError, QueueFullError
 from ..keys import ANONYMOUS
+from ..hires import UpscalerError
 from ..lora_library import LoraError
 from ..specs import GenerationSpec, ModelUnavailable, OutOfMemoryForRequest
 from .auth import principal_of
@@ -207,6 +208,8 @@ def job_failure(exc: BaseException) -> ApiError:
         return shutting_down()
     if isinstance(exc, LoraError):  # its file turned out unusable when the call was about to run
         return lora_error(exc)
+    if isinstance(exc, UpscalerError):  # a hires upscaler's file, read when its call ran
+        return ApiError(400, str(exc), param=exc.param, code="invalid_upscaler")
     if isinstance(exc, OutOfMemoryForRequest):
         # Retrying the same request would run out of memory again; tell the SDKs not to.
         return ApiError(500, str(exc), code="out_of_memory", headers={"x-should-retry": "false"})

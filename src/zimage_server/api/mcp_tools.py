@@ -18,7 +18,7 @@ import base64
 import io
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -42,6 +42,7 @@ from .edits import prepare_edit_request
 from .auth import authenticate
 from .errors import ApiError
 from .jobs import submit_job
+from .prompts import MAX_ENHANCE_PROMPT_CHARS, enhancer_of
 from .responses import Origin, OutputOptions, encode_for_response
 from .routes import prepare_generation
 from .schemas import MAX_PROMPT_CHARS, GenerationRequest
@@ -142,8 +143,9 @@ class ImageTools:
         for record, seed in zip(records, result.get("seeds", []), strict=False):
             params = record.parameters
             url = self.link(ctx, record)
-            images.append({"id": record.id, "url": url, "width": params.get("width"), "height": params.get("height"),
-                           "seed": seed, "revised_prompt": None})  # fmt: skip
+            images.append({"id": record.id, "url": url, "width": params.get("image_width", params.get("width")),
+                           "height": params.get("image_height", params.get("height")), "seed": seed,
+                           "revised_prompt": params.get("revised_prompt")})  # fmt: skip
             content.append(
                 ResourceLink(type="resource_link", uri=url, name=record.id, mime_type=f"image/{record.format}",
                              size=record.bytes)  # fmt: skip
@@ -185,9 +187,9 @@ class ImageTools:
                 "result may carry inline, and this server keeps no images to link to (Z_IMAGE_STORE=none): "
                 "ask for fewer or smaller images."
             )
-        width, height = spec.params.width, spec.params.height
-        images_info = [{"id": None, "url": None, "width": width, "height": height, "seed": seed, "revised_prompt": None}
-                       for seed in spec.seeds]  # fmt: skip
+        width, height = spec.params.output_size
+        images_info = [{"id": None, "url": None, "width": width, "height": height, "seed": seed,
+                        "revised_prompt": spec.revised_prompt_of(seed)} for seed in spec.seeds]  # fmt: skip
         return CallToolResult(
             content=[TextContent(type="text", text=f"Made {len(data)} image(s), {width}x{height}, seeds "
                                  f"{', '.join(map(str, spec.seeds))} (not stored: this server keeps no images)."),
@@ -213,6 +215,14 @@ class ImageTools:
         negative_prompt: Annotated[str | None, Field(description="What to avoid.", max_length=MAX_PROMPT_CHARS)] = None,
         loras: Annotated[list[dict[str, Any]] | None, Field(description='LoRAs to apply: [{"name": ..., "scale": 0.8}] '
                                                                         "(names from list_loras).")] = None,  # fmt: skip
+        hires: Annotated[dict[str, Any] | None, Field(description='A hires fix: make the image at size, then upscale '
+                                                            'and refine it, e.g. {"scale": 1.5} or {"width": 1536, '
+                                                            '"height": 1536, "upscaler": "Lanczos"}.')] = None,  # fmt: skip
+        enhance_prompt: Annotated[bool | Literal["per_image"] | None, Field(
+            description='Expand a short prompt into a detailed caption first (revised_prompt says how); '
+                        '"per_image" gives each image its own.')] = None,  # fmt: skip
+        variation_strength: Annotated[float | None, Field(description="More variety between seeds, 0..1 (default 0).",
+                                                          ge=0, le=1)] = None,  # fmt: skip
         previews: Annotated[bool, Field(description="Include small inline JPEG previews (the full images are "
                                                     "links).")] = True,  # fmt: skip
     ) -> CallToolResult:
@@ -220,7 +230,8 @@ class ImageTools:
         ids and seeds, and small previews. Long work returns a job id to pass to get_job."""
         body: dict[str, Any] = {"prompt": prompt, "size": size, "n": n, "seed": seed, "num_inference_steps": steps,
                                 "guidance_scale": guidance, "negative_prompt": negative_prompt, "loras": loras,
-                                "response_format": "url"}  # fmt: skip
+                                "hires": hires, "enhance_prompt": enhance_prompt,
+                                "variation_strength": variation_strength, "response_format": "url"}  # fmt: skip
         body = {key: value for key, value in body.items() if value is not None}
         try:
             data = msgspec.convert(body, GenerationRequest)
@@ -360,6 +371,25 @@ class ImageTools:
                                 "progress": record.get("progress"), "queue_position": record.get("queue_position")},
         )  # fmt: skip
 
+    async def enhance_prompt(
+        self,
+        prompt: Annotated[str, Field(description="A short prompt to expand.", min_length=1,
+                                     max_length=MAX_ENHANCE_PROMPT_CHARS)],  # fmt: skip
+        seed: Annotated[int | None, Field(description="Sample with this seed for a different take; omit for the "
+                                                      "deterministic one.", ge=0, le=2**53 - 1)] = None,  # fmt: skip
+    ) -> CallToolResult:
+        """Expand a short prompt into the detailed caption Z-Image draws best from, without generating:
+        subjects, counts and quoted text kept; composition, light and materials added."""
+        try:
+            result = await enhancer_of(self.server, "prompt").enhance(prompt, seed=seed)
+        except ApiError as exc:
+            return failure(exc.message)
+        text = result.revised_prompt or f"Kept as written ({result.fallback}): {result.prompt}"
+        return CallToolResult(
+            content=[TextContent(type="text", text=text)],
+            structured_content={"prompt": prompt, "revised_prompt": result.revised_prompt, "fallback": result.fallback},
+        )
+
     async def list_loras(self) -> CallToolResult:
         """The LoRAs generate_image may apply, by name."""
         infos = await self.server.usable_loras()
@@ -385,10 +415,13 @@ def build_mcp(server: ServerState) -> tuple[MCPServer, Any]:
     tools = ImageTools(server)
     mcp = MCPServer(
         name="zimage-server",
-        instructions="Z-Image text-to-image: generate_image, edit_image, list_images, get_job, list_loras. "
+        instructions="Z-Image text-to-image: generate_image, edit_image, enhance_prompt, list_images, get_job, "
+        "list_loras. "
         "Full-size images are links (valid an hour); get_job finishes long work.",
     )
-    for method in (tools.generate_image, tools.edit_image, tools.list_images, tools.get_job, tools.list_loras):
+    for method in (
+        tools.generate_image, tools.edit_image, tools.enhance_prompt, tools.list_images, tools.get_job, tools.list_loras
+    ):  # fmt: skip
         mcp.add_tool(method, name=method.__name__, structured_output=False)
     hosts = allowed_hosts(server)
     app = mcp.streamable_http_app(

@@ -23,7 +23,7 @@ from litestar.datastructures import MutableScopeHeaders, State
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -144,6 +144,7 @@ class ServerMetrics:
             registry=registry,
         ).set_function(lambda: server.job_runner.queued if server.job_runner is not None else 0)
         registry.register(GpuMemoryCollector(server))
+        registry.register(EnhancerFallbackCollector(server))
 
     def record_batch(self, report: BatchReport) -> None:
         """The batcher's listener: one call done (on the event loop thread)."""
@@ -201,6 +202,30 @@ class GpuMemoryCollector:
             ("peak", "Peak GPU memory in use by tensors since start"),
         ):
             yield GaugeMetricFamily(f"zimage_gpu_memory_{key}_bytes", help_text, value=stats[key])
+
+
+class EnhancerFallbackCollector:
+    """The prompt enhancer's fallbacks by reason (prompt_enhancer.py counts them as they happen)."""
+
+    def __init__(self, server: ServerState):
+        self.server = server
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        enhancer = self.server.enhancer
+        if enhancer is None:
+            return
+        family = CounterMetricFamily(
+            "zimage_prompt_enhancer_fallbacks",
+            "Prompts generated as written because the enhancer's answer was unusable (empty, refusal, "
+            "lost_quotes, backend_error, timeout) or skipped (skipped_prefix)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(enhancer.fallbacks.items()):
+            family.add_metric([reason], count)
+        yield family
 
 
 @get("/metrics", summary="Prometheus metrics.", include_in_schema=False, sync_to_thread=False)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 
+from ..hires import HiresError, HiresTarget, UpscalerError, hires_params
 from ..lora_library import LoraError, LoraKey, check_lora_limits, merge_requests, parse_lora_tags
-from ..specs import CallMode, CallParams, GenerationSpec
+from ..specs import CallMode, CallParams, GenerationSpec, HiresParams
 from .errors import ApiError, lora_error
 from .responses import OutputOptions, store_unavailable
-from .schemas import GenerationRequest
+from .schemas import GenerationRequest, HiresRequest
 from .state import ServerState
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
@@ -133,10 +135,21 @@ def generation_spec(
         cfg_truncation=1.0 if data.cfg_truncation is None else data.cfg_truncation,
         max_sequence_length=data.max_sequence_length or 512,
         loras=loras,
+        variation_strength=server.settings.variation_strength
+        if data.variation_strength is None
+        else data.variation_strength,
         **edit_params,
     )
+    described_as = ()
+    if data.hires is not None:
+        hires, described_as = openai_hires(data.hires, params, server)
+        params = dataclasses.replace(params, hires=hires)
     spec = GenerationSpec(
-        prompt=prompt, negative_prompt=data.negative_prompt or None, seeds=seeds_for(data.seed, data.n), params=params
+        prompt=prompt,
+        negative_prompt=data.negative_prompt or None,
+        seeds=seeds_for(data.seed, data.n),
+        params=params,
+        hires_described_as=described_as,
     )
     options = OutputOptions(
         output_format=data.output_format or "png",
@@ -145,6 +158,68 @@ def generation_spec(
         store=data.store is not False,
     )
     return spec, options
+
+
+# Defaults of the OpenAI routes' hires fix. Not judged on the tiny test model (it draws noise):
+# community Z-Image workflows upscale about 1.5-2x (2x "usually safe", beyond it artifacts) and
+# refine with Turbo at low strength; docs/hires.md cites them.
+HIRES_SCALE = 1.5
+HIRES_UPSCALER = "Lanczos"
+HIRES_DENOISING_STRENGTH = 0.4
+
+
+def openai_hires(
+    data: HiresRequest, params: CallParams, server: ServerState
+) -> tuple[HiresParams, tuple[tuple[str, str], ...]]:
+    """The `hires` object of a generation or edit: a target by scale or by size, in multiples of 16."""
+    if (data.width is None) != (data.height is None):
+        raise ApiError(400, "hires: give both width and height, or neither.", param="hires")
+    if data.width is not None and data.scale is not None:
+        raise ApiError(400, "hires: give scale, or width and height, not both.", param="hires")
+    if data.width is not None:
+        if data.width % 16 or data.height % 16:
+            raise ApiError(400, f"hires: {data.width}x{data.height} must be multiples of 16.", param="hires")
+        target = HiresTarget(data.width, data.height)
+        described_as = ("Hires resize", f"{data.width}x{data.height}")
+    else:
+        scale = HIRES_SCALE if data.scale is None else data.scale
+        target = HiresTarget(*(int(side * scale) // 16 * 16 for side in (params.width, params.height)))
+        described_as = ("Hires upscale", f"{scale:g}")
+    upscaler = data.upscaler or HIRES_UPSCALER
+    hires = checked_hires(
+        server,
+        target,
+        upscaler=upscaler,
+        steps=data.steps or params.num_inference_steps,
+        strength=HIRES_DENOISING_STRENGTH if data.denoising_strength is None else data.denoising_strength,
+        guidance_scale=params.guidance_scale if data.guidance_scale is None else data.guidance_scale,
+        param="hires",
+    )
+    keys = [described_as, ("Hires upscaler", upscaler)]
+    if data.steps:
+        keys.insert(1, ("Hires steps", str(data.steps)))
+    return hires, tuple(keys)
+
+
+def checked_hires(server: ServerState, target: HiresTarget, *, param: str, **settings) -> HiresParams:
+    """A hires fix this server and model can run, or the 400 that says why not."""
+    if server.variant.edit_method != "img2img":
+        raise ApiError(
+            400, f"The hires fix needs the turbo or base variant; this server runs {server.variant.name}.", param=param
+        )
+    max_width, max_height = max_sides(server)
+    try:
+        return hires_params(
+            target,
+            upscaler_exists=server.runner.upscalers.exists,
+            max_width=max_width,
+            max_height=max_height,
+            max_pixels=server.settings.max_pixels,
+            param=param,
+            **settings,
+        )
+    except (HiresError, UpscalerError) as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
 
 
 # OpenAI's own default for these models was `url`; clients naming them (LibreChat's DALL-E 3 tool)

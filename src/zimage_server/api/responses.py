@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -56,8 +57,9 @@ def image_parameters(
     server: ServerState, spec: GenerationSpec, seed: int, lora_hashes: dict[str, str]
 ) -> ImageParameters:
     params = spec.params
+    revised = spec.revised_prompt_of(seed)
     return ImageParameters(
-        prompt=spec.prompt,
+        prompt=spec.prompt_of(seed),
         negative_prompt=spec.negative_prompt,
         steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale,
@@ -65,9 +67,26 @@ def image_parameters(
         width=params.width,
         height=params.height,
         variant=server.variant.name,
-        strength=params.strength,
+        strength=params.strength if params.hires is None else params.hires.strength,
         loras=tuple((name, scale, lora_hashes[name]) for name, scale in params.loras),
+        extra=hires_infotext(spec)
+        + ((("Variation strength", f"{params.variation_strength:g}"),) if params.variation_strength else ())
+        + ((("Original prompt", spec.prompt),) if revised is not None else ()),
     )
+
+
+def hires_infotext(spec: GenerationSpec) -> tuple[tuple[str, str], ...]:
+    """A1111's hires keys, after Denoising strength: how the target was asked for (the adapter's
+    words), Hires steps (only when not zero), Hires upscaler, and Hires prompt when it differs."""
+    hires = spec.params.hires
+    if hires is None:
+        return ()
+    keys = list(spec.hires_described_as)
+    if spec.hires_prompt:
+        keys.append(("Hires prompt", spec.hires_prompt))
+    if spec.hires_negative_prompt and spec.hires_negative_prompt != spec.negative_prompt:
+        keys.append(("Hires negative prompt", spec.hires_negative_prompt))
+    return tuple(keys)
 
 
 def lora_hashes(server: ServerState, spec: GenerationSpec) -> dict[str, str]:
@@ -116,7 +135,8 @@ async def encode_for_response(
     def encode_all() -> list[bytes]:
         return encode_images(images, request_parameters(server, spec), output_format, compression, xmp, finish)
 
-    small = spec.params.width * spec.params.height * len(images) <= INLINE_ENCODE_MAX_PIXELS
+    width, height = spec.params.output_size
+    small = width * height * len(images) <= INLINE_ENCODE_MAX_PIXELS
     if small and not spec.params.loras and credentials is None:
         return encode_all()
     return await asyncio.to_thread(encode_all)
@@ -125,10 +145,14 @@ async def encode_for_response(
 def stored_parameters(spec: GenerationSpec, parameters: ImageParameters) -> dict:
     """Every generation parameter of one image, as its index row keeps it ("use these settings")."""
     params = spec.params
+    image_width, image_height = params.output_size
     return {
         "mode": params.mode,
         "width": params.width,
         "height": params.height,
+        "image_width": image_width,
+        "image_height": image_height,
+        "revised_prompt": spec.revised_prompt_of(parameters.seed),
         "seed": parameters.seed,
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
@@ -138,6 +162,10 @@ def stored_parameters(spec: GenerationSpec, parameters: ImageParameters) -> dict
         "strength": params.strength,
         "loras": [{"name": name, "scale": scale, "sha256": digest} for name, scale, digest in parameters.loras],
         "control_scale": params.control_scale,
+        "variation_strength": params.variation_strength,
+        "hires": dataclasses.asdict(params.hires) if params.hires else None,
+        "hires_prompt": spec.hires_prompt,
+        "hires_negative_prompt": spec.hires_negative_prompt,
         "infotext": parameters.as_text(),
     }
 
@@ -213,7 +241,7 @@ def image_items(
 ) -> list[ImageData]:
     items = []
     for i, (blob, seed) in enumerate(zip(encoded, spec.seeds, strict=True)):
-        item = ImageData(seed=seed)
+        item = ImageData(seed=seed, revised_prompt=spec.revised_prompt_of(seed))
         if records is not None:
             item.id = records[i].id
         if response_format == "url" and records is not None:
@@ -243,6 +271,6 @@ async def images_response(
         created=int(time.time()),
         data=image_items(request, server, spec, encoded, records, options.response_format),
         output_format=output_format,
-        size=f"{spec.params.width}x{spec.params.height}",
+        size="{}x{}".format(*spec.params.output_size),
     )
     return Response(body)

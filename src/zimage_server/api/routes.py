@@ -12,6 +12,7 @@ from .async_jobs import REPLAYS, accept_job, check_async_fields, check_sync_fiel
 from .control import controlled_from_base64
 from .guards import RETRY_AFTER_S, require_json, require_ready
 from .jobs import submit_job
+from .prompts import enhanced
 from .requests import generation_spec
 from .responses import OutputOptions, check_raw_image_count, images_response
 from .schemas import GenerationRequest, LoraCard, LoraList, ModelCard, ModelDefaults, ModelList
@@ -49,7 +50,7 @@ async def prepare_generation(server: ServerState, data: GenerationRequest) -> tu
         spec = await controlled_from_base64(
             spec, server, data.control_image, "control_image", data.control_preprocess or "none", data.control_scale
         )
-    return spec, options
+    return await enhanced(server, spec, data.enhance_prompt), options
 
 
 async def replay_generation(server: ServerState, body: dict, _: dict) -> tuple[GenerationSpec, OutputOptions]:

@@ -37,6 +37,40 @@ Loras = Annotated[
 ]
 
 
+class HiresRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A hires fix: the image made at `size`, upscaled, then refined by a second img2img pass."""
+
+    scale: Annotated[float, Meta(ge=1, le=4, description="Times the first pass's size (default 1.5).")] | None = None
+    width: Annotated[int, Meta(ge=64, le=4096, description="Target width, a multiple of 16 (with height).")] | None = None
+    height: Annotated[int, Meta(ge=64, le=4096, description="Target height, a multiple of 16 (with width).")] | None = None
+    upscaler: (
+        Annotated[
+            str,
+            Meta(max_length=256, description="Latent, Latent (bicubic), ..., Lanczos (default), Nearest, or an "
+                 "upscaler model's name (GET /sdapi/v1/upscalers)."),
+        ]
+        | None
+    ) = None  # fmt: skip
+    steps: Annotated[int, Meta(ge=1, le=200, description="Second pass steps (default: the first pass's).")] | None = None
+    denoising_strength: (
+        Annotated[float, Meta(gt=0, le=1, description="How much the second pass repaints, 0..1 (default 0.4).")] | None
+    ) = None
+    guidance_scale: Guidance | None = None
+
+
+# What enhance_prompt takes: true (one expansion for every image), "per_image" (one each, sampled
+# with the image's seed), or false; api/prompts.py runs it.
+EnhanceField = Annotated[
+    bool | Literal["per_image"],
+    Meta(description='Expand the prompt with the server\'s LLM first: true, "per_image" or false (default: the server\'s).'),
+]
+
+
+Variation = Annotated[
+    float, Meta(ge=0, le=1, description="Seed variation: noise from each image's seed on its prompt, 0..1 (default 0).")
+]
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True):
     """POST /v1/images/generations. Unknown fields are ignored, as OpenAI clients send extras."""
 
@@ -86,6 +120,9 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
         Annotated[float, Meta(ge=0, le=2, description="How strongly it steers, 0..2 (default 0.75).")] | None
     ) = None
     control_preprocess: Literal["none", "canny"] | None = None
+    hires: HiresRequest | None = None
+    variation_strength: Variation | None = None
+    enhance_prompt: EnhanceField | None = None
 
 
 class LoraCard(msgspec.Struct, kw_only=True):
@@ -111,7 +148,7 @@ class ImageData(msgspec.Struct, kw_only=True):
     expires_at: int | UnsetType = UNSET
     id: str | UnsetType = UNSET
     seed: int
-    revised_prompt: None = None
+    revised_prompt: str | None = None  # the prompt enhancer's expansion it was made from
 
 
 class ImagesResponse(msgspec.Struct, kw_only=True):

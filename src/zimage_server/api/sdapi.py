@@ -2,8 +2,9 @@
 work unchanged: txt2img, img2img, and the discovery routes those clients call before they generate.
 
 A request is translated into the OpenAI routes' request structs and runs through their code:
-the same checks, batcher, model, limits, errors and metrics. Fields A1111 has and this model
-cannot honour (hires fix, face restoration, subseeds, scripts, ...) are ignored, as are fields no
+the same checks, batcher, model, limits, errors and metrics; the hires fix is A1111's own
+(a1111_hires). Fields A1111 has and this model cannot honour (face restoration, subseeds,
+scripts, ...) are ignored, as are fields no
 A1111 struct has (SillyTavern sends its own `url` and `auth`): unknown fields never fail a request.
 docs/sdapi.md says what is honoured, and how.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from ..images import a1111_repaint_area
 from ..lora_library import LORA_SUFFIX
 from ..model_layout import checkpoint_sha256
 from ..settings import Settings
+from ..hires import LATENT_MODES, PIXEL_RESIZES, a1111_target
 from ..specs import GenerationSpec
 from .control import CONTROL_PREPROCESSES, controlled_from_base64
 from .edits import EditRequest, Strength, UploadDialect, edit_mode, prepare_edit
@@ -34,9 +37,18 @@ from .errors import ApiError
 from .guards import require_json, require_ready
 from .async_jobs import REPLAYS, accept_job, wants_async
 from .jobs import JobHandle, submit_job
-from .requests import MAX_SIDE, MIN_SIDE, generation_spec, served_model_ids
-from .responses import OutputOptions, encode_for_response, keep_images, origin_of, request_parameters
-from .schemas import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest, Guidance, Steps
+from .requests import MAX_SIDE, MIN_SIDE, checked_hires, generation_spec, served_model_ids
+from .responses import (
+    OutputOptions,
+    encode_for_response,
+    hires_infotext,
+    keep_images,
+    origin_of,
+    request_parameters,
+)
+from .prompts import enhanced
+from .sdapi_extras import EXTRAS_ROUTES, EXTRAS_UPLOAD_ROUTES
+from .schemas import MAX_PROMPT_CHARS, MAX_SEED, EnhanceField, GenerationRequest, Guidance, Steps, Variation
 from .state import ServerState, server_state
 from .uploads import decode_base64_image
 
@@ -45,6 +57,9 @@ SAMPLER = "Euler"
 SCHEDULER = "automatic"  # the model's own sigma schedule
 # A1111 sizes are multiples of 8, the model's of 16: a multiple of 8 is snapped down (520 -> 512).
 A1111_SIZE_STEP, MODEL_SIZE_STEP = 8, 16
+MAX_HIRES_SIDE = 8192  # hr_resize_x/_y's own bound; the server's pixel limit is checked after
+A1111_DENOISING_STRENGTH = 0.75
+SAME_CHECKPOINT = "Use same checkpoint"
 HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # A1111 titles end in " [<short hash>]"
 MAX_INIT_IMAGES = 16
 OPTIONS_BODY_LIMIT = 1024 * 1024  # a whole options dict, as clients post it back
@@ -79,13 +94,36 @@ class Txt2ImgRequest(msgspec.Struct, kw_only=True):
     save_images: bool = False  # accepted: the server keeps no image store
     # Only the ControlNet extension's units are read (control_unit); other scripts are ignored.
     alwayson_scripts: dict[str, Any] | None = None
+    # The hires fix (a1111_hires). Clients send every field, nulls included (webuiapi), so each
+    # takes null as its A1111 default.
+    enable_hr: bool | None = False
+    denoising_strength: Annotated[float, Meta(ge=0, le=1)] | None = A1111_DENOISING_STRENGTH  # null: the same
+    hr_scale: Annotated[float, Meta(ge=1, le=8)] | None = None
+    hr_upscaler: Annotated[str, Meta(max_length=256)] | None = None  # null: "Latent"; "None": Lanczos
+    hr_second_pass_steps: Annotated[int, Meta(ge=0, le=200)] | None = None
+    hr_resize_x: Annotated[int, Meta(ge=0, le=MAX_HIRES_SIDE)] | None = None
+    hr_resize_y: Annotated[int, Meta(ge=0, le=MAX_HIRES_SIDE)] | None = None
+    firstphase_width: Annotated[int, Meta(ge=0, le=MAX_SIDE)] | None = None  # legacy: width/height are the target
+    firstphase_height: Annotated[int, Meta(ge=0, le=MAX_SIDE)] | None = None
+    hr_prompt: PromptText | None = None
+    hr_negative_prompt: PromptText | None = None
+    hr_cfg: Guidance | None = None  # Forge; null: the first pass's guidance
+    hr_checkpoint_name: Any = None  # "Use same checkpoint", null, or the served model
+    # Accepted and ignored: one sampler, one schedule, no distilled guidance or extra modules here.
+    hr_sampler_name: Any = None
+    hr_scheduler: Any = None
+    hr_distilled_cfg: Any = None
+    hr_additional_modules: Any = None
+    # Our extensions (A1111 has no such fields): the prompt enhancer and seed variation.
+    enhance_prompt: EnhanceField | None = None
+    variation_strength: Variation | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest, kw_only=True):
     """POST /sdapi/v1/img2img: txt2img's fields plus the image to edit and an optional mask."""
 
     init_images: Annotated[list[str], Meta(max_length=MAX_INIT_IMAGES)] | None = None  # base64, data: prefix optional
-    denoising_strength: Strength = 0.75
+    denoising_strength: Strength | None = A1111_DENOISING_STRENGTH  # null: the same
     mask: str | None = None  # base64; white (or opaque, with alpha) = repaint
     inpainting_mask_invert: Annotated[int, Meta(ge=0, le=1)] = 0
     mask_blur: Any = 4  # accepted and ignored (docs/sdapi.md)
@@ -141,12 +179,20 @@ A1111_INVERTED_UPLOADS = UploadDialect(
 # -- translation into the OpenAI routes' requests ---------------------------------------------
 
 
+def first_pass_size(data: Txt2ImgRequest) -> tuple[int, int]:
+    """The (first pass's) size as sent: width x height, or with the legacy firstphase fields those."""
+    if data.enable_hr and (data.firstphase_width or data.firstphase_height):
+        return data.firstphase_width or data.width, data.firstphase_height or data.height
+    return data.width, data.height
+
+
 def model_size(data: Txt2ImgRequest) -> str:
     """The size for the model, "WxH": multiples of 8 snapped down to 16; anything else is refused."""
-    for name, side in (("width", data.width), ("height", data.height)):
+    width, height = first_pass_size(data)
+    for name, side in (("width", width), ("height", height)):
         if side % A1111_SIZE_STEP:
             raise ApiError(400, f"Invalid {name} {side}: sizes are multiples of {A1111_SIZE_STEP}.", param=name)
-    width, height = (side - side % MODEL_SIZE_STEP for side in (data.width, data.height))
+    width, height = (side - side % MODEL_SIZE_STEP for side in (width, height))
     return f"{width}x{height}"
 
 
@@ -187,13 +233,15 @@ def openai_request(
         negative_prompt=data.negative_prompt or None,
         num_inference_steps=data.steps if honour_client else None,
         guidance_scale=data.cfg_scale if honour_client else None,
+        variation_strength=data.variation_strength,
         **extra,
     )
 
 
 def prepare_img2img(data: Img2ImgRequest, server: ServerState) -> GenerationSpec:
     """Decode and check the images as /v1/images/edits does, build the spec. Runs in a worker thread."""
-    edit = openai_request(data, server, EditRequest, strength=data.denoising_strength)
+    strength = A1111_DENOISING_STRENGTH if data.denoising_strength is None else data.denoising_strength
+    edit = openai_request(data, server, EditRequest, strength=strength)
     # An empty mask is no mask, as A1111 reads it.
     mode = edit_mode(server, len(data.init_images), bool(data.mask), A1111_UPLOADS)
     dialect = A1111_INVERTED_UPLOADS if data.inpainting_mask_invert else A1111_UPLOADS
@@ -293,7 +341,7 @@ def info_text(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState, s
         "steps": params.num_inference_steps,
         "batch_size": data.batch_size,
         "n_iter": data.n_iter,
-        "denoising_strength": params.strength,
+        "denoising_strength": params.strength if params.hires is None else params.hires.strength,
         "sampling_policy": server.settings.sdapi_sampling,
         "restore_faces": False,
         "sd_model_name": server.variant.model_name,
@@ -303,7 +351,7 @@ def info_text(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState, s
         "index_of_first_image": 0,
         "infotexts": [parameters.as_text() for parameters in request_parameters(server, spec)],
         "styles": [],
-        "extra_generation_params": {},
+        "extra_generation_params": dict(hires_infotext(spec)),
         "version": f"zimage-server {__version__}",
     }
     return msgspec.json.encode(info).decode()
@@ -349,7 +397,48 @@ async def txt2img(request: Request, data: Txt2ImgRequest, state: State) -> A1111
 
 async def prepare_txt2img(server: ServerState, data: Txt2ImgRequest) -> GenerationSpec:
     spec, _ = generation_spec(openai_request(data, server), server)
-    return await with_control(spec, control_unit(data), server)
+    spec = await with_control(a1111_hires(data, spec, server), control_unit(data), server)
+    return await enhanced(server, spec, data.enhance_prompt)
+
+
+def a1111_hires(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState) -> GenerationSpec:
+    """txt2img's hires fix, as A1111's StableDiffusionProcessingTxt2Img runs it (docs/hires.md)."""
+    if not data.enable_hr:
+        return spec
+    checkpoint = data.hr_checkpoint_name
+    if checkpoint != SAME_CHECKPOINT:
+        check_checkpoint(checkpoint, server)
+    width, height = first_pass_size(data)
+    if data.firstphase_width or data.firstphase_height:  # legacy: the target is width x height
+        resize_x, resize_y, scale = data.width, data.height, 1.0
+    else:
+        resize_x, resize_y, scale = data.hr_resize_x or 0, data.hr_resize_y or 0, data.hr_scale or 2.0
+    target = a1111_target(width, height, scale=scale, resize_x=resize_x, resize_y=resize_y)
+    # Null means Latent (A1111's default); the string "None" means a plain Lanczos resize.
+    upscaler = "Latent" if data.hr_upscaler is None else data.hr_upscaler
+    honour_client = server.settings.sdapi_sampling == "client"
+    params = spec.params
+    hires = checked_hires(
+        server,
+        target,
+        upscaler=upscaler,
+        steps=(data.hr_second_pass_steps if honour_client else 0) or params.num_inference_steps,
+        strength=A1111_DENOISING_STRENGTH if data.denoising_strength is None else data.denoising_strength,
+        guidance_scale=data.hr_cfg if honour_client and data.hr_cfg is not None else params.guidance_scale,
+        param="hr_upscaler" if upscaler not in PIXEL_RESIZES and upscaler not in LATENT_MODES else "enable_hr",
+    )
+    described = [("Hires upscale", f"{scale:g}")] if not (resize_x or resize_y) else [("Hires resize", f"{resize_x}x{resize_y}")]
+    if data.hr_second_pass_steps:
+        described.append(("Hires steps", str(hires.steps)))
+    if data.hr_upscaler is not None:
+        described.append(("Hires upscaler", upscaler))
+    return dataclasses.replace(
+        spec,
+        params=dataclasses.replace(params, hires=hires),
+        hires_prompt=data.hr_prompt or None,
+        hires_negative_prompt=data.hr_negative_prompt or None,
+        hires_described_as=tuple(described),
+    )
 
 
 async def replay_txt2img(server: ServerState, body: dict, _: dict) -> tuple[GenerationSpec, OutputOptions]:
@@ -380,7 +469,7 @@ async def prepare_img2img_request(server: ServerState, data: Img2ImgRequest) -> 
             "for a controlled image from a prompt.",
             param="alwayson_scripts",
         )
-    return await with_control(spec, unit, server)
+    return await enhanced(server, await with_control(spec, unit, server), data.enhance_prompt)
 
 
 async def replay_img2img(server: ServerState, body: dict, _: dict) -> tuple[GenerationSpec, OutputOptions]:
@@ -449,16 +538,6 @@ async def samplers() -> list[dict[str, Any]]:
 @get("/schedulers", summary="The model's one schedule.")
 async def schedulers() -> list[dict[str, Any]]:
     return [{"name": SCHEDULER, "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
-
-
-@get("/upscalers", summary="None: hires fix and upscaling are not served.")
-async def upscalers() -> list[dict[str, Any]]:
-    return []
-
-
-@get("/latent-upscale-modes", summary="None: hires fix is not served.")
-async def latent_upscale_modes() -> list[dict[str, Any]]:
-    return []
 
 
 @get("/sd-vae", summary="None: the checkpoint's own VAE always runs.")
@@ -541,7 +620,11 @@ async def controlnet_version() -> dict[str, int]:
 def sdapi_router(settings: Settings) -> Router:
     """Every /sdapi/v1 route; the generation routes' base64 images (init images, control images)
     are under this server's upload limit."""
-    uploads = Router(path="/", route_handlers=[txt2img, img2img], request_max_body_size=settings.max_upload_bytes)
+    uploads = Router(
+        path="/",
+        route_handlers=[txt2img, img2img, *EXTRAS_UPLOAD_ROUTES],
+        request_max_body_size=settings.max_upload_bytes,
+    )
     return Router(
         path="/sdapi/v1",
         route_handlers=[
@@ -551,8 +634,7 @@ def sdapi_router(settings: Settings) -> Router:
             sd_models,
             samplers,
             schedulers,
-            upscalers,
-            latent_upscale_modes,
+            *EXTRAS_ROUTES,
             sd_vae,
             scripts,
             loras,

@@ -53,6 +53,7 @@ class ServerState:
     job_runner: JobRunner | None = None  # takes async jobs from it while the batcher has room
     job_runner_task: asyncio.Task | None = None
     webhooks: WebhookTargets | None = None
+    enhancer: Any = None  # the prompt enhancer (api/prompts.py), once the model is loaded; None when off
     mcp: Any = None  # the MCP server (api/mcp_tools.py), with Z_IMAGE_MCP=on
     mcp_app: Any = None  # its Streamable HTTP ASGI app, mounted at /mcp
     idle_watch: asyncio.Task | None = None  # unloads the model when idle (Z_IMAGE_IDLE_UNLOAD_S > 0)

@@ -48,7 +48,7 @@ KEEP_ALIVE_COMMENT = ServerSentEventMessage(comment="keep-alive", data=None, sep
 
 def encode_preview(preview: Image.Image, spec: GenerationSpec, options: OutputOptions) -> bytes:
     # Scaled up to the requested size, so a client can show it where the final image will go.
-    scaled = preview.resize((spec.params.width, spec.params.height), Image.Resampling.BILINEAR)
+    scaled = preview.resize(spec.params.output_size, Image.Resampling.BILINEAR)
     return encode_image(scaled, options.output_format, options.compression, parameters=None)
 
 
@@ -85,7 +85,7 @@ async def job_events(
     server: ServerState, handle: JobHandle, options: OutputOptions, events: str
 ) -> AsyncIterator[ServerSentEventMessage]:
     spec = handle.spec
-    size = f"{spec.params.width}x{spec.params.height}"
+    size = "{}x{}".format(*spec.params.output_size)
     partials_sent = [0] * spec.n
     try:
         # aclosing: a client that hangs up closes this generator, and with it the handle's, which cancels the job.

@@ -247,6 +247,44 @@ function showTab(task) {
     $(`#${tab.getAttribute('aria-controls')}`).hidden = !selected;
   }
 }
+// ---- the prompt enhancer: shows the expansion in the prompt box before generating -------------
+
+async function enhancePrompt() {
+  const form = $('#generate-form');
+  const box = $('#gen-prompt');
+  const button = $('#gen-enhance');
+  const status = $('#gen-enhance-status');
+  if (!box.value.trim()) {
+    showError(form, 'Write a prompt to enhance first.', 'prompt');
+    return;
+  }
+  clearError(form);
+  button.disabled = true;
+  status.textContent = 'Enhancing…';
+  try {
+    const response = await request('/v1/prompts/enhance', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ prompt: box.value }),
+    });
+    const result = await response.json();
+    if (result.revised_prompt) {
+      box.value = result.revised_prompt;
+      status.textContent = 'Enhanced: edit it, or generate.';
+    } else {
+      status.textContent = `Kept as written (${(result.fallback || 'no change').replace('_', ' ')}).`;
+    }
+  } catch (error) {
+    status.textContent = '';
+    if (error instanceof AuthNeeded) askForKey(enhancePrompt);
+    else showError(form, error.message, error.param);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+$('#gen-enhance').addEventListener('click', enhancePrompt);
+
 $('#tab-generate').addEventListener('click', () => showTab('generate'));
 $('#tab-edit').addEventListener('click', () => showTab('edit'));
 
