@@ -92,8 +92,21 @@ def test_unknown_upscalers_and_oversized_targets_are_refused():
         hires(HiresTarget(128, 128), upscaler="4x-Nothing")
     with pytest.raises(ValueError, match="above this server's limits"):
         hires(HiresTarget(4096, 4096))
-    with pytest.raises(ValueError, match="above 0"):
-        hires(HiresTarget(128, 128), strength=0)
+    for strength in (0, 1e-9, 0.009):  # a schedule of steps / strength: a billion steps at 1e-9
+        with pytest.raises(ValueError, match="must be 0.01..1"):
+            hires(HiresTarget(128, 128), strength=strength)
+
+
+def test_the_schedule_length_makes_diffusers_run_exactly_the_steps_asked():
+    from zimage_server.specs import img2img_steps
+
+    misses = 0
+    for steps in range(1, 201):
+        for strength in [0.01 * i for i in range(1, 101)] + [0.68, 0.999]:
+            second = hires(HiresTarget(128, 128), steps=steps, strength=strength)
+            misses += int(steps / min(strength, 0.999)) != second.schedule_length
+            assert img2img_steps(second.schedule_length, strength) == steps, (steps, strength)
+    assert misses > 0  # A1111's formula alone misses some (51 steps at 0.68 would run 52)
 
 
 # -- the two passes -----------------------------------------------------------------------------
@@ -139,7 +152,7 @@ def test_lanczos_hires_equals_plain_diffusers_passes(runner, plain):
     assert np.abs(pixels(image) - pixels(expected)).max() <= 1
 
 
-@pytest.mark.parametrize(("steps", "strength"), [(2, 0.1), (3, 0.3), (4, 0.5), (3, 0.7), (2, 1.0)])
+@pytest.mark.parametrize(("steps", "strength"), [(2, 0.1), (3, 0.3), (4, 0.5), (3, 0.7), (2, 1.0), (51, 0.68)])
 def test_the_second_pass_runs_exactly_its_steps_and_progress_counts_both_passes(runner, steps, strength):
     observer = RecordingObserver()
     second = hires(HiresTarget(96, 96), steps=steps, strength=strength)

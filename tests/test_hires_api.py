@@ -72,9 +72,14 @@ def test_forge_body_with_its_hires_extras(client):
     ("fields", "param", "message"),
     [
         ({"hr_upscaler": "4x-Missing"}, "hr_upscaler", "could not find upscaler named 4x-Missing"),
-        ({"hr_checkpoint_name": "sdxl.safetensors"}, "sd_model_checkpoint", "not served here"),
+
         ({"hr_scale": 8, "width": 1024, "height": 1024}, "enable_hr", "above this server's limits"),
-        ({"denoising_strength": 0}, "enable_hr", "above 0"),
+        ({"denoising_strength": 0}, "enable_hr", "must be 0.01..1"),
+        ({"denoising_strength": 1e-9}, "enable_hr", "must be 0.01..1"),
+        ({"hr_checkpoint_name": "sdxl.safetensors", "hr_scale": 1.5}, "hr_checkpoint_name", "not served here"),
+        ({"firstphase_width": 64, "firstphase_height": 0}, "firstphase_height", "both"),
+        ({"hr_scale": 0.5}, "hr_scale", "hr_scale"),
+        ({"hr_second_pass_steps": -1}, "hr_second_pass_steps", "hr_second_pass_steps"),
     ],
 )
 def test_hires_settings_the_server_cannot_run_are_400s(client, fields, param, message):
@@ -129,7 +134,7 @@ def test_openai_hires_by_scale_and_by_size(client):
 def test_openai_hires_mistakes_are_400s(client, hires):
     response = client.post(GENERATIONS, json={"prompt": "a tower", "size": "64x64", "hires": hires})
     assert response.status_code == 400, response.text[:300]
-    assert response.json()["error"]["param"] in ("hires", "hires.scale", "hires.denoising_strength", "hires.extra", None)
+    assert response.json()["error"]["param"] in ("hires", "hires.scale", "hires.denoising_strength", "hires.extra")
 
 
 def test_a_streamed_hires_request_reports_both_passes_as_one_run(client):
@@ -154,3 +159,26 @@ def test_an_edit_with_hires_upscales_the_edited_result(client):
     assert image_of(response.json()["data"][0]["b64_json"]).size == (128, 128)
     broken = client.post("/v1/images/edits", data=data | {"hires": "{scale: 2"}, files=files)
     assert broken.status_code == 400 and broken.json()["error"]["param"] == "hires"
+
+
+def test_hr_fields_are_checked_only_when_the_hires_fix_is_on(client):
+    leftovers = {"enable_hr": False, "denoising_strength": 2, "hr_scale": 0.5, "hr_second_pass_steps": -1,
+                 "firstphase_width": 64, "hr_upscaler": "4x-Nowhere"}  # fmt: skip
+    response = client.post(TXT2IMG, json=sillytavern_payload("a field") | leftovers)
+    assert response.status_code == 200, response.text[:300]
+
+
+def test_an_hr_prompt_equal_to_the_prompt_is_not_written_as_a_hires_prompt(client):
+    body = sillytavern_payload("a lantern") | {"enable_hr": True, "hr_scale": 1.5, "hr_prompt": "a lantern"}
+    text = infotext(client.post(TXT2IMG, json=body).json())
+    assert "Hires upscale: 1.5" in text and "Hires prompt" not in text
+
+
+def test_seed_variation_on_the_omni_variant_is_a_400(edit_settings, edit_runner):
+    from conftest import serving
+
+    with serving(edit_settings, edit_runner) as omni:
+        response = omni.post(GENERATIONS, json={"prompt": "a cat", "size": "64x64", "variation_strength": 0.2})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "variation_strength"
+        hires = omni.post(GENERATIONS, json={"prompt": "a cat", "size": "64x64", "hires": {"scale": 2}})
+        assert hires.status_code == 400 and "turbo or base" in hires.json()["error"]["message"]

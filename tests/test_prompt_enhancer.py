@@ -458,3 +458,63 @@ def test_prompt_enhancer_settings():
         with pytest.raises(SettingsError, match=message) as error:
             load_settings(env=env)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.anyio
+async def test_the_model_does_not_fall_asleep_between_the_turns_of_an_answer(own_runner):
+    """Z_IMAGE_IDLE_UNLOAD_S watches the batcher and the resident enhancer: an answer's turns are
+    model work the batcher never sees, and sleeping between them would start the answer over."""
+    import asyncio
+
+    from zimage_server.idle import AllIdle, unload_when_idle
+    from zimage_server.model_thread import model_thread
+
+    class QuietBatcher:  # no image work at all: only the enhancer keeps the model busy
+        def idle_for(self) -> float:
+            return 60.0
+
+    model = ResidentLanguageModel(own_runner, chunk_tokens=8)
+    expected = model.generate(MESSAGES, 400, None)
+    backend = ResidentBackend(model)
+    wakes = own_runner.wakes
+    watch = asyncio.ensure_future(unload_when_idle(AllIdle(QuietBatcher(), backend), own_runner, 0.01, model_thread().run))
+    try:
+        await asyncio.sleep(0.2)  # idle: the watcher puts the model to sleep
+        assert not own_runner.resident
+        answer = await backend.complete(MESSAGES, max_new_tokens=400, seed=None)
+    finally:
+        watch.cancel()
+    assert answer == expected and own_runner.wakes == wakes + 1  # woke once, and stayed awake for the answer
+    assert backend.idle_for() is not None
+
+
+class CountingBackend:
+    """A backend that records how many answers are being written at once (the enhancer's limit is under test)."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.now = self.most = self.calls = 0
+
+    async def complete(self, messages, *, max_new_tokens, seed) -> str:
+        import asyncio
+
+        self.calls += 1
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await asyncio.sleep(0.02)
+        self.now -= 1
+        return f"A detailed picture, take {seed}."
+
+
+@pytest.mark.anyio
+async def test_at_most_four_answers_are_written_at_once_and_long_prompts_are_kept_as_written():
+    import asyncio
+
+    backend = CountingBackend()
+    enhancer = PromptEnhancer(backend, max_prompt_chars=100)
+    results = await asyncio.gather(*(enhancer.enhance("a cat", seed=seed) for seed in range(12)))
+    assert backend.calls == 12 and backend.most == 4
+    assert all(result.revised_prompt for result in results)
+    long = await enhancer.enhance("a cat " * 40)
+    assert long == Enhancement("a cat " * 40, None, "too_long") and backend.calls == 12

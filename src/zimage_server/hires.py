@@ -30,6 +30,7 @@ PIXEL_RESIZES = ("None", "Lanczos", "Nearest")
 A1111_LATENT_FACTOR = 8  # A1111's opt_f: its sizes and crops move in steps of 8 pixels
 MODEL_SIZE_STEP = 16  # Z-Image's: the VAE's 8 times the transformer's 2x2 patches
 MIN_SIDE = 64
+MIN_STRENGTH = 0.01
 
 
 class HiresError(ValueError):
@@ -135,16 +136,19 @@ def hires_params(
     """The second pass for `target`, checked against the server's limits and upscalers."""
     if not (upscaler in LATENT_MODES or upscaler in PIXEL_RESIZES or upscaler_exists(upscaler)):
         raise UnknownUpscaler(upscaler, param)
-    if not 0 < strength <= 1:
+    if not MIN_STRENGTH <= strength <= 1:
+        # Below it the schedule that runs `steps` steps grows without bound (steps / strength).
         raise HiresError(
-            f"denoising_strength {strength:g} must be above 0 and at most 1 for the hires fix's second pass.", param
+            f"denoising_strength {strength:g} must be {MIN_STRENGTH:g}..1 for the hires fix's second pass.", param
         )
     run_width, run_height = (side // MODEL_SIZE_STEP * MODEL_SIZE_STEP for side in target.cover_size)
     output_width, output_height = target.output_size
     for side in (run_width, run_height, output_width, output_height):
         if side < MIN_SIDE:
             raise HiresError(f"The hires size {output_width}x{output_height} is too small: sides start at {MIN_SIDE}.", param)
-    if run_width > max_width or run_height > max_height or run_width * run_height > max_pixels:
+    if max(run_width, output_width) > max_width or max(run_height, output_height) > max_height or (
+        max(run_width * run_height, output_width * output_height) > max_pixels
+    ):
         raise HiresError(
             f"The hires size {output_width}x{output_height} is above this server's limits "
             f"({max_width}x{max_height}, {max_pixels} pixels: Z_IMAGE_MAX_PIXELS); ask for a smaller scale.",

@@ -25,6 +25,18 @@ class IdleSource(Protocol):
     def idle_for(self) -> float | None: ...
 
 
+class AllIdle:
+    """Idle when every source is: the batcher, and the resident prompt enhancer between answers.
+    None (busy) when any is busy; else the shortest idle time."""
+
+    def __init__(self, *sources: IdleSource):
+        self.sources = sources
+
+    def idle_for(self) -> float | None:
+        times = [source.idle_for() for source in self.sources]
+        return None if None in times else min(times)
+
+
 async def unload_when_idle(
     source: IdleSource, sleeper: Sleeper, idle_s: float, run: Callable[[Callable[[], None]], asyncio.Future]
 ) -> None:

@@ -131,4 +131,4 @@ class BatchPolicy:
 
 
 def too_large(spec: GenerationSpec) -> OutOfMemoryForRequest:
-    return OutOfMemoryForRequest(spec.n, spec.params.width, spec.params.height)
+    return OutOfMemoryForRequest(spec.n, *spec.params.output_size)

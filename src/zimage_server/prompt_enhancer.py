@@ -18,6 +18,7 @@ import bisect
 import json
 import logging
 import re
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ LOST_QUOTES = "lost_quotes"
 BACKEND_ERROR = "backend_error"
 TIMEOUT = "timeout"
 SKIPPED_PREFIX = "skipped_prefix"
+TOO_LONG = "too_long"
 # Fallbacks that may not happen next time; the others follow from the prompt and are cached.
 TRANSIENT = frozenset({BACKEND_ERROR, TIMEOUT})
 
@@ -220,8 +222,11 @@ class PromptEnhancer:
 
     max_new_tokens: the answer's budget; timeout_s: how long one answer may take; count_tokens and
     max_prompt_tokens: a caption longer than the text encoder reads (diffusers truncates silently)
-    is cut at a sentence; cache_size: answers kept, least recently used out first (greedy answers
-    are deterministic, and a seeded one is reproducible, so the same question gets the same answer)."""
+    is cut at a sentence (a request's own max_sequence_length may lower it); cache_size: answers
+    kept, least recently used out first (greedy answers are deterministic, and a seeded one is
+    reproducible, so the same question gets the same answer); max_prompt_chars: longer prompts
+    are used as written (`too_long`: detailed already, and the conversation would outgrow what the
+    memory plan counts); concurrent: answers written at once (each holds a KV cache), the rest wait."""
 
     def __init__(
         self,
@@ -232,6 +237,8 @@ class PromptEnhancer:
         count_tokens: Callable[[str], int] | None = None,
         max_prompt_tokens: int = 512,
         cache_size: int = 256,
+        max_prompt_chars: int = 8_000,
+        concurrent: int = 4,
     ):
         self.backend = backend
         self.max_new_tokens = max_new_tokens
@@ -239,26 +246,35 @@ class PromptEnhancer:
         self.count_tokens = count_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.cache_size = cache_size
+        self.max_prompt_chars = max_prompt_chars
+        self._writing = asyncio.Semaphore(concurrent)
         self._cache: OrderedDict[tuple, Enhancement] = OrderedDict()
         self.fallbacks: Counter[str] = Counter()  # reason -> times, as they happen (cache hits not recounted)
 
-    async def enhance(self, prompt: str, *, seed: int | None = None, language: str | None = None) -> Enhancement:
-        """The prompt to generate from. Never raises because of the backend."""
+    async def enhance(
+        self, prompt: str, *, seed: int | None = None, language: str | None = None, max_tokens: int | None = None
+    ) -> Enhancement:
+        """The prompt to generate from. Never raises because of the backend. `max_tokens`: what the
+        request's encoder reads (its max_sequence_length), when less than max_prompt_tokens."""
         if prompt.lstrip().startswith(DALL_E_VERBATIM_PREFIX):
             rest = prompt.lstrip()[len(DALL_E_VERBATIM_PREFIX) :].strip()
             return self._fall_back(rest, SKIPPED_PREFIX)
-        key = (prompt, seed, language, self.backend.name)
+        if len(prompt) > self.max_prompt_chars:
+            return self._fall_back(prompt, TOO_LONG)
+        limit = min(self.max_prompt_tokens, max_tokens or self.max_prompt_tokens)
+        key = (prompt, seed, language, limit, self.backend.name)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        result = await self._enhance(prompt, seed, language)
+        async with self._writing:
+            result = await self._enhance(prompt, seed, language, limit)
         if result.fallback not in TRANSIENT and self.cache_size > 0:
             self._cache[key] = result
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return result
 
-    async def _enhance(self, prompt: str, seed: int | None, language: str | None) -> Enhancement:
+    async def _enhance(self, prompt: str, seed: int | None, language: str | None, limit: int) -> Enhancement:
         if not prompt.strip():
             return self._fall_back(prompt, EMPTY)
         try:
@@ -277,7 +293,7 @@ class PromptEnhancer:
         if is_refusal(caption, quotes):
             return self._fall_back(prompt, REFUSAL)
         if self.count_tokens is not None:
-            caption = fit_tokens(caption, self.count_tokens, self.max_prompt_tokens)
+            caption = fit_tokens(caption, self.count_tokens, limit)
         if not caption:
             return self._fall_back(prompt, EMPTY)
         if any(quote not in caption for quote in quotes):
@@ -370,9 +386,21 @@ class ResidentBackend:
 
     def __init__(self, lm):
         self.lm = lm  # start(messages, max_new_tokens, seed), advance(answer), text(answer)
+        self.writing = 0
+        self.last_written = time.monotonic()
+
+    def idle_for(self) -> float | None:
+        """For the idle watcher (idle.py): None while an answer is being written, so the model is
+        not put to sleep between its turns; else the seconds since the last one ended."""
+        return None if self.writing else time.monotonic() - self.last_written
 
     async def complete(self, messages: list[dict[str, str]], *, max_new_tokens: int, seed: int | None) -> str:
         answer = self.lm.start(messages, max_new_tokens, seed)
-        while not answer.done:
-            await model_thread().run(self.lm.advance, answer)
+        self.writing += 1
+        try:
+            while not answer.done:
+                await model_thread().run(self.lm.advance, answer)
+        finally:
+            self.writing -= 1
+            self.last_written = time.monotonic()
         return self.lm.text(answer)

@@ -41,10 +41,23 @@ class HiresParams:
 
     @property
     def schedule_length(self) -> int:
-        """The `num_inference_steps` img2img is given: diffusers runs about N x strength of N steps,
-        A1111 exactly `steps`; N = int(steps / min(strength, 0.999)) (A1111's own formula) makes
-        diffusers run exactly `steps` (tests/test_hires.py counts them)."""
-        return int(self.steps / min(self.strength, 0.999))
+        """The `num_inference_steps` img2img is given so that it runs exactly `steps`, as A1111 does.
+
+        diffusers' img2img runs `img2img_steps(N, strength)` of N; A1111's own schedule length,
+        int(steps / min(strength, 0.999)), lands on `steps` nearly always, and is nudged by one
+        where float rounding makes it miss (51 steps at 0.68: 75 would run 52)."""
+        n = max(int(self.steps / min(self.strength, 0.999)), self.steps)
+        while n > self.steps and img2img_steps(n, self.strength) > self.steps:
+            n -= 1
+        while img2img_steps(n, self.strength) < self.steps:
+            n += 1
+        return n
+
+
+def img2img_steps(schedule_length: int, strength: float) -> int:
+    """Steps diffusers' Z-Image img2img runs for num_inference_steps=N (its get_timesteps)."""
+    n = schedule_length
+    return n - int(max(n - min(n * strength, n), 0))
 
 
 @dataclass(frozen=True)

@@ -384,8 +384,10 @@ class Upscalers:
             self._cards[key] = exc
             raise
         self._cards[key] = card
-        while len(self._loaded) >= self.cache_size:
-            self._loaded.popitem(last=False)
+        if len(self._loaded) >= self.cache_size:
+            while len(self._loaded) >= self.cache_size:
+                self._loaded.popitem(last=False)
+            free_device_memory(self.device)  # the evicted weights' blocks, back to the card's other users
         dtype = compute_dtype(model, self.device.type, self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         model.to(self.device, dtype).eval()
         loaded = self._loaded[key] = LoadedUpscaler(card, model, dtype)
@@ -400,6 +402,7 @@ class Upscalers:
     def unload(self) -> None:
         """Drop every loaded model (the runner's sleep frees the device); the next use reads it again."""
         self._loaded.clear()
+        free_device_memory(self.device)
 
     @property
     def loaded_names(self) -> list[str]:

@@ -19,7 +19,7 @@ from ..batcher import Batcher
 from ..content_credentials import ContentCredentials
 from ..faults import FaultInjector
 from ..gallery import Gallery, keep_tidy
-from ..idle import unload_when_idle
+from ..idle import AllIdle, unload_when_idle
 from ..index import INDEX_FAILURES, IndexUnavailable, open_index
 from ..job_queue import JobQueue
 from ..keys import ApiKeys
@@ -81,9 +81,14 @@ async def start_serving(server: ServerState) -> None:
     )
     batcher.start()
     server.batcher = batcher
+    # The resident enhancer's turns are model work the batcher does not see: the model must not
+    # sleep between them.
+    idle_sources = [batcher] + ([server.enhancer.backend] if hasattr(server.enhancer, "backend") and
+                                hasattr(server.enhancer.backend, "idle_for") else [])  # fmt: skip
     if settings.idle_unload_s > 0:
         server.idle_watch = asyncio.create_task(
-            unload_when_idle(batcher, server.runner, settings.idle_unload_s, model_thread().run), name="idle-unload"
+            unload_when_idle(AllIdle(*idle_sources), server.runner, settings.idle_unload_s, model_thread().run),
+            name="idle-unload",
         )
     if server.job_queue is not None:
         server.job_runner = JobRunner(server, server.job_queue)
@@ -191,6 +196,9 @@ async def serving_model(app: Litestar, server: ServerState) -> AsyncIterator[Non
             server.job_runner_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await server.job_runner_task
+        close_enhancer = getattr(getattr(server.enhancer, "backend", None), "aclose", None)
+        if close_enhancer is not None:  # a chat endpoint's connection pool
+            await close_enhancer()
         await close_gallery(server)
 
 

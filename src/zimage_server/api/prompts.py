@@ -43,6 +43,7 @@ def build_enhancer(settings: Settings, runner) -> PromptEnhancer | None:
             settings.prompt_enhancer,
             model=settings.prompt_enhancer_model,
             api_key=settings.prompt_enhancer_api_key or None,
+            timeout_s=settings.enhance_timeout_s,
         )
     return PromptEnhancer(
         backend,
@@ -51,6 +52,7 @@ def build_enhancer(settings: Settings, runner) -> PromptEnhancer | None:
         # Counted against what the pipeline encodes (chat template included) and where it cuts.
         count_tokens=prompt_token_counter(runner.pipeline.tokenizer),
         max_prompt_tokens=512,
+        max_prompt_chars=MAX_ENHANCE_PROMPT_CHARS,
     )
 
 
@@ -72,10 +74,13 @@ async def enhanced(
     if mode is False:
         return spec
     enhancer = enhancer_of(server, param)
+    limit = spec.params.max_sequence_length  # what this request's encoder reads
     if mode == "per_image":
-        results = await asyncio.gather(*(enhancer.enhance(spec.prompt, seed=seed) for seed in spec.seeds))
+        results = await asyncio.gather(
+            *(enhancer.enhance(spec.prompt, seed=seed, max_tokens=limit) for seed in spec.seeds)
+        )
     else:
-        results = [await enhancer.enhance(spec.prompt)] * spec.n
+        results = [await enhancer.enhance(spec.prompt, max_tokens=limit)] * spec.n
     # A DALL-E "use it AS-IS" prefix is dropped from the prompt, enhanced or not.
     return dataclasses.replace(
         spec, prompt=results[0].prompt if results[0].revised_prompt is None else spec.prompt,

@@ -135,9 +135,7 @@ def generation_spec(
         cfg_truncation=1.0 if data.cfg_truncation is None else data.cfg_truncation,
         max_sequence_length=data.max_sequence_length or 512,
         loras=loras,
-        variation_strength=server.settings.variation_strength
-        if data.variation_strength is None
-        else data.variation_strength,
+        variation_strength=variation_for(data, server),
         **edit_params,
     )
     described_as = ()
@@ -158,6 +156,19 @@ def generation_spec(
         store=data.store is not False,
     )
     return spec, options
+
+
+def variation_for(data: GenerationRequest, server: ServerState) -> float:
+    """The request's seed variation, or the server's; Omni encodes prompts inside its pipeline call,
+    with its reference images, so there is no embedding to vary there: asked for, a 400."""
+    if server.variant.edit_method != "omni":
+        return server.settings.variation_strength if data.variation_strength is None else data.variation_strength
+    if data.variation_strength:
+        raise ApiError(
+            400, f"variation_strength needs the turbo or base variant; this server runs {server.variant.name}.",
+            param="variation_strength",
+        )  # fmt: skip
+    return 0.0
 
 
 # Defaults of the OpenAI routes' hires fix. Not judged on the tiny test model (it draws noise):

@@ -82,7 +82,7 @@ def hires_infotext(spec: GenerationSpec) -> tuple[tuple[str, str], ...]:
     if hires is None:
         return ()
     keys = list(spec.hires_described_as)
-    if spec.hires_prompt:
+    if spec.hires_prompt and spec.hires_prompt != spec.prompt:
         keys.append(("Hires prompt", spec.hires_prompt))
     if spec.hires_negative_prompt and spec.hires_negative_prompt != spec.negative_prompt:
         keys.append(("Hires negative prompt", spec.hires_negative_prompt))

@@ -95,19 +95,20 @@ class Txt2ImgRequest(msgspec.Struct, kw_only=True):
     # Only the ControlNet extension's units are read (control_unit); other scripts are ignored.
     alwayson_scripts: dict[str, Any] | None = None
     # The hires fix (a1111_hires). Clients send every field, nulls included (webuiapi), so each
-    # takes null as its A1111 default.
+    # takes null as its A1111 default; values are checked only when enable_hr asks for the fix
+    # (as before it was served, a client's leftovers never fail a plain request).
     enable_hr: bool | None = False
-    denoising_strength: Annotated[float, Meta(ge=0, le=1)] | None = A1111_DENOISING_STRENGTH  # null: the same
-    hr_scale: Annotated[float, Meta(ge=1, le=8)] | None = None
+    denoising_strength: float | None = A1111_DENOISING_STRENGTH  # null: the same
+    hr_scale: float | None = None
     hr_upscaler: Annotated[str, Meta(max_length=256)] | None = None  # null: "Latent"; "None": Lanczos
-    hr_second_pass_steps: Annotated[int, Meta(ge=0, le=200)] | None = None
-    hr_resize_x: Annotated[int, Meta(ge=0, le=MAX_HIRES_SIDE)] | None = None
-    hr_resize_y: Annotated[int, Meta(ge=0, le=MAX_HIRES_SIDE)] | None = None
-    firstphase_width: Annotated[int, Meta(ge=0, le=MAX_SIDE)] | None = None  # legacy: width/height are the target
-    firstphase_height: Annotated[int, Meta(ge=0, le=MAX_SIDE)] | None = None
-    hr_prompt: PromptText | None = None
-    hr_negative_prompt: PromptText | None = None
-    hr_cfg: Guidance | None = None  # Forge; null: the first pass's guidance
+    hr_second_pass_steps: int | None = None
+    hr_resize_x: int | None = None
+    hr_resize_y: int | None = None
+    firstphase_width: int | None = None  # legacy: width/height are the target
+    firstphase_height: int | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+    hr_cfg: float | None = None  # Forge; null: the first pass's guidance
     hr_checkpoint_name: Any = None  # "Use same checkpoint", null, or the served model
     # Accepted and ignored: one sampler, one schedule, no distilled guidance or extra modules here.
     hr_sampler_name: Any = None
@@ -179,10 +180,37 @@ A1111_INVERTED_UPLOADS = UploadDialect(
 # -- translation into the OpenAI routes' requests ---------------------------------------------
 
 
+# Bounds of the hires fields, checked when enable_hr is on: (low, high).
+HIRES_BOUNDS = {
+    "hr_scale": (1, 8),
+    "hr_second_pass_steps": (0, 200),
+    "hr_resize_x": (0, MAX_HIRES_SIDE),
+    "hr_resize_y": (0, MAX_HIRES_SIDE),
+    "firstphase_width": (0, MAX_SIDE),
+    "firstphase_height": (0, MAX_SIDE),
+    "hr_cfg": (0, 30),
+}
+
+
+def check_hires_fields(data: Txt2ImgRequest) -> None:
+    for name, (low, high) in HIRES_BOUNDS.items():
+        value = getattr(data, name)
+        if value is not None and not low <= value <= high:
+            raise ApiError(400, f"Invalid {name} {value}: it must be {low}..{high}.", param=name)
+    for name in ("hr_prompt", "hr_negative_prompt"):
+        if len(getattr(data, name) or "") > MAX_PROMPT_CHARS:
+            raise ApiError(400, f"'{name}' is longer than {MAX_PROMPT_CHARS} characters.", param=name)
+    if bool(data.firstphase_width) != bool(data.firstphase_height):
+        missing = "firstphase_height" if data.firstphase_width else "firstphase_width"
+        raise ApiError(400, "Give both firstphase_width and firstphase_height, or neither.", param=missing)
+
+
 def first_pass_size(data: Txt2ImgRequest) -> tuple[int, int]:
     """The (first pass's) size as sent: width x height, or with the legacy firstphase fields those."""
-    if data.enable_hr and (data.firstphase_width or data.firstphase_height):
-        return data.firstphase_width or data.width, data.firstphase_height or data.height
+    if data.enable_hr:
+        check_hires_fields(data)
+        if data.firstphase_width:
+            return data.firstphase_width, data.firstphase_height
     return data.width, data.height
 
 
@@ -196,7 +224,7 @@ def model_size(data: Txt2ImgRequest) -> str:
     return f"{width}x{height}"
 
 
-def check_checkpoint(name: Any, server: ServerState) -> None:
+def check_checkpoint(name: Any, server: ServerState, param: str = "sd_model_checkpoint") -> None:
     """A checkpoint a client names must be the served model: one model per process."""
     if name is None or (isinstance(name, str) and HASH_SUFFIX.sub("", name) in served_model_ids(server)):
         return
@@ -204,7 +232,7 @@ def check_checkpoint(name: Any, server: ServerState) -> None:
         400,
         f"Checkpoint {name!r} is not served here: this server runs one model per process, "
         f"'{server.variant.model_name}'. Start another server for another model.",
-        param="sd_model_checkpoint",
+        param=param,
         code="model_not_found",
     )
 
@@ -325,7 +353,7 @@ def info_text(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState, s
     params, n = spec.params, spec.n
     info = {
         "prompt": data.prompt,
-        "all_prompts": [data.prompt] * n,
+        "all_prompts": [spec.prompt_of(seed) for seed in spec.seeds],  # an enhanced prompt is what ran
         "negative_prompt": data.negative_prompt,
         "all_negative_prompts": [data.negative_prompt] * n,
         "seed": spec.seeds[0],
@@ -407,7 +435,7 @@ def a1111_hires(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState)
         return spec
     checkpoint = data.hr_checkpoint_name
     if checkpoint != SAME_CHECKPOINT:
-        check_checkpoint(checkpoint, server)
+        check_checkpoint(checkpoint, server, param="hr_checkpoint_name")
     width, height = first_pass_size(data)
     if data.firstphase_width or data.firstphase_height:  # legacy: the target is width x height
         resize_x, resize_y, scale = data.width, data.height, 1.0
