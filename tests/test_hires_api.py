@@ -39,10 +39,10 @@ def test_sillytavern_hires_gets_a1111s_size_and_infotext(client):
     assert (info["width"], info["height"]) == (64, 96)  # A1111's Size is the first pass's
     assert info["denoising_strength"] == 0.7
     text = infotext(answer)
-    assert "Size: 64x96" in text and "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent" in text
+    assert "Size: 64x96" in text and "Denoising strength: 0.7, Hires upscale: 2.0, Hires upscaler: Latent" in text
     assert "Hires steps" not in text  # hr_second_pass_steps 0: A1111 leaves it out
     assert image.text["parameters"] == text
-    assert info["extra_generation_params"] == {"Hires upscale": "2", "Hires upscaler": "Latent"}
+    assert info["extra_generation_params"] == {"Hires upscale": 2.0, "Hires upscaler": "Latent"}
 
 
 def test_enable_hr_false_is_byte_identical_to_a_request_without_hires_fields(client):
@@ -73,9 +73,10 @@ def test_forge_body_with_its_hires_extras(client):
     [
         ({"hr_upscaler": "4x-Missing"}, "hr_upscaler", "could not find upscaler named 4x-Missing"),
 
-        ({"hr_scale": 8, "width": 1024, "height": 1024}, "enable_hr", "above this server's limits"),
-        ({"denoising_strength": 0}, "enable_hr", "must be 0.01..1"),
-        ({"denoising_strength": 1e-9}, "enable_hr", "must be 0.01..1"),
+        ({"hr_scale": 8, "width": 1024, "height": 1024}, "hr_scale", "above this server's limits"),
+        ({"hr_resize_x": 4000, "hr_resize_y": 4000}, "hr_resize_x", "above this server's limits"),
+        ({"denoising_strength": 0}, "denoising_strength", "must be 0.01..1"),
+        ({"denoising_strength": 1e-9}, "denoising_strength", "must be 0.01..1"),
         ({"hr_checkpoint_name": "sdxl.safetensors", "hr_scale": 1.5}, "hr_checkpoint_name", "not served here"),
         ({"firstphase_width": 64, "firstphase_height": 0}, "firstphase_height", "both"),
         ({"hr_scale": 0.5}, "hr_scale", "hr_scale"),

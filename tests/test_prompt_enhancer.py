@@ -518,3 +518,13 @@ async def test_at_most_four_answers_are_written_at_once_and_long_prompts_are_kep
     assert all(result.revised_prompt for result in results)
     long = await enhancer.enhance("a cat " * 40)
     assert long == Enhancement("a cat " * 40, None, "too_long") and backend.calls == 12
+
+
+@pytest.mark.anyio
+async def test_a_prompt_longer_than_the_encoder_reads_is_kept_as_written(count_tokens):
+    backend = CountingBackend()
+    enhancer = PromptEnhancer(backend, count_tokens=count_tokens, max_prompt_tokens=64)
+    long = "a red barn in a snowy field at dusk " * 12
+    assert count_tokens(long) > 64
+    assert (await enhancer.enhance(long)).fallback == "too_long" and backend.calls == 0
+    assert (await enhancer.enhance("a red barn")).revised_prompt and backend.calls == 1

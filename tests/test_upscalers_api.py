@@ -96,11 +96,14 @@ def test_extra_batch_images_upscales_each_alike(client):
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        ({"upscaler_1": "4x-Nowhere"}, "upscaler", "could not find upscaler named 4x-Nowhere"),
+        ({"upscaler_1": "4x-Nowhere"}, "upscaler_1", "could not find upscaler named 4x-Nowhere"),
+        ({"upscaler_2": "4x-Nowhere", "extras_upscaler_2_visibility": 0.5}, "upscaler_2", "could not find upscaler"),
         ({"gfpgan_visibility": 0.5}, "gfpgan_visibility", "face restoration"),
         ({"codeformer_visibility": 1}, "codeformer_visibility", "face restoration"),
-        ({"upscaler_1": "exploit"}, "upscaler", "upscaler file exploit.pth"),
-        ({"upscaler_1": "truncated"}, "upscaler", "upscaler file truncated.safetensors"),
+        ({"upscaler_1": "exploit"}, "upscaler_1", "upscaler file exploit.pth"),
+        ({"upscaler_1": "truncated"}, "upscaler_1", "upscaler file truncated.safetensors"),
+        ({"upscaler_1": "esrgan-2x", "resize_mode": 1, "upscaling_resize_w": 4096, "upscaling_resize_h": 4096},
+         "upscaling_resize_w", "limit"),
     ],
 )
 def test_extras_that_cannot_run_are_400s_and_the_server_stays_ready(client, folder, fields, param, message):

@@ -132,27 +132,35 @@ def hires_params(
     max_height: int,
     max_pixels: int,
     param: str = "hires",
+    params: dict[str, str] | None = None,
 ) -> HiresParams:
-    """The second pass for `target`, checked against the server's limits and upscalers."""
+    """The second pass for `target`, checked against the server's limits and upscalers.
+
+    An error names `param`, or `params[what]` for what it is about ("upscaler", "strength", "size"):
+    the A1111 routes name their own fields."""
+    names = {"upscaler": param, "strength": param, "size": param} | (params or {})
     if not (upscaler in LATENT_MODES or upscaler in PIXEL_RESIZES or upscaler_exists(upscaler)):
-        raise UnknownUpscaler(upscaler, param)
+        raise UnknownUpscaler(upscaler, names["upscaler"])
     if not MIN_STRENGTH <= strength <= 1:
         # Below it the schedule that runs `steps` steps grows without bound (steps / strength).
         raise HiresError(
-            f"denoising_strength {strength:g} must be {MIN_STRENGTH:g}..1 for the hires fix's second pass.", param
+            f"denoising_strength {strength:g} must be {MIN_STRENGTH:g}..1 for the hires fix's second pass.",
+            names["strength"],
         )
     run_width, run_height = (side // MODEL_SIZE_STEP * MODEL_SIZE_STEP for side in target.cover_size)
     output_width, output_height = target.output_size
     for side in (run_width, run_height, output_width, output_height):
         if side < MIN_SIDE:
-            raise HiresError(f"The hires size {output_width}x{output_height} is too small: sides start at {MIN_SIDE}.", param)
+            raise HiresError(
+                f"The hires size {output_width}x{output_height} is too small: sides start at {MIN_SIDE}.", names["size"]
+            )
     if max(run_width, output_width) > max_width or max(run_height, output_height) > max_height or (
         max(run_width * run_height, output_width * output_height) > max_pixels
     ):
         raise HiresError(
             f"The hires size {output_width}x{output_height} is above this server's limits "
             f"({max_width}x{max_height}, {max_pixels} pixels: Z_IMAGE_MAX_PIXELS); ask for a smaller scale.",
-            param,
+            names["size"],
         )
     cover_width, cover_height = target.cover_size
     crop_left, crop_top = target.crop_origin

@@ -33,7 +33,7 @@ class ImageParameters:
     variant: str
     strength: float | None = None  # edits only: how much of the input image was re-noised
     loras: tuple[tuple[str, float, str], ...] = ()  # (name, scale, short hash) of each LoRA applied
-    extra: tuple[tuple[str, str], ...] = ()  # further A1111 keys, in order (the hires fix's, ...)
+    extra: tuple[tuple[str, str | int | float], ...] = ()  # further A1111 keys, in order (the hires fix's, ...)
 
     def as_text(self) -> str:
         # The layout other image tools parse: prompt, then "Negative prompt:", then key: value pairs.
@@ -46,7 +46,7 @@ class ImageParameters:
             f"Steps: {self.steps}, CFG scale: {self.guidance_scale:g}, Seed: {self.seed}, "
             f"Size: {self.width}x{self.height}, Model: z-image-{self.variant}"
             + (f", Denoising strength: {self.strength:g}" if self.strength is not None else "")
-            + "".join(f", {key}: {infotext_value(value)}" for key, value in self.extra)
+            + "".join(f", {key}: {infotext_value(str(value))}" for key, value in self.extra)
             + (
                 f', Lora hashes: "{", ".join(f"{name}: {digest}" for name, _, digest in self.loras)}"'
                 if self.loras

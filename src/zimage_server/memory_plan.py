@@ -160,9 +160,9 @@ def full_size_components(
 
 
 ENHANCER_KV_BYTES_PER_TOKEN = 2 * 36 * 8 * 128 * 2
-# The conversation before the answer: the instructions (about 270 Qwen tokens) and the prompt;
-# the enhancer takes prompts of up to 8,000 characters, so a bound of 512 covers nearly all.
-ENHANCER_CONVERSATION_TOKENS = 512
+# The conversation before the answer: the instructions (about 270 Qwen tokens) and the prompt,
+# which the enhancer keeps as written above 512 tokens (too_long). One answer at a time.
+ENHANCER_CONVERSATION_TOKENS = 1024
 
 
 def enhancer_kv_bytes(max_new_tokens: int) -> int:

@@ -224,9 +224,10 @@ class PromptEnhancer:
     max_prompt_tokens: a caption longer than the text encoder reads (diffusers truncates silently)
     is cut at a sentence (a request's own max_sequence_length may lower it); cache_size: answers
     kept, least recently used out first (greedy answers are deterministic, and a seeded one is
-    reproducible, so the same question gets the same answer); max_prompt_chars: longer prompts
-    are used as written (`too_long`: detailed already, and the conversation would outgrow what the
-    memory plan counts); concurrent: answers written at once (each holds a KV cache), the rest wait."""
+    reproducible, so the same question gets the same answer); max_prompt_chars, and
+    max_prompt_tokens for the prompt itself: longer prompts are used as written (`too_long`:
+    detailed already, more than the encoder reads, and a conversation longer than the memory plan
+    counts); concurrent: answers written at once (each holds a KV cache), the rest wait."""
 
     def __init__(
         self,
@@ -259,15 +260,16 @@ class PromptEnhancer:
         if prompt.lstrip().startswith(DALL_E_VERBATIM_PREFIX):
             rest = prompt.lstrip()[len(DALL_E_VERBATIM_PREFIX) :].strip()
             return self._fall_back(rest, SKIPPED_PREFIX)
-        if len(prompt) > self.max_prompt_chars:
+        if len(prompt) > self.max_prompt_chars or (
+            self.count_tokens is not None and self.count_tokens(prompt) > self.max_prompt_tokens
+        ):
             return self._fall_back(prompt, TOO_LONG)
         limit = min(self.max_prompt_tokens, max_tokens or self.max_prompt_tokens)
         key = (prompt, seed, language, limit, self.backend.name)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        async with self._writing:
-            result = await self._enhance(prompt, seed, language, limit)
+        result = await self._enhance(prompt, seed, language, limit)
         if result.fallback not in TRANSIENT and self.cache_size > 0:
             self._cache[key] = result
             while len(self._cache) > self.cache_size:
@@ -277,11 +279,13 @@ class PromptEnhancer:
     async def _enhance(self, prompt: str, seed: int | None, language: str | None, limit: int) -> Enhancement:
         if not prompt.strip():
             return self._fall_back(prompt, EMPTY)
+        async def write() -> str:
+            async with self._writing:  # waiting for a turn counts in the timeout too
+                messages = build_messages(prompt, language)
+                return await self.backend.complete(messages, max_new_tokens=self.max_new_tokens, seed=seed)
+
         try:
-            answer = await asyncio.wait_for(
-                self.backend.complete(build_messages(prompt, language), max_new_tokens=self.max_new_tokens, seed=seed),
-                self.timeout_s,
-            )
+            answer = await asyncio.wait_for(write(), self.timeout_s)
         except (TimeoutError, httpx.TimeoutException):
             return self._fall_back(prompt, TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - no backend failure may fail the request

@@ -135,7 +135,7 @@ class GenerationSpec:
     hires_prompt: str | None = None
     hires_negative_prompt: str | None = None
     # How the request asked for its hires target, as A1111's infotext keys (("Hires upscale", "2"), ...).
-    hires_described_as: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    hires_described_as: tuple[tuple[str, str | int | float], ...] = field(default=(), compare=False)
     # The prompt enhancer's expansion of `prompt` for each image (seed order); None where it did
     # not run or fell back. Empty: enhancement was not asked for.
     revised_prompts: tuple[str | None, ...] = ()

@@ -53,6 +53,9 @@ def build_enhancer(settings: Settings, runner) -> PromptEnhancer | None:
         count_tokens=prompt_token_counter(runner.pipeline.tokenizer),
         max_prompt_tokens=512,
         max_prompt_chars=MAX_ENHANCE_PROMPT_CHARS,
+        # The resident model writes one answer at a time (one KV cache, as the memory plan counts;
+        # its turns share one thread anyway); a chat endpoint takes a few at once.
+        concurrent=1 if settings.prompt_enhancer == "resident" else 4,
     )
 
 

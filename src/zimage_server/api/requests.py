@@ -181,7 +181,7 @@ HIRES_DENOISING_STRENGTH = 0.4
 
 def openai_hires(
     data: HiresRequest, params: CallParams, server: ServerState
-) -> tuple[HiresParams, tuple[tuple[str, str], ...]]:
+) -> tuple[HiresParams, tuple[tuple[str, str | int | float], ...]]:
     """The `hires` object of a generation or edit: a target by scale or by size, in multiples of 16."""
     if (data.width is None) != (data.height is None):
         raise ApiError(400, "hires: give both width and height, or neither.", param="hires")
@@ -195,7 +195,7 @@ def openai_hires(
     else:
         scale = HIRES_SCALE if data.scale is None else data.scale
         target = HiresTarget(*(int(side * scale) // 16 * 16 for side in (params.width, params.height)))
-        described_as = ("Hires upscale", f"{scale:g}")
+        described_as = ("Hires upscale", float(scale))
     upscaler = data.upscaler or HIRES_UPSCALER
     hires = checked_hires(
         server,
@@ -208,7 +208,7 @@ def openai_hires(
     )
     keys = [described_as, ("Hires upscaler", upscaler)]
     if data.steps:
-        keys.insert(1, ("Hires steps", str(data.steps)))
+        keys.insert(1, ("Hires steps", data.steps))
     return hires, tuple(keys)
 
 

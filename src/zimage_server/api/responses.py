@@ -75,7 +75,7 @@ def image_parameters(
     )
 
 
-def hires_infotext(spec: GenerationSpec) -> tuple[tuple[str, str], ...]:
+def hires_infotext(spec: GenerationSpec) -> tuple[tuple[str, str | int | float], ...]:
     """A1111's hires keys, after Denoising strength: how the target was asked for (the adapter's
     words), Hires steps (only when not zero), Hires upscaler, and Hires prompt when it differs."""
     hires = spec.params.hires

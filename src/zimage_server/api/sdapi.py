@@ -29,7 +29,7 @@ from ..images import a1111_repaint_area
 from ..lora_library import LORA_SUFFIX
 from ..model_layout import checkpoint_sha256
 from ..settings import Settings
-from ..hires import LATENT_MODES, PIXEL_RESIZES, a1111_target
+from ..hires import a1111_target
 from ..specs import GenerationSpec
 from .control import CONTROL_PREPROCESSES, controlled_from_base64
 from .edits import EditRequest, Strength, UploadDialect, edit_mode, prepare_edit
@@ -207,7 +207,7 @@ def check_hires_fields(data: Txt2ImgRequest) -> None:
 
 def first_pass_size(data: Txt2ImgRequest) -> tuple[int, int]:
     """The (first pass's) size as sent: width x height, or with the legacy firstphase fields those."""
-    if data.enable_hr:
+    if data.enable_hr and not isinstance(data, Img2ImgRequest):  # txt2img's fix; img2img ignores it, as A1111's
         check_hires_fields(data)
         if data.firstphase_width:
             return data.firstphase_width, data.firstphase_height
@@ -453,18 +453,29 @@ def a1111_hires(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState)
         steps=(data.hr_second_pass_steps if honour_client else 0) or params.num_inference_steps,
         strength=A1111_DENOISING_STRENGTH if data.denoising_strength is None else data.denoising_strength,
         guidance_scale=data.hr_cfg if honour_client and data.hr_cfg is not None else params.guidance_scale,
-        param="hr_upscaler" if upscaler not in PIXEL_RESIZES and upscaler not in LATENT_MODES else "enable_hr",
+        param="enable_hr",
+        params={
+            "upscaler": "hr_upscaler",
+            "strength": "denoising_strength",
+            "size": "hr_resize_x" if resize_x or resize_y else "hr_scale",
+        },
     )
-    described = [("Hires upscale", f"{scale:g}")] if not (resize_x or resize_y) else [("Hires resize", f"{resize_x}x{resize_y}")]
+    # As A1111 records them: its hr_scale is a float (2.0), its steps an int.
+    described = [("Hires upscale", float(scale))] if not (resize_x or resize_y) else [("Hires resize", f"{resize_x}x{resize_y}")]
     if data.hr_second_pass_steps:
-        described.append(("Hires steps", str(hires.steps)))
+        described.append(("Hires steps", hires.steps))
     if data.hr_upscaler is not None:
         described.append(("Hires upscaler", upscaler))
     return dataclasses.replace(
         spec,
         params=dataclasses.replace(params, hires=hires),
-        hires_prompt=data.hr_prompt or None,
-        hires_negative_prompt=data.hr_negative_prompt or None,
+        # Equal to the main ones is the main ones: an enhanced prompt then runs in both passes.
+        hires_prompt=data.hr_prompt if data.hr_prompt and data.hr_prompt != data.prompt else None,
+        hires_negative_prompt=(
+            data.hr_negative_prompt
+            if data.hr_negative_prompt and data.hr_negative_prompt != data.negative_prompt
+            else None
+        ),
         hires_described_as=tuple(described),
     )
 

@@ -17,7 +17,7 @@ from litestar.datastructures import State
 from msgspec import Meta
 from PIL import Image
 
-from ..hires import LATENT_MODES, UpscalerError
+from ..hires import LATENT_MODES, UpscaleTooLarge, UpscalerError
 from ..images import encode_image
 from ..model_thread import model_thread
 from .errors import ApiError
@@ -95,6 +95,11 @@ async def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": name} for name in LATENT_MODES]
 
 
+def decoded(text: str, param: str) -> Image.Image:
+    """A base64 upload, decoded and checked: in a worker thread (megabytes of base64, then the image)."""
+    return decode_part(decode_base64_image(text, param), param)
+
+
 def check_extras(data: ExtrasRequest) -> None:
     for name in FACE_RESTORATION:
         if getattr(data, name):
@@ -116,9 +121,17 @@ async def upscaled(server: ServerState, image: Image.Image, data: ExtrasRequest)
             extras_upscaler_2_visibility=data.extras_upscaler_2_visibility,
         )
     except UpscalerError as exc:
-        raise ApiError(400, str(exc), param=exc.param) from None
+        raise ApiError(400, str(exc), param=extras_param(exc, data)) from None
     # PNG encoding (Pillow's fallback takes 100-650 ms at 2048 px) stays off the event loop.
     return await asyncio.to_thread(encode_image, result, "png", None, parameters=None)
+
+
+def extras_param(exc: UpscalerError, data: ExtrasRequest) -> str:
+    """The field an extras error is about: the upscaler named (by name, or by its file), or the size."""
+    if isinstance(exc, UpscaleTooLarge):
+        return "upscaling_resize" if data.resize_mode == 0 else "upscaling_resize_w"
+    failed = getattr(exc, "name", None) or getattr(getattr(exc, "path", None), "stem", None)
+    return "upscaler_2" if failed is not None and failed == data.upscaler_2 != data.upscaler_1 else "upscaler_1"
 
 
 def html_info(data: ExtrasRequest) -> str:
@@ -138,7 +151,7 @@ def html_info(data: ExtrasRequest) -> str:
       summary="Upscale one image (A1111's Extras tab).")  # fmt: skip
 async def extra_single_image(data: ExtraSingleImageRequest, state: State) -> ExtraSingleImageResponse:
     check_extras(data)
-    image = await asyncio.to_thread(decode_part, decode_base64_image(data.image, "image"), "image")
+    image = await asyncio.to_thread(decoded, data.image, "image")
     blob = await upscaled(server_state(state), image, data)
     return ExtraSingleImageResponse(html_info=html_info(data), image=base64.b64encode(blob).decode())
 
@@ -148,10 +161,7 @@ async def extra_single_image(data: ExtraSingleImageRequest, state: State) -> Ext
 async def extra_batch_images(data: ExtraBatchImagesRequest, state: State) -> ExtraBatchImagesResponse:
     check_extras(data)
     server = server_state(state)
-    images = [
-        await asyncio.to_thread(decode_part, decode_base64_image(item.data, "imageList"), "imageList")
-        for item in data.imageList
-    ]
+    images = [await asyncio.to_thread(decoded, item.data, "imageList") for item in data.imageList]
     blobs = [await upscaled(server, image, data) for image in images]
     return ExtraBatchImagesResponse(html_info=html_info(data), images=[base64.b64encode(b).decode() for b in blobs])
 
