@@ -26,7 +26,6 @@ from common import add_standard_options, median, print_table, set_threads, tiny_
 # Qwen3-4B at bf16: weights read once per new token (the decode is memory-bound).
 QWEN3_4B_WEIGHT_BYTES = 8.0e9
 H100_BANDWIDTH = 3.35e12  # bytes/s, SXM HBM3
-KV_BYTES_PER_TOKEN = 2 * 36 * 8 * 128 * 2  # K and V, 36 layers, 8 KV heads of 128, bf16: 144 KiB
 EAGER_TOKENS_PER_S = (40, 60)  # HF generate, eager, batch 1, a modern GPU (REFERENCE.md; no published figure)
 
 
@@ -41,6 +40,7 @@ def main() -> None:
 
     import dataclasses
 
+    from zimage_server.memory_plan import ENHANCER_KV_BYTES_PER_TOKEN
     from zimage_server.prompt_enhancer import build_messages
     from zimage_server.resident_lm import ResidentLanguageModel
     from zimage_server.runner import load_runner
@@ -70,7 +70,7 @@ def main() -> None:
         "h100_ceiling_tokens_per_s": ceiling,
         "h100_seconds_at_ceiling": tokens / ceiling,
         "h100_seconds_eager": [tokens / rate for rate in EAGER_TOKENS_PER_S[::-1]],
-        "kv_cache_mib": (prompt_tokens + tokens) * KV_BYTES_PER_TOKEN / 2**20,
+        "kv_cache_mib": (prompt_tokens + tokens) * ENHANCER_KV_BYTES_PER_TOKEN / 2**20,
     }
     table = [["enhancer", "tokens", "seconds", "tokens/s"]]
     table.append(["tiny model, this CPU", tokens, seconds, tokens / seconds])

@@ -79,6 +79,7 @@ def test_both_resize_sides_cover_then_crop_as_a1111_does():
     # An odd number of latent rows to cut: the extra one goes below.
     odd = a1111_target(512, 520, scale=2, resize_x=600, resize_y=600)
     assert odd.truncate_y % 2 == 1 and odd.crop_origin[1] == odd.truncate_y // 2 * 8
+    assert (odd.cover_size, odd.output_size, odd.crop_origin) == ((600, 608), (600, 600), (0, 0))
 
 
 def test_the_second_pass_runs_at_multiples_of_16_and_answers_a1111s_size():

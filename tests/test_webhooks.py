@@ -159,7 +159,6 @@ async def test_a_delivery_verifies_with_standardwebhooks_and_carries_the_envelop
     sender = WebhookSender(SECRET, LOOPBACK, **FAST)
     with Receiver([answer(200)]) as receiver:
         assert await sender.deliver(receiver.url, "image.job.succeeded", PAYLOAD, "evt_job_1_done") is True
-    await sender.drain(1)
     [message] = verified(SECRET, receiver)
     assert message["type"] == "image.job.succeeded"
     assert message["data"] == PAYLOAD
@@ -205,7 +204,6 @@ async def test_two_500s_then_200_is_one_accepted_delivery_with_one_id() -> None:
     sender = WebhookSender(SECRET, LOOPBACK, **FAST)
     with Receiver([answer(500, b"oops", set_cookie="session=abc; Path=/"), answer(500), answer(200)]) as receiver:
         assert await sender.deliver(receiver.url, "image.job.succeeded", PAYLOAD, "evt_retry") is True
-    await sender.drain(1)
     assert len(receiver.requests) == 3
     assert receiver.answered_2xx == 1
     assert receiver.ids == ["evt_retry"] * 3
@@ -218,13 +216,9 @@ async def test_two_500s_then_200_is_one_accepted_delivery_with_one_id() -> None:
 async def test_a_2xx_is_never_sent_again() -> None:
     sender = WebhookSender(SECRET, LOOPBACK, **FAST)
     with Receiver([answer(204), answer(500)]) as receiver:
-        task = sender.send_in_background(receiver.url, "image.job.succeeded", PAYLOAD, "evt_once")
-        assert sender.pending == 1
-        await sender.drain(5)
+        assert await sender.deliver(receiver.url, "image.job.succeeded", PAYLOAD, "evt_once") is True
         await asyncio.sleep(0.2)  # time for any stray retry to arrive (there must be none)
-    assert task.result() is True
     assert len(receiver.requests) == 1
-    assert sender.pending == 0
 
 
 @pytest.mark.anyio
@@ -273,7 +267,7 @@ async def test_a_receiver_that_keeps_failing_is_given_up_on_time(webhook_log) ->
 async def test_a_refused_connection_is_retried_until_the_receiver_comes_up(webhook_log) -> None:
     port = free_port()
     sender = WebhookSender(SECRET, LOOPBACK, **(FAST | {"max_delay_s": 0.1}))
-    task = sender.send_in_background(f"http://127.0.0.1:{port}/hook", "image.job.cancelled", PAYLOAD, "evt_up")
+    task = asyncio.create_task(sender.deliver(f"http://127.0.0.1:{port}/hook", "image.job.cancelled", PAYLOAD, "evt_up"))
     await asyncio.sleep(0.5)
     assert not task.done()
     with Receiver([answer(200)], port=port) as receiver:
@@ -413,8 +407,6 @@ async def test_a_target_allowed_at_submission_but_refused_at_delivery_is_dropped
         await check_webhook_url(url, (host, "::1", "127.0.0.0/8"))
         sender = WebhookSender(SECRET, ("192.0.2.0/24",), **FAST)  # the allow-list at delivery time
         assert await sender.deliver(url, "image.job.succeeded", PAYLOAD, "evt_rebind") is False
-        assert sender.send_in_background(url, "image.job.succeeded", PAYLOAD, "evt_rebind2") is not None
-        await sender.drain(2)
     assert receiver.requests == []
     assert "dropped at delivery" in webhook_log.text
 
@@ -481,27 +473,11 @@ async def test_logs_show_neither_the_secret_nor_the_query(webhook_log) -> None:
 async def test_bad_payloads_and_ids_fail_at_the_call() -> None:
     sender = WebhookSender(SECRET, LOOPBACK, **FAST)
     with pytest.raises(TypeError):
-        sender.send_in_background("http://127.0.0.1:9/", "image.job.succeeded", {"x": object()}, "evt")
+        await sender.deliver("http://127.0.0.1:9/", "image.job.succeeded", {"x": object()}, "evt")
     with pytest.raises(ValueError):
         await sender.deliver("http://127.0.0.1:9/", "image.job.succeeded", {"x": float("nan")}, "evt")
     with pytest.raises(ValueError):
         await sender.deliver("http://127.0.0.1:9/", "image.job.succeeded", PAYLOAD, "has space")
-    assert sender.pending == 0
-
-
-@pytest.mark.anyio
-async def test_drain_abandons_what_is_still_retrying(webhook_log) -> None:
-    sender = WebhookSender(SECRET, LOOPBACK, **(FAST | {"give_up_after_s": 60.0}))
-    with Receiver([answer(500)]) as receiver:
-        task = sender.send_in_background(receiver.url, "image.job.succeeded", PAYLOAD, "evt_drain")
-        started = time.monotonic()
-        await sender.drain(0.3)
-        took = time.monotonic() - started
-    assert task.cancelled()
-    assert 0.3 <= took < 1.5
-    assert sender.pending == 0
-    assert "abandoned" in webhook_log.text
-    assert len(receiver.requests) >= 1
 
 
 # ------------------------------------------------------------------ HTTPS to a checked address

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from .specs import HiresParams
 
 # A1111's latent upscale modes: torch.nn.functional.interpolate(mode, antialias) on the latents.
@@ -25,8 +27,12 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# Plain resizes of the decoded image; A1111's "None" is a Lanczos resize too.
-PIXEL_RESIZES = ("None", "Lanczos", "Nearest")
+# Plain resizes of the decoded image, with their Pillow filters; A1111's "None" is a Lanczos resize too.
+PIXEL_RESIZES = {
+    "None": Image.Resampling.LANCZOS,
+    "Lanczos": Image.Resampling.LANCZOS,
+    "Nearest": Image.Resampling.NEAREST,
+}
 A1111_LATENT_FACTOR = 8  # A1111's opt_f: its sizes and crops move in steps of 8 pixels
 MODEL_SIZE_STEP = 16  # Z-Image's: the VAE's 8 times the transformer's 2x2 patches
 MIN_SIDE = 64
@@ -96,6 +102,17 @@ class HiresTarget:
         return self.truncate_x // 2 * A1111_LATENT_FACTOR, self.truncate_y // 2 * A1111_LATENT_FACTOR
 
 
+def fit_to_output(image: Image.Image, hires: HiresParams) -> Image.Image:
+    """A hires result at A1111's exact size: resized to the cover size when the run (multiples of
+    16) differs from it, then cropped as A1111 crops its latents."""
+    if image.size != (hires.cover_width, hires.cover_height):
+        image = image.resize((hires.cover_width, hires.cover_height), Image.Resampling.LANCZOS)
+    if image.size != (hires.output_width, hires.output_height):
+        left, top = hires.crop_left, hires.crop_top
+        image = image.crop((left, top, left + hires.output_width, top + hires.output_height))
+    return image
+
+
 def a1111_target(width: int, height: int, *, scale: float, resize_x: int, resize_y: int) -> HiresTarget:
     """A1111's calculate_target_resolution for a first pass of width x height."""
     if resize_x == 0 and resize_y == 0:
@@ -114,10 +131,6 @@ def a1111_target(width: int, height: int, *, scale: float, resize_x: int, resize
         (upscale.upscale_width - resize_x) // A1111_LATENT_FACTOR,
         (upscale.upscale_height - resize_y) // A1111_LATENT_FACTOR,
     )
-
-
-def is_latent(upscaler: str) -> bool:
-    return upscaler in LATENT_MODES
 
 
 def hires_params(

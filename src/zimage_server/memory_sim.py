@@ -81,10 +81,13 @@ class SimulatedCall:
 
 
 class DeviceMemoryTracker(TorchDispatchMode):
-    """Live and peak bytes of fake device storage, per stage too, the way the caching allocator counts."""
+    """Live and peak bytes of fake device storage, per stage too, the way the caching allocator counts.
 
-    def __init__(self):
+    device_type: whose tensors count: the simulated GPU's, or "meta" (upscalers' tile estimate)."""
+
+    def __init__(self, device_type: str = DEVICE_TYPE):
         super().__init__()
+        self.device_type = device_type
         self.live = 0
         self.peak = 0
         self.stages: dict[str, StagePeak] = {}
@@ -94,7 +97,7 @@ class DeviceMemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == DEVICE_TYPE:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == self.device_type:
                 self._count(tensor.untyped_storage())
         return out
 

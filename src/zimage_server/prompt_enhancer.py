@@ -26,6 +26,7 @@ from typing import Protocol
 
 import httpx
 
+from .logs import first_line
 from .model_thread import model_thread
 
 log = logging.getLogger("zimage_server.prompt_enhancer")
@@ -60,6 +61,8 @@ LOST_QUOTES = "lost_quotes"
 BACKEND_ERROR = "backend_error"
 TIMEOUT = "timeout"
 SKIPPED_PREFIX = "skipped_prefix"
+# Prompts longer than this are detailed already: used as written (TOO_LONG).
+MAX_PROMPT_CHARS = 8_000
 TOO_LONG = "too_long"
 # Fallbacks that may not happen next time; the others follow from the prompt and are cached.
 TRANSIENT = frozenset({BACKEND_ERROR, TIMEOUT})
@@ -206,13 +209,17 @@ def fit_tokens(text: str, count_tokens: Callable[[str], int], max_tokens: int) -
 def prompt_token_counter(tokenizer) -> Callable[[str], int]:
     """Tokens the Z-Image pipeline encodes for a prompt, chat template included (diffusers'
     `ZImagePipeline._encode_prompt`: one user turn, a generation prompt, thinking on), which is
-    what its max_sequence_length cuts. Here, not in resident_lm.py: a tokenizer needs no torch."""
+    what its max_sequence_length cuts. Here, not in resident_lm.py: a tokenizer needs no torch.
+
+    The template is rendered once, around a marker, not for every count (fit_tokens counts many
+    times): the prompt sits verbatim between the same two pieces of text whatever it is."""
+    marker = "\x00prompt\x00"
+    before, after = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    ).split(marker)
 
     def count(prompt: str) -> int:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-        )
-        return len(tokenizer(text)["input_ids"])
+        return len(tokenizer(before + prompt + after)["input_ids"])
 
     return count
 
@@ -238,7 +245,7 @@ class PromptEnhancer:
         count_tokens: Callable[[str], int] | None = None,
         max_prompt_tokens: int = 512,
         cache_size: int = 256,
-        max_prompt_chars: int = 8_000,
+        max_prompt_chars: int = MAX_PROMPT_CHARS,
         concurrent: int = 4,
     ):
         self.backend = backend
@@ -289,7 +296,7 @@ class PromptEnhancer:
         except (TimeoutError, httpx.TimeoutException):
             return self._fall_back(prompt, TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - no backend failure may fail the request
-            return self._fall_back(prompt, BACKEND_ERROR, f"{type(exc).__name__}: {_first_line(exc)}")
+            return self._fall_back(prompt, BACKEND_ERROR, f"{type(exc).__name__}: {first_line(exc)[:200]}")
         caption = clean_answer(answer if isinstance(answer, str) else "")
         quotes = quoted_strings(prompt)
         if not caption:
@@ -316,11 +323,6 @@ class PromptEnhancer:
             prompt[:80],
         )
         return Enhancement(prompt=prompt, revised_prompt=None, fallback=reason)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else "no message"
 
 
 class ChatBackend:

@@ -67,7 +67,8 @@ def causal_lm_over(text_encoder: torch.nn.Module) -> Qwen3ForCausalLM:
 
 
 # New tokens per turn on the model thread: between turns, image calls queued meanwhile run, so a
-# long expansion never holds up requests that asked for none (about 16 x 10-25 ms at full size).
+# long expansion never holds up requests that asked for none (at full size a turn is 16 tokens at
+# the decode rate; not measured here: no GPU was lent).
 CHUNK_TOKENS = 16
 
 
@@ -79,6 +80,9 @@ class Answer:
     max_new_tokens: int
     seed: int | None
     pipeline: object = None  # the pipeline it is written with; a sleep and wake replace it: start over
+    model: object = None  # causal_lm_over that pipeline's encoder (kept with it: no second copy)
+    config: GenerationConfig | None = None
+    devices: list = field(default_factory=list)  # the CUDA device whose RNG sampling draws from, if any
     prompt_length: int = 0
     tokens: torch.Tensor | None = None  # prompt and answer so far, (1, length)
     cache: object = None  # the KV cache of every token but the last
@@ -103,8 +107,9 @@ class ResidentLanguageModel:
         self.chunk_tokens = chunk_tokens
 
     def stop_token_ids(self, tokenizer) -> list[int]:
-        vocab = tokenizer.get_vocab()
-        ids = {vocab[token] for token in STOP_TOKENS if token in vocab}
+        ids = {i for i in tokenizer.convert_tokens_to_ids(list(STOP_TOKENS)) if i is not None}
+        if tokenizer.unk_token_id is not None:  # a tokenizer without these tokens maps them to unk
+            ids.discard(tokenizer.unk_token_id)
         if tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
         return sorted(ids)
@@ -141,16 +146,10 @@ class ResidentLanguageModel:
         if not runner.resident:
             runner.wake()
         with runner.lock:
-            pipeline = runner.pipeline
-            tokenizer = pipeline.tokenizer
-            if answer.pipeline is not pipeline:  # first turn, or the model slept and woke since
-                self._begin(answer, pipeline)
-            # Built each turn (about 30 ms at full size, on the meta device) rather than kept: a
-            # kept wrapper would hold the encoder alive while the model sleeps.
-            model = causal_lm_over(pipeline.text_encoder)
+            if answer.pipeline is not runner.pipeline:  # first turn, or the model slept and woke since
+                self._begin(answer, runner.pipeline)
             budget = min(self.chunk_tokens, answer.max_new_tokens - answer.written)
-            config = self.generation_config(tokenizer, budget, answer.seed)
-            devices = [answer.tokens.device] if answer.tokens.device.type == "cuda" else []
+            devices = answer.devices
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 if answer.seed is not None:
                     torch.set_rng_state(answer.rng["cpu"])
@@ -158,19 +157,20 @@ class ResidentLanguageModel:
                         torch.cuda.set_rng_state(answer.rng["cuda"], devices[0])
                 # Offload hooks run as for prompt encoding: Qwen3ForCausalLM calls `self.model(...)`,
                 # which is the hooked encoder itself, so each step onloads it as `_encode_prompt` does.
-                output = model.generate(
+                output = answer.model.generate(
                     input_ids=answer.tokens,
                     attention_mask=torch.ones_like(answer.tokens),
                     cache=answer.cache,
-                    generation_config=config,
+                    generation_config=answer.config,
+                    max_new_tokens=budget,
                 )
                 if answer.seed is not None:
                     answer.rng = {"cpu": torch.get_rng_state()}
                     if devices:
                         answer.rng["cuda"] = torch.cuda.get_rng_state(devices[0])
         new = output.sequences.shape[1] - answer.tokens.shape[1]
-        answer.tokens, answer.cache = output.sequences, output.past_key_values
-        stopped = new < budget or int(answer.tokens[0, -1]) in config.eos_token_id
+        answer.tokens, answer.cache = output.sequences, output.cache
+        stopped = new < budget or int(answer.tokens[0, -1]) in answer.config.eos_token_id
         answer.done = stopped or answer.written >= answer.max_new_tokens
         return answer
 
@@ -181,13 +181,17 @@ class ResidentLanguageModel:
         )
         answer.tokens = tokenizer(text, return_tensors="pt")["input_ids"].to(self.runner.execution_device)
         answer.prompt_length = answer.tokens.shape[1]
-        answer.pipeline, answer.cache = pipeline, None
+        # Kept with the answer, like the pipeline it wraps (the answer ends before a sleep could
+        # need the encoder gone: the idle watch waits for it).
+        answer.pipeline, answer.model, answer.cache = pipeline, causal_lm_over(pipeline.text_encoder), None
+        answer.config = self.generation_config(tokenizer, answer.max_new_tokens, answer.seed)
+        answer.devices = [answer.tokens.device] if answer.tokens.device.type == "cuda" else []
         if answer.seed is not None:
-            with torch.random.fork_rng(devices=[answer.tokens.device] if answer.tokens.device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=answer.devices):
                 torch.manual_seed(answer.seed)
                 answer.rng = {"cpu": torch.get_rng_state()}
-                if answer.tokens.device.type == "cuda":
-                    answer.rng["cuda"] = torch.cuda.get_rng_state(answer.tokens.device)
+                if answer.devices:
+                    answer.rng["cuda"] = torch.cuda.get_rng_state(answer.devices[0])
 
     def text(self, answer: Answer) -> str:
         """The answer written so far, special tokens left out."""

@@ -18,7 +18,6 @@ JPEG or WebP happens elsewhere, in the encoding pool, while the next call runs.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import threading
 import time
@@ -44,9 +43,9 @@ from .model_layout import verify_model_dir
 from .model_thread import on_model_thread
 from .prompt_cache import PromptEmbeddingCache
 from .settings import Settings, SettingsError
-from .hires import LATENT_MODES
-from .upscalers import Upscalers
-from .specs import CallParams, GenerationCancelled, GenerationSpec, HiresParams, ImageRow
+from .hires import LATENT_MODES, fit_to_output
+from .upscalers import Upscalers, free_device_memory
+from .specs import CallParams, GenerationCancelled, GenerationSpec, ImageRow
 from .variants import VARIANTS, Variant
 
 log = logging.getLogger("zimage_server.runner")
@@ -128,17 +127,6 @@ def vary(embedding: torch.Tensor, seed: int, strength: float) -> torch.Tensor:
     noise = torch.randn(embedding.shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
     scale = strength * embedding.float().std()
     return (embedding.float() + noise.to(embedding.device) * scale).to(embedding.dtype)
-
-
-def fit_to_output(image: Image.Image, hires: HiresParams) -> Image.Image:
-    """A hires result at A1111's exact size: resized to the cover size when the run (multiples of
-    16) differs from it, then cropped as A1111 crops its latents."""
-    if image.size != (hires.cover_width, hires.cover_height):
-        image = image.resize((hires.cover_width, hires.cover_height), Image.Resampling.LANCZOS)
-    if image.size != (hires.output_width, hires.output_height):
-        left, top = hires.crop_left, hires.crop_top
-        image = image.crop((left, top, left + hires.output_width, top + hires.output_height))
-    return image
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
@@ -294,22 +282,16 @@ class ModelRunner:
             # A latent hires fix takes the first pass's latents as they are: no VAE round trip.
             output_type = "latent" if hires is not None and hires.upscaler in LATENT_MODES else "pt"
             first = self.mode_pipelines[params.mode]
-            with self.acceleration.attention.applied(needs_mask):
-                output = first(
-                    **prompts,
-                    **self._image_inputs(params, rows),
-                    generator=self._generators(rows),
-                    width=params.width,
-                    height=params.height,
-                    num_inference_steps=params.num_inference_steps,
-                    guidance_scale=params.guidance_scale,
-                    cfg_normalization=params.cfg_normalization,
-                    cfg_truncation=params.cfg_truncation,
-                    max_sequence_length=params.max_sequence_length,
-                    output_type=output_type,
-                    callback_on_step_end=self._step_callback(rows, steps_after=hires.steps if hires else 0),
-                )
-            pixels = output.images
+            pixels = self._denoise(
+                first, params, rows, prompts, needs_mask,
+                **self._image_inputs(params, rows),
+                width=params.width,
+                height=params.height,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                output_type=output_type,
+                callback_on_step_end=self._step_callback(rows, steps_after=hires.steps if hires else 0),
+            )  # fmt: skip
             if hires is not None:
                 pixels = self._hires_pass(params, rows, pixels, steps_before=first.num_timesteps)
         images = to_images(pixels)
@@ -319,9 +301,18 @@ class ModelRunner:
             images = self.faults.after_call([row.prompt for row in rows], images)
         return images
 
-    @staticmethod
-    def _generators(rows: Sequence[ImageRow]) -> list[torch.Generator]:
-        return [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
+    def _denoise(self, pipeline, params: CallParams, rows: Sequence[ImageRow], prompts: dict, needs_mask: bool, **call):
+        """One pipeline pass over the rows: their prompts, a fresh CPU generator per row seeded
+        with its seed, the call's CFG settings, under the attention plan; its `.images`."""
+        with self.acceleration.attention.applied(needs_mask):
+            return pipeline(
+                **prompts,
+                generator=[torch.Generator("cpu").manual_seed(row.seed) for row in rows],
+                cfg_normalization=params.cfg_normalization,
+                cfg_truncation=params.cfg_truncation,
+                max_sequence_length=params.max_sequence_length,
+                **call,
+            ).images
 
     def _hires_pass(self, params: CallParams, rows: Sequence[ImageRow], first, steps_before: int) -> torch.Tensor:
         """The hires fix's second pass, under the lock `run_call` holds: the first pass's output
@@ -333,28 +324,24 @@ class ModelRunner:
             size = (hires.height // self.pipeline.vae_scale_factor, hires.width // self.pipeline.vae_scale_factor)
             start = torch.nn.functional.interpolate(first, size=size, mode=mode, antialias=antialias)
         else:
-            start = [self._upscale(image, hires.upscaler, hires.width, hires.height) for image in to_images(first)]
+            # Under the lock this call holds already (threading.Lock is not reentrant).
+            upscale = self.upscalers.upscale_to
+            start = [upscale(image, hires.upscaler, hires.width, hires.height, lock_held=True) for image in to_images(first)]
         prompts, needs_mask = self._prompt_inputs(
             params, rows, [row.hires_prompt for row in rows], [row.hires_negative_prompt for row in rows],
             guidance_scale=hires.guidance_scale,
         )  # fmt: skip
-        with self.acceleration.attention.applied(needs_mask):
-            output = self.hires_pipeline(
-                **prompts,
-                image=start,
-                strength=hires.strength,
-                generator=self._generators(rows),
-                width=hires.width,
-                height=hires.height,
-                num_inference_steps=hires.schedule_length,
-                guidance_scale=hires.guidance_scale,
-                cfg_normalization=params.cfg_normalization,
-                cfg_truncation=params.cfg_truncation,
-                max_sequence_length=params.max_sequence_length,
-                output_type="pt",
-                callback_on_step_end=self._step_callback(rows, steps_before=steps_before),
-            )
-        return output.images
+        return self._denoise(
+            self.hires_pipeline, params, rows, prompts, needs_mask,
+            image=start,
+            strength=hires.strength,
+            width=hires.width,
+            height=hires.height,
+            num_inference_steps=hires.schedule_length,
+            guidance_scale=hires.guidance_scale,
+            output_type="pt",
+            callback_on_step_end=self._step_callback(rows, steps_before=steps_before),
+        )  # fmt: skip
 
     @property
     def hires_pipeline(self):
@@ -367,10 +354,6 @@ class ModelRunner:
             pipeline.image_processor.register_to_config(vae_latent_channels=self.pipeline.vae.config.latent_channels)
             self.mode_pipelines["hires"] = pipeline
         return pipeline
-
-    def _upscale(self, image: Image.Image, upscaler: str, width: int, height: int) -> Image.Image:
-        """A decoded image to width x height with a plain resize or an upscaler model. Under the lock."""
-        return self.upscalers.upscale_to(image, upscaler, width, height, lock_held=True)
 
     @staticmethod
     def _image_inputs(params: CallParams, rows: Sequence[ImageRow]) -> dict:
@@ -471,9 +454,7 @@ class ModelRunner:
     @on_model_thread
     def free_memory(self) -> None:
         """Drop garbage and, on CUDA, the allocator's cached blocks, after running out of memory."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(self.device)
 
     def memory_stats(self) -> dict[str, int] | None:
         """GPU memory in bytes (in use by tensors, reserved by the allocator, peak in use); None off CUDA."""

@@ -31,7 +31,6 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -43,11 +42,10 @@ import numpy as np
 import torch
 from PIL import Image
 from spandrel import MAIN_REGISTRY, ArchRegistry, ImageModelDescriptor, ModelLoader, UnsupportedModelError
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from .hires import UnknownUpscaler, UpscalerError, UpscalerFileError, UpscaleTooLarge
+from .hires import PIXEL_RESIZES, UnknownUpscaler, UpscalerError, UpscalerFileError, UpscaleTooLarge
 from .logs import first_line
+from .memory_sim import DeviceMemoryTracker
 from .lora_library import file_identity
 from .model_thread import on_model_thread
 
@@ -57,11 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("zimage_server.upscalers")
 
 SUFFIXES = (".safetensors", ".pth")
-BUILTIN_RESIZES = {
-    "None": Image.Resampling.LANCZOS,
-    "Lanczos": Image.Resampling.LANCZOS,
-    "Nearest": Image.Resampling.NEAREST,
-}
 MAX_PASSES = 3  # A1111's Upscaler.upscale: a 2x model reaches at most 8x
 DEFAULT_TILE = 512  # ComfyUI's ImageUpscaleWithModel
 DEFAULT_OVERLAP = 32
@@ -196,31 +189,6 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class _LiveStorageTracker(TorchDispatchMode):
-    """Live and peak bytes of the meta tensors ops create: what a run allocates, without running it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: weakref.WeakSet = weakref.WeakSet()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
-                storage = tensor.untyped_storage()
-                if storage not in self._seen:
-                    self._seen.add(storage)
-                    size = -(-storage.nbytes() // 512) * 512  # the CUDA caching allocator's block size
-                    self.live += size
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._release, size)
-        return out
-
-    def _release(self, size: int) -> None:
-        self.live -= size
-
-
 def tile_activation_bytes(
     model: ImageModelDescriptor, tile: int = DEFAULT_TILE, dtype: torch.dtype = torch.bfloat16
 ) -> int:
@@ -228,7 +196,7 @@ def tile_activation_bytes(
     activations, the float32 conversion of its output), simulated on the meta device. Moves
     `model` to the meta device: pass one read for this alone."""
     model.model.to(device="meta", dtype=dtype)
-    tracker = _LiveStorageTracker()
+    tracker = DeviceMemoryTracker("meta")
     with torch.inference_mode(), tracker:
         tile_input = torch.empty(1, 3, tile, tile, device="meta", dtype=dtype)
         tensor_to_pixels(model(tile_input))
@@ -312,18 +280,18 @@ class Upscalers:
                 continue
             if not path.resolve().is_relative_to(root):  # a symlink out of the folder is not the folder's
                 continue
-            if path.stem in BUILTIN_RESIZES:
+            if path.stem in PIXEL_RESIZES:
                 continue
             if path.stem not in found or path.suffix.lower() == ".safetensors":
                 found[path.stem] = path
         return dict(sorted(found.items()))
 
     def names(self) -> list[str]:
-        return [*BUILTIN_RESIZES, *self.files()]
+        return [*PIXEL_RESIZES, *self.files()]
 
     def exists(self, name: str) -> bool:
         """Whether `name` is a built-in or a file in the folder (cheap: no file is read)."""
-        return name in BUILTIN_RESIZES or name in self.files()
+        return name in PIXEL_RESIZES or name in self.files()
 
     def _path(self, name: str) -> Path:
         path = self.files().get(name)
@@ -335,7 +303,7 @@ class Upscalers:
 
     def card(self, name: str) -> UpscalerCard:
         """The card of a built-in or a file; reads the file the first time (or after it changed)."""
-        if name in BUILTIN_RESIZES:
+        if name in PIXEL_RESIZES:
             return UpscalerCard(name)
         path = self._path(name)
         key = file_identity(path)
@@ -480,8 +448,8 @@ class Upscalers:
         self, image: Image.Image, upscaler: str, width: int, height: int, lock_held: bool, at_least_once: bool
     ) -> Image.Image:
         """`image` to exactly width x height with `upscaler` (a built-in resize or a model)."""
-        if upscaler in BUILTIN_RESIZES:
-            return image.resize((width, height), BUILTIN_RESIZES[upscaler])
+        if upscaler in PIXEL_RESIZES:
+            return image.resize((width, height), PIXEL_RESIZES[upscaler])
         self._path(upscaler)  # an unknown name fails before any work
         if at_least_once or width > image.width or height > image.height:
             with self._holding_lock(lock_held):
@@ -529,7 +497,7 @@ class Upscalers:
         first = None if upscaler_1 in (None, "None") else upscaler_1
         second = None if upscaler_2 in (None, "None") else upscaler_2
         for name in (first, second):  # A1111 checks both names before any work
-            if name is not None and name not in BUILTIN_RESIZES:
+            if name is not None and name not in PIXEL_RESIZES:
                 self._path(name)
         if not 0.0 <= extras_upscaler_2_visibility <= 1.0:
             raise UpscalerError(f"extras_upscaler_2_visibility {extras_upscaler_2_visibility} is outside 0..1")
@@ -561,7 +529,7 @@ class Upscalers:
             return result
 
         # Plain resizes leave the device alone; a model's passes share it with the pipeline.
-        models = [name for name in (first, second) if name is not None and name not in BUILTIN_RESIZES]
+        models = [name for name in (first, second) if name is not None and name not in PIXEL_RESIZES]
         with self._holding_lock(lock_held or not models):
             result = upscaled(first)
             if second is not None and extras_upscaler_2_visibility > 0:

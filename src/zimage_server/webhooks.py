@@ -285,15 +285,9 @@ class WebhookSender:
         self._ssl_context = ssl_context
         self._max_concurrent = max_concurrent
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
-        self._tasks: set[asyncio.Task[bool]] = set()
 
     def __repr__(self) -> str:
-        return f"WebhookSender(allow={self.allow!r}, pending={len(self._tasks)})"
-
-    @property
-    def pending(self) -> int:
-        """Background deliveries not finished yet."""
-        return len(self._tasks)
+        return f"WebhookSender(allow={self.allow!r})"
 
     def _attempt_slots(self) -> asyncio.Semaphore:
         """Caps attempts in flight (waits between attempts hold none); one semaphore per event loop."""
@@ -334,29 +328,6 @@ class WebhookSender:
         or the URL is refused now (False, logged). `event_id` is the webhook-id of every attempt."""
         self._check_event_id(event_id)
         return await self._deliver(url, self.body(event_type, payload), event_id)
-
-    def send_in_background(
-        self, url: str, event_type: str, payload: Mapping[str, Any], event_id: str
-    ) -> asyncio.Task[bool]:
-        """`deliver` as a task that `drain` waits for; the payload is serialized now (errors raise here)."""
-        self._check_event_id(event_id)
-        task = asyncio.get_running_loop().create_task(
-            self._deliver(url, self.body(event_type, payload), event_id), name=f"webhook {event_id}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def drain(self, timeout_s: float) -> None:
-        """Wait up to timeout_s for background deliveries, then cancel what is left (logged)."""
-        tasks = set(self._tasks)
-        if tasks:
-            _done, left = await asyncio.wait(tasks, timeout=timeout_s)
-            if left:
-                log.warning("%d webhook deliveries unfinished after %g s at shutdown; abandoned", len(left), timeout_s)
-                for task in left:
-                    task.cancel()
-                await asyncio.gather(*left, return_exceptions=True)
 
     async def _deliver(self, url: str, body: str, event_id: str) -> bool:
         shown = _shown(url)

@@ -83,8 +83,8 @@ async def start_serving(server: ServerState) -> None:
     server.batcher = batcher
     # The resident enhancer's turns are model work the batcher does not see: the model must not
     # sleep between them.
-    idle_sources = [batcher] + ([server.enhancer.backend] if hasattr(server.enhancer, "backend") and
-                                hasattr(server.enhancer.backend, "idle_for") else [])  # fmt: skip
+    backend = getattr(server.enhancer, "backend", None)
+    idle_sources = [batcher] + ([backend] if hasattr(backend, "idle_for") else [])
     if settings.idle_unload_s > 0:
         server.idle_watch = asyncio.create_task(
             unload_when_idle(AllIdle(*idle_sources), server.runner, settings.idle_unload_s, model_thread().run),

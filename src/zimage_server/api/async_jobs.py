@@ -31,7 +31,7 @@ from ..specs import GenerationSpec
 from .errors import ApiError
 from .guards import RETRY_AFTER_S
 from .jobs import submit_job
-from .links import image_link
+from .links import configured_base, image_link
 from .responses import Origin, OutputOptions, encode_for_response, keep_images, origin_of
 from .state import ServerState
 
@@ -198,7 +198,7 @@ async def result_data(server: ServerState, job: JobRecord, request: Request | No
                 item["url"], item["expires_at"] = image_link(request, server, record)
             else:  # a webhook: no request to take the host from
                 query, item["expires_at"] = server.signer.sign(record.id)
-                item["url"] = f"{base_without_request(server)}/v1/images/{record.id}/content?{query}"
+                item["url"] = f"{configured_base(server)}/v1/images/{record.id}/content?{query}"
             if want_b64:
                 try:
                     blob = await server.gallery.read(record)
@@ -207,12 +207,6 @@ async def result_data(server: ServerState, job: JobRecord, request: Request | No
                 item["b64_json"] = base64.b64encode(blob).decode() if blob is not None else None
         items.append(item)
     return {"data": items, "output_format": result.get("output_format"), "size": result.get("size")}
-
-
-def base_without_request(server: ServerState) -> str:
-    """Where links in webhooks point: Z_IMAGE_PUBLIC_URL (set it when webhooks go off this host)."""
-    settings = server.settings
-    return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
 
 
 class JobRunner:

@@ -6,7 +6,7 @@ from litestar import Request, get, post
 from litestar.datastructures import State
 
 from ..index import UnknownCursor
-from ..job_queue import JobRecord, is_job_id
+from ..job_queue import CANCELLED, QUEUED, JobRecord, is_job_id
 from .async_jobs import job_object, job_queue_of
 from .auth import principal_of
 from .errors import ApiError, not_found
@@ -52,10 +52,10 @@ async def cancel_job(request: Request, state: State, job_id: str) -> dict:
     server = server_state(state)
     job = await visible_job(request, server, job_id)
     if not job.finished:
-        was_queued = job.status == "queued"
+        was_queued = job.status == QUEUED
         job = await job_queue_of(server).cancel(job.id) or job
         server.job_runner.cancel_local(job.id)
-        if was_queued and job.status == "cancelled":  # ended here: nobody else will say so
+        if was_queued and job.status == CANCELLED:  # ended here: nobody else will say so
             await server.job_runner.ended(job.id)
     return await job_object(server, job, request)
 

@@ -43,6 +43,13 @@ def forwarded(request: Request, name: str) -> str | None:
     return value.split(",")[0].strip() if value else None
 
 
+def configured_base(server: ServerState) -> str:
+    """The base URL without a request to take it from (webhooks, MCP's own-host check):
+    Z_IMAGE_PUBLIC_URL, else the address the server listens on."""
+    settings = server.settings
+    return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+
+
 def public_base(request: Request, server: ServerState) -> str:
     """scheme://host[/prefix] of this server as the client reached it."""
     settings = server.settings

@@ -42,7 +42,9 @@ from .edits import prepare_edit_request
 from .auth import authenticate
 from .errors import ApiError
 from .jobs import submit_job
-from .prompts import MAX_ENHANCE_PROMPT_CHARS, enhancer_of
+from .links import configured_base
+from ..prompt_enhancer import MAX_PROMPT_CHARS as MAX_ENHANCE_PROMPT_CHARS
+from .prompts import enhancer_of
 from .responses import Origin, OutputOptions, encode_for_response
 from .routes import prepare_generation
 from .schemas import MAX_PROMPT_CHARS, GenerationRequest
@@ -283,7 +285,7 @@ class ImageTools:
         stored = LINK_PATTERN.search(parts.path) if parts.scheme in ("http", "https") else None
         image_id = stored.group(1) if stored else (reference if re.fullmatch(r"img_[0-9a-f]{32}", reference) else None)
         if image_id is not None:
-            own_host = parts.hostname in (None, "") or parts.netloc == urlsplit(self.base_url_any()).netloc
+            own_host = parts.hostname in (None, "") or parts.netloc == urlsplit(configured_base(self.server)).netloc
             if stored is None or own_host or parts.hostname in ("127.0.0.1", "localhost", self.server.settings.host):
                 record = await gallery.get(principal, image_id) if gallery is not None else None
                 blob = await gallery.read(record) if record is not None else None
@@ -299,10 +301,6 @@ class ImageTools:
         if len(blob) > self.server.settings.max_upload_bytes:
             raise ToolFailure(f"{name}: the image is larger than {self.server.settings.max_upload_bytes} bytes.")
         return blob
-
-    def base_url_any(self) -> str:
-        settings = self.server.settings
-        return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
 
     async def fetch(self, url: str, name: str) -> bytes:
         parts = urlsplit(url)

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from litestar import post
 from litestar.datastructures import State
 from msgspec import Meta
 
-from ..prompt_enhancer import ChatBackend, PromptEnhancer, ResidentBackend, prompt_token_counter
+from ..prompt_enhancer import MAX_PROMPT_CHARS, ChatBackend, PromptEnhancer, ResidentBackend, prompt_token_counter
 from ..settings import Settings
 from ..specs import GenerationSpec
 from .errors import ApiError
 from .guards import require_json, require_ready
-from .schemas import MAX_SEED
+from .schemas import MAX_SEED, EnhanceField
 from .state import ServerState, server_state
 
-EnhanceMode = bool | Literal["per_image"]  # schemas.EnhanceField
-# Short prompts are what the enhancer is for; a long one needs no expansion and would not fit.
-MAX_ENHANCE_PROMPT_CHARS = 8_000
 
 
 def build_enhancer(settings: Settings, runner) -> PromptEnhancer | None:
@@ -51,8 +48,6 @@ def build_enhancer(settings: Settings, runner) -> PromptEnhancer | None:
         timeout_s=settings.enhance_timeout_s,
         # Counted against what the pipeline encodes (chat template included) and where it cuts.
         count_tokens=prompt_token_counter(runner.pipeline.tokenizer),
-        max_prompt_tokens=512,
-        max_prompt_chars=MAX_ENHANCE_PROMPT_CHARS,
         # The resident model writes one answer at a time (one KV cache, as the memory plan counts;
         # its turns share one thread anyway); a chat endpoint takes a few at once.
         concurrent=1 if settings.prompt_enhancer == "resident" else 4,
@@ -68,7 +63,7 @@ def enhancer_of(server: ServerState, param: str) -> PromptEnhancer:
 
 
 async def enhanced(
-    server: ServerState, spec: GenerationSpec, mode: EnhanceMode | None, param: str = "enhance_prompt"
+    server: ServerState, spec: GenerationSpec, mode: EnhanceField | None, param: str = "enhance_prompt"
 ) -> GenerationSpec:
     """The spec with its prompt expanded as `mode` asks (None: the server's default), for every
     dialect's route and for async jobs alike; unchanged when enhancement is not asked for."""
@@ -92,7 +87,7 @@ async def enhanced(
 
 
 class EnhanceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_ENHANCE_PROMPT_CHARS)]
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)]
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED, description="Sample with this seed; none: greedy.")] | None = None
     language: Annotated[str, Meta(max_length=64, description="Answer in this language; none: the prompt's.")] | None = None
 

@@ -205,17 +205,27 @@ def check_hires_fields(data: Txt2ImgRequest) -> None:
         raise ApiError(400, "Give both firstphase_width and firstphase_height, or neither.", param=missing)
 
 
+def hires_on(data: Txt2ImgRequest) -> bool:
+    """Whether the request asks for txt2img's hires fix (img2img ignores enable_hr, as A1111's does)."""
+    return bool(data.enable_hr) and not isinstance(data, Img2ImgRequest)
+
+
+def a1111_strength(data: Txt2ImgRequest) -> float:
+    """denoising_strength, null read as A1111's default."""
+    return A1111_DENOISING_STRENGTH if data.denoising_strength is None else data.denoising_strength
+
+
 def first_pass_size(data: Txt2ImgRequest) -> tuple[int, int]:
     """The (first pass's) size as sent: width x height, or with the legacy firstphase fields those."""
-    if data.enable_hr and not isinstance(data, Img2ImgRequest):  # txt2img's fix; img2img ignores it, as A1111's
-        check_hires_fields(data)
-        if data.firstphase_width:
-            return data.firstphase_width, data.firstphase_height
+    if hires_on(data) and data.firstphase_width:
+        return data.firstphase_width, data.firstphase_height
     return data.width, data.height
 
 
 def model_size(data: Txt2ImgRequest) -> str:
     """The size for the model, "WxH": multiples of 8 snapped down to 16; anything else is refused."""
+    if hires_on(data):  # before its fields are read
+        check_hires_fields(data)
     width, height = first_pass_size(data)
     for name, side in (("width", width), ("height", height)):
         if side % A1111_SIZE_STEP:
@@ -268,7 +278,7 @@ def openai_request(
 
 def prepare_img2img(data: Img2ImgRequest, server: ServerState) -> GenerationSpec:
     """Decode and check the images as /v1/images/edits does, build the spec. Runs in a worker thread."""
-    strength = A1111_DENOISING_STRENGTH if data.denoising_strength is None else data.denoising_strength
+    strength = a1111_strength(data)
     edit = openai_request(data, server, EditRequest, strength=strength)
     # An empty mask is no mask, as A1111 reads it.
     mode = edit_mode(server, len(data.init_images), bool(data.mask), A1111_UPLOADS)
@@ -451,7 +461,7 @@ def a1111_hires(data: Txt2ImgRequest, spec: GenerationSpec, server: ServerState)
         target,
         upscaler=upscaler,
         steps=(data.hr_second_pass_steps if honour_client else 0) or params.num_inference_steps,
-        strength=A1111_DENOISING_STRENGTH if data.denoising_strength is None else data.denoising_strength,
+        strength=a1111_strength(data),
         guidance_scale=data.hr_cfg if honour_client and data.hr_cfg is not None else params.guidance_scale,
         param="enable_hr",
         params={

@@ -262,7 +262,7 @@ async function enhancePrompt() {
   button.disabled = true;
   status.textContent = 'Enhancing…';
   try {
-    const response = await request('/v1/prompts/enhance', {
+    const response = await request('v1/prompts/enhance', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({ prompt: box.value }),
