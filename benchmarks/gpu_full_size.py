@@ -246,7 +246,8 @@ class Bench:
 
                     self.clock.sync()
                     began = time.perf_counter()
-                    with runner.acceleration.attention.applied(False):
+                    # In inference mode, as the server's calls run (`ModelRunner.run_call`).
+                    with runner.acceleration.attention.applied(False), torch.inference_mode():
                         runner.pipeline(
                             prompt_embeds=[embedding],
                             width=size,
@@ -407,7 +408,9 @@ class Bench:
 
         def direct(tag: str) -> float:
             samples: list[float] = []
-            with self.clock.timed(samples):
+            # In inference mode, as the server's calls run: compiled blocks called in both modes
+            # would compile again for this one and run into dynamo's recompile limit.
+            with self.clock.timed(samples), torch.inference_mode():
                 runner.pipeline(
                     prompt(tag),
                     width=size,

@@ -163,3 +163,26 @@ def test_quantized_weights_count_at_the_memory_models_bytes_per_weight_and_row(k
     quantize_(layers, torchao_config(kind))
     # The quantized tensors report their logical dtype's two bytes a weight; the inner tensors are what they hold.
     assert module_bytes(layers) == WEIGHT_FORMATS[kind].weight_bytes(2 * 256 * 512, 512 + 256)
+
+
+@pytest.mark.parametrize("mode", ["none", "text_encoder", "model"])
+def test_placement_answers_are_pinned_to_what_diffusers_walks_to(settings, mode):
+    """Every pipeline the runner holds answers its execution device, and each model its dtype,
+    as diffusers' own walk over the submodules does, without walking: a hook added afterwards
+    (which would change the walk's answer) is not looked for."""
+    from diffusers import DiffusionPipeline, ModelMixin, ZImagePipeline
+
+    from zimage_server.runner import load_runner
+
+    runner = load_runner(settings.replace(offload=mode, variant="turbo"))
+    pipelines = {id(p): p for p in [*runner.mode_pipelines.values(), runner.hires_pipeline]}.values()
+    assert len(pipelines) == 4  # text-to-image; img2img and inpaint for edits; img2img for the hires fix
+    for pipeline in pipelines:
+        assert isinstance(pipeline, DiffusionPipeline) and type(pipeline).__name__ == type(pipeline).__mro__[1].__name__
+        walked = DiffusionPipeline._execution_device.fget(pipeline)
+        assert pipeline._execution_device == walked == runner.execution_device
+        for model in (pipeline.transformer, pipeline.vae):
+            assert model.dtype == ModelMixin.dtype.fget(model) == torch.float32
+    assert type(runner.pipeline).__mro__[1] is ZImagePipeline
+    runner.pipeline.vae.__dict__["_pinned"]["dtype"] = torch.float16  # what the walk would never say
+    assert runner.pipeline.vae.dtype == torch.float16 != ModelMixin.dtype.fget(runner.pipeline.vae)

@@ -63,6 +63,10 @@ def test_an_async_generation_is_accepted_then_succeeds_with_its_synchronous_twin
             from_link = client.get(item["url"]).content
             assert from_link == base64.b64decode(item["b64_json"])
             assert np.array_equal(pixels(from_link), pixels(base64.b64decode(sync["b64_json"])))
+        # The list links the same images without their bytes.
+        [listed] = [j for j in client.get("/v1/images/jobs").json()["data"] if j["id"] == job["id"]]
+        assert [item["id"] for item in listed["data"]] == [item["id"] for item in done["data"]]
+        assert all(item["url"] and "b64_json" not in item for item in listed["data"])
         # As the synchronous answer: b64_json by default, links only with response_format=url.
         assert "b64_json" in finished(client, client.post(GEN, json=SMALL, headers=ASYNC).json()["id"])["data"][0]
         url_only = client.post(GEN, json=SMALL | {"response_format": "url"}, headers=ASYNC).json()["id"]
@@ -314,3 +318,44 @@ def test_finished_jobs_rows_go_after_the_stores_max_age_and_waiting_ones_stay(tm
         await index.close()
 
     asyncio.run(scenario())
+
+
+def test_jobs_answer_for_themselves_while_a_replica_loads_its_model(settings, runner, tmp_path):
+    """A replica still loading (here: fetching) its model shares the queue: it shows a running
+    job's progress from the row, and cancels a queued one, without taking either."""
+    import asyncio
+    import threading
+
+    from litestar.testing import TestClient
+
+    from zimage_server.api import create_app
+
+    release = threading.Event()
+
+    async def fetch(_settings) -> None:  # a download that finishes when the test says so
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+
+    shared = settings.replace(store=str(tmp_path / "out"))
+    with serving(shared, runner) as serving_replica:
+        runner.lock.acquire()  # the GPU is busy: one job runs, the next waits
+        try:
+            running = serving_replica.post(GEN, json=SMALL | {"size": "128x64"}, headers=ASYNC).json()["id"]
+            wait_for(lambda: serving_replica.get(f"/v1/images/jobs/{running}").json()["status"] == "running")
+            serving_replica.app.state.server.job_runner.pause()  # it takes no more: the next stays queued
+            queued = serving_replica.post(GEN, json=SMALL, headers=ASYNC).json()["id"]
+            loading = create_app(shared, runner, fetch_model=fetch)
+            with TestClient(loading, raise_server_exceptions=False) as client:
+                assert client.get("/ready").status_code == 503
+                seen = client.get(f"/v1/images/jobs/{running}")
+                assert seen.status_code == 200 and seen.json()["status"] == "running", seen.text
+                assert seen.json()["progress"] == {"step": 0, "total": 0}  # the row's: nobody here runs it
+                cancelled = client.post(f"/v1/images/jobs/{queued}/cancel")
+                assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+                listed = client.get("/v1/images/jobs")
+                assert listed.status_code == 200 and {job["id"] for job in listed.json()["data"]} == {running, queued}
+                release.set()
+        finally:
+            runner.lock.release()
+        assert finished(serving_replica, running)["status"] == "succeeded"
+        assert serving_replica.get(f"/v1/images/jobs/{queued}").json()["status"] == "cancelled"

@@ -68,6 +68,24 @@ def test_the_upscaler_list_has_the_builtins_and_the_usable_models(client, folder
     assert not (folder / "pwned").exists()
 
 
+def test_a_known_upscaler_list_answers_while_the_model_thread_is_busy(client, folder):
+    import threading
+
+    from zimage_server.model_thread import model_thread
+
+    first = client.get("/sdapi/v1/upscalers").json()  # reads every file once
+    busy, release = threading.Event(), threading.Event()
+    held = model_thread().submit(lambda: (busy.set(), release.wait(30)))
+    try:
+        assert busy.wait(10)
+        answered = client.get("/sdapi/v1/upscalers").json()
+        assert not held.done()  # answered while the model's thread was still busy, not after
+        assert answered == first
+    finally:
+        release.set()
+        held.result(timeout=30)
+
+
 def test_extra_single_image_equals_spandrels_call(client, folder):
     source = picture(48, 40)
     body = {"image": b64(source), "upscaler_1": "esrgan-2x", "resize_mode": 0, "upscaling_resize": 2}

@@ -12,6 +12,7 @@ sizes through the memory model (`choose_offload`, memory_plan.py), so it is unit
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -142,6 +143,38 @@ def place_pipeline(pipeline, device: torch.device, mode: str) -> None:
         num_blocks_per_group=1,
         use_stream=streams,
     )
+
+
+def pin_placement(pipeline) -> torch.device:
+    """Answer diffusers' placement questions once, from where the pipeline was placed; returns
+    its execution device.
+
+    A pipeline asks for its execution device once a call and for its transformer's dtype once a
+    step, and diffusers answers both by walking every submodule for offload and casting hooks:
+    15 ms of Python an 8-step call of the full-size model on our CPU, and 10% of a 64x64 image
+    on the tiny one (docs/benchmarks.md, benchmark 8). Placement is fixed once the runner holds
+    a pipeline (a sleep drops it, a wake places a new one), so the pipeline and each of its
+    models get a subclass of their own class whose properties return what the walk returned here."""
+    device = pipeline._execution_device
+    _pin(pipeline, _execution_device=device)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module) and isinstance(getattr(type(component), "dtype", None), property):
+            _pin(component, dtype=component.dtype)
+    return device
+
+
+def _pin(obj, **answers) -> None:
+    if "_pinned" not in obj.__dict__:
+        obj.__class__ = _pinned_class(type(obj), tuple(sorted(answers)))
+    obj.__dict__["_pinned"] = answers  # the instance dict: nn.Module's __setattr__ has no say
+
+
+@functools.cache
+def _pinned_class(cls: type, names: tuple[str, ...]) -> type:
+    """`cls` with these properties read from the instance's `_pinned` answers; same name and module."""
+    namespace = {name: property(lambda self, name=name: self.__dict__["_pinned"][name]) for name in names}
+    namespace.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
+    return type(cls.__name__, (cls,), namespace)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,14 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .acceleration import Acceleration, AttentionPlan, captions_need_mask, prepare_pipeline, resolve_attention
+from .acceleration import (
+    Acceleration,
+    AttentionPlan,
+    captions_need_mask,
+    pin_placement,
+    prepare_pipeline,
+    resolve_attention,
+)
 from .checkpoints import (
     TransformerFile,
     check_quantization,
@@ -191,12 +198,12 @@ class ModelRunner:
             attention=AttentionPlan("native", True),
             compile="off",
         )
+        # Where embeddings and latents must live; with model offload this is the GPU while weights rest on the CPU.
+        self.execution_device = pin_placement(pipeline)
         self.mode_pipelines = {"generate": pipeline, "omni": pipeline}
         if self.variant.edit_method == "img2img":
             self.mode_pipelines.update(self._pipelines_over_the_model(img2img=None, inpaint=None))
         self.prompt_cache: PromptEmbeddingCache[torch.Tensor] = PromptEmbeddingCache(self.settings.prompt_cache)
-        # Where embeddings and latents must live; with model offload this is the GPU while weights rest on the CPU.
-        self.execution_device = pipeline._execution_device
         # The ControlNet's own blocks, with the transformer's embedders and refiners (from_transformer):
         # no second copy of those. The 1.0 Union layout takes control latents only; 2.x adds the
         # inpainting mask and masked image, so it also drives inpainting.
@@ -260,6 +267,7 @@ class ModelRunner:
             extra = {"controlnet": controlnet} if controlnet is not None else {}
             pipelines[mode] = getattr(diffusers, MODE_PIPELINES[mode])(**self.pipeline.components, **extra)
             pipelines[mode].set_progress_bar_config(disable=True)
+            pin_placement(pipelines[mode])
         return pipelines
 
     @on_model_thread
@@ -268,7 +276,13 @@ class ModelRunner:
 
         Each image gets its own CPU generator seeded with its row's seed, as diffusers users seed
         it, so an image never depends on what it was batched with. A sleeping model wakes first.
-        With `params.hires` the call is two passes under one hold of the lock (`_hires_pass`)."""
+        With `params.hires` the call is two passes under one hold of the lock (`_hires_pass`).
+
+        The call runs in inference mode rather than diffusers' own no_grad: the same kernels (the
+        same bits) without autograd's version counters and view tracking on every tensor, 7% of a
+        64x64 call of the tiny model (docs/benchmarks.md, benchmark 8). Cached prompt embeddings
+        are made and used in it. The LoRA swap is not: torchao's quantized weights refuse to be
+        swapped in inference mode, and its weights must stay ordinary tensors."""
         if not self.resident:
             self.wake()
         hires = params.hires
@@ -276,30 +290,38 @@ class ModelRunner:
             self.calls += 1
             if self.lora_slot is not None:
                 self.lora_slot.activate(params.loras)
-            prompts, needs_mask = self._prompt_inputs(
-                params, rows, [row.prompt for row in rows], [row.negative_prompt for row in rows]
-            )
-            # A latent hires fix takes the first pass's latents as they are: no VAE round trip.
-            output_type = "latent" if hires is not None and hires.upscaler in LATENT_MODES else "pt"
-            first = self.mode_pipelines[params.mode]
-            pixels = self._denoise(
-                first, params, rows, prompts, needs_mask,
-                **self._image_inputs(params, rows),
-                width=params.width,
-                height=params.height,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                output_type=output_type,
-                callback_on_step_end=self._step_callback(rows, steps_after=hires.steps if hires else 0),
-            )  # fmt: skip
-            if hires is not None:
-                pixels = self._hires_pass(params, rows, pixels, steps_before=first.num_timesteps)
-        images = to_images(pixels)
+            with torch.inference_mode():
+                pixels = self._run_passes(params, rows)
+        with torch.inference_mode():
+            images = to_images(pixels)
         if hires is not None:
             images = [fit_to_output(image, hires) for image in images]
         if self.faults is not None:
             images = self.faults.after_call([row.prompt for row in rows], images)
         return images
+
+    def _run_passes(self, params: CallParams, rows: Sequence[ImageRow]) -> torch.Tensor:
+        """The call's pipeline pass (and the hires fix's second), under the lock; the pixels in 0..1."""
+        hires = params.hires
+        prompts, needs_mask = self._prompt_inputs(
+            params, rows, [row.prompt for row in rows], [row.negative_prompt for row in rows]
+        )
+        # A latent hires fix takes the first pass's latents as they are: no VAE round trip.
+        output_type = "latent" if hires is not None and hires.upscaler in LATENT_MODES else "pt"
+        first = self.mode_pipelines[params.mode]
+        pixels = self._denoise(
+            first, params, rows, prompts, needs_mask,
+            **self._image_inputs(params, rows),
+            width=params.width,
+            height=params.height,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            output_type=output_type,
+            callback_on_step_end=self._step_callback(rows, steps_after=hires.steps if hires else 0),
+        )  # fmt: skip
+        if hires is not None:
+            pixels = self._hires_pass(params, rows, pixels, steps_before=first.num_timesteps)
+        return pixels
 
     def _denoise(self, pipeline, params: CallParams, rows: Sequence[ImageRow], prompts: dict, needs_mask: bool, **call):
         """One pipeline pass over the rows: their prompts, a fresh CPU generator per row seeded

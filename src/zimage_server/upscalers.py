@@ -301,13 +301,16 @@ class Upscalers:
 
     # -- cards ---------------------------------------------------------------------------------------
 
-    def card(self, name: str) -> UpscalerCard:
-        """The card of a built-in or a file; reads the file the first time (or after it changed)."""
+    def card(self, name: str, read: bool = True) -> UpscalerCard | None:
+        """The card of a built-in or a file; reads the file the first time (or after it changed),
+        unless not to `read` (then None)."""
         if name in PIXEL_RESIZES:
             return UpscalerCard(name)
         path = self._path(name)
         key = file_identity(path)
         cached = self._cards.get(key)
+        if cached is None and not read:
+            return None
         if cached is None:
             try:
                 _, cached = read_model(path, self.registry)
@@ -319,16 +322,21 @@ class Upscalers:
             raise cached
         return cached
 
-    def list_upscalers(self) -> list[UpscalerCard]:
+    def list_upscalers(self, read_new: bool = True) -> list[UpscalerCard] | None:
         """The built-ins, then every usable file by name; unusable ones are left out (logged once each).
         Runs on the caller's thread: a file not seen before is read and built on the CPU (spandrel
-        needs the state dict for the scale), well under a second for the common 5-70 MB files."""
+        needs the state dict for the scale), well under a second for the common 5-70 MB files.
+        Without `read_new` nothing is read (no torch work, so any thread may ask): None if a file
+        has not been read yet."""
         cards = []
         for name in self.names():
             try:
-                cards.append(self.card(name))
+                card = self.card(name, read=read_new)
             except UpscalerFileError:
-                pass
+                continue
+            if card is None:
+                return None
+            cards.append(card)
         return cards
 
     # -- loaded models -------------------------------------------------------------------------------

@@ -90,9 +90,8 @@ async def start_serving(server: ServerState) -> None:
             unload_when_idle(AllIdle(*idle_sources), server.runner, settings.idle_unload_s, model_thread().run),
             name="idle-unload",
         )
-    if server.job_queue is not None:
-        server.job_runner = JobRunner(server, server.job_queue)
-        server.job_runner_task = asyncio.create_task(server.job_runner.run_forever(), name="job-runner")
+    if server.job_runner is not None:
+        server.job_runner.start_taking()
     server.ready = True
     log.info("ready: %s on %s", server.variant.model_name, server.runner.device)
 
@@ -136,6 +135,8 @@ async def open_gallery(server: ServerState) -> None:
     server.signer = UrlSigner(secret.encode(), settings.url_ttl_s)
     server.gallery = Gallery(store, index, on_store_error=server.metrics.store_errors.inc)
     server.job_queue = JobQueue(index)
+    # From now, not from when the model is ready: the job routes answer while it loads.
+    server.job_runner = JobRunner(server, server.job_queue)
     server.upkeep = asyncio.create_task(
         keep_tidy(
             server.gallery, settings.store_max_age_s, settings.store_max_bytes_count, also=server.job_queue.prune
@@ -193,9 +194,6 @@ async def serving_model(app: Litestar, server: ServerState) -> AsyncIterator[Non
             await server.batcher.stop(server.settings.drain_timeout_s)
         if server.job_runner is not None:
             await server.job_runner.stop(SEND_GRACE_S)
-            server.job_runner_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server.job_runner_task
         close_enhancer = getattr(getattr(server.enhancer, "backend", None), "aclose", None)
         if close_enhancer is not None:  # a chat endpoint's connection pool
             await close_enhancer()

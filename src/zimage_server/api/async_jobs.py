@@ -155,8 +155,11 @@ async def submit_async(
     return job
 
 
-async def job_object(server: ServerState, job: JobRecord, request: Request | None) -> dict[str, Any]:
-    """What GET /v1/images/jobs/{id} answers (and the 202, and webhooks carry)."""
+async def job_object(
+    server: ServerState, job: JobRecord, request: Request | None, inline_images: bool = True
+) -> dict[str, Any]:
+    """What GET /v1/images/jobs/{id} answers (and the 202, and webhooks carry). Without
+    `inline_images` (the list) its images are links only, never their bytes in base64."""
     body: dict[str, Any] = {
         "id": job.id,
         "object": "image.job",
@@ -175,16 +178,20 @@ async def job_object(server: ServerState, job: JobRecord, request: Request | Non
     if job.finished_at is not None:
         body["finished_at"] = int(job.finished_at)
     if job.status == SUCCEEDED and job.result is not None:
-        body |= await result_data(server, job, request)
+        body |= await result_data(server, job, request, inline_images)
     if job.error is not None:
         body["error"] = job.error
     return body
 
 
-async def result_data(server: ServerState, job: JobRecord, request: Request | None) -> dict[str, Any]:
-    """`data` as the synchronous response would have it: fresh links, and base64 when asked for."""
+async def result_data(
+    server: ServerState, job: JobRecord, request: Request | None, inline_images: bool = True
+) -> dict[str, Any]:
+    """`data` as the synchronous response would have it: fresh links, and base64 when asked for
+    (and `inline_images`)."""
     result = job.result or {}
-    want_b64 = result.get("response_format") == "b64_json"  # as the synchronous answer would carry it
+    # As the synchronous answer would carry it.
+    want_b64 = inline_images and result.get("response_format") == "b64_json"
     items = []
     revised = result.get("revised_prompts") or [None] * len(result.get("seeds", []))
     for image_id, seed, revised_prompt in zip(result.get("image_ids", []), result.get("seeds", []), revised, strict=False):
@@ -225,6 +232,12 @@ class JobRunner:
         self._stopping = False
         self._preparing = 0  # images of jobs taken but not yet in the batcher's queue
         self.queued = 0  # the shared queue's depth at the last look, for /metrics
+        self._taking: asyncio.Task | None = None  # run_forever, once the model is ready
+
+    def start_taking(self) -> None:
+        """Start taking queued jobs: once the model is loaded. Before that the runner still
+        answers for its jobs (progress, cancels, their webhooks), which it has from the start."""
+        self._taking = asyncio.create_task(self.run_forever(), name="job-runner")
 
     def wake(self) -> None:
         self._wake.set()
@@ -435,7 +448,7 @@ class JobRunner:
         self.pause()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        leftovers = [*self._tasks, *self._deliveries]
+        leftovers = [*self._tasks, *self._deliveries, *([self._taking] if self._taking else [])]
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)

@@ -38,7 +38,8 @@ async def list_jobs(request: Request, state: State, limit: str | None = None, af
         jobs, has_more = await queue.page(principal_of(request).sees, parse_limit(limit), after or None)
     except UnknownCursor:
         raise ApiError(400, "Invalid after: it must be the id of a job in this list.", param="after") from None
-    data = [await job_object(server, job, request) for job in jobs]
+    # Links only: a page of 100 finished jobs would otherwise read and base64 every image they made.
+    data = [await job_object(server, job, request, inline_images=False) for job in jobs]
     return {
         "object": "list", "data": data, "has_more": has_more,
         "first_id": jobs[0].id if jobs else None, "last_id": jobs[-1].id if jobs else None,

@@ -75,9 +75,12 @@ class ExtraBatchImagesResponse(msgspec.Struct, kw_only=True):
 
 @get("/upscalers", guards=[require_ready], summary="None, Lanczos, Nearest and every model in the upscaler folder.")
 async def upscalers(state: State) -> list[dict[str, Any]]:
-    server = server_state(state)
-    # Reading a new file's architecture and scale loads it: on the model's thread.
-    cards = await model_thread().run(server.runner.upscalers.list_upscalers)
+    library = server_state(state).runner.upscalers
+    # Files read before answer at once, even while the model works; reading a new file's
+    # architecture and scale loads it: on the model's thread, after what it is doing.
+    cards = await asyncio.to_thread(library.list_upscalers, read_new=False)
+    if cards is None:
+        cards = await model_thread().run(library.list_upscalers)
     return [
         {
             "name": card.name,

@@ -51,7 +51,6 @@ class ServerState:
     upkeep: asyncio.Task | None = None  # reconciles the store at start, then sweeps it (retention)
     job_queue: JobQueue | None = None  # the durable queue of async jobs, in the index
     job_runner: JobRunner | None = None  # takes async jobs from it while the batcher has room
-    job_runner_task: asyncio.Task | None = None
     webhooks: WebhookTargets | None = None
     enhancer: Any = None  # the prompt enhancer (api/prompts.py), once the model is loaded; None when off
     mcp: Any = None  # the MCP server (api/mcp_tools.py), with Z_IMAGE_MCP=on
