@@ -16,7 +16,8 @@ machines:
   `asyncio.to_thread` gave the batcher before) against from one thread for everything.
 Last, in this process, the wake after a sleep (Z_IMAGE_IDLE_UNLOAD_S): `ModelRunner.sleep()` then
 `wake()` (reload from disk and warm-up), five times, median; and what diffusers' placement
-questions cost a full-size call, walked and pinned (`placement_ms`).
+questions cost a call of the full-size and of the tiny architecture, walked and pinned
+(`placement_ms`).
 Targets (issue 25): server pipeline_ms within 5% of plain at 256x256; HTTP at most 1.05x plain at
 64x64 and 256x256. Threads are left at torch's default (one OpenMP team per thread that runs torch
 work is the effect measured), unlike benchmarks 1 and 2's --threads 1.
@@ -188,22 +189,23 @@ def wake_ms(models_dir: Path, cycles: int) -> float:
     return 1000 * median(seconds)
 
 
-def placement_ms(steps: int = 8) -> tuple[float, float]:
-    """What diffusers' placement questions cost one call of the full-size architecture (built on the
-    meta device: the module tree, no weights), ms before and after `pin_placement`: the execution
-    device once, the transformer's dtype once a step, the VAE's once."""
+def placement_ms(config: str, steps: int) -> tuple[float, float]:
+    """What diffusers' placement questions cost one call of `steps` steps on an architecture (built
+    on the meta device: the module tree, no weights), ms before and after `pin_placement`: the
+    execution device once, the transformer's dtype once a step, the VAE's once."""
     import timeit
 
     import torch
     from diffusers import ZImagePipeline
 
+    from zimage_server import architecture
     from zimage_server.acceleration import pin_placement
-    from zimage_server.architecture import FULL_SIZE, build_models, build_scheduler
     from zimage_server.testing import build_tokenizer
 
     tokenizer = build_tokenizer()
     with torch.device("meta"):
-        pipeline = ZImagePipeline(scheduler=build_scheduler(), tokenizer=tokenizer, **build_models(FULL_SIZE, tokenizer))
+        models = architecture.build_models(getattr(architecture, config), tokenizer)
+    pipeline = ZImagePipeline(scheduler=architecture.build_scheduler(), tokenizer=tokenizer, **models)
 
     def one_call(number: int = 20) -> float:
         def ms(question) -> float:
@@ -276,9 +278,10 @@ def main() -> None:
         )
     results["wake_ms"] = wake_ms(models_dir, cycles=2 if args.smoke else 5)
     table.append(["wake after sleep", results["wake_ms"], "", "", "", "", "", "", ""])
-    before, after = placement_ms()
-    results["full_size_placement_ms"] = {"walked": before, "pinned": after}
-    table.append(["full-size placement questions, 8 steps: walked", before, "pinned", after, "", "", "", "", ""])
+    for label, config, steps in (("full-size", "FULL_SIZE", 8), ("tiny", "TINY", args.steps)):
+        before, after = placement_ms(config, steps)
+        results[f"{label}_placement_ms"] = {"walked": before, "pinned": after, "steps": steps}
+        table.append([f"{label} placement questions, {steps} steps: walked", before, "pinned", after, "", "", "", "", ""])
     print_table(table)
     config = {"iterations": iterations, "sizes": sizes, "steps": args.steps, "settle_ms": args.settle_ms, "smoke": args.smoke}
     write_record(args.out, "model_thread", config, results, table)

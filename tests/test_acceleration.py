@@ -186,3 +186,24 @@ def test_placement_answers_are_pinned_to_what_diffusers_walks_to(settings, mode)
     assert type(runner.pipeline).__mro__[1] is ZImagePipeline
     runner.pipeline.vae.__dict__["_pinned"]["dtype"] = torch.float16  # what the walk would never say
     assert runner.pipeline.vae.dtype == torch.float16 != ModelMixin.dtype.fget(runner.pipeline.vae)
+    # Pinning again walks again, whatever was pinned before.
+    from zimage_server.acceleration import pin_placement
+
+    runner.pipeline.vae.to(torch.float64)
+    pin_placement(runner.pipeline)
+    assert runner.pipeline.vae.dtype == torch.float64 and runner.pipeline.transformer.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("mode", "inference"), [("none", True), ("text_encoder", True), ("model", False)])
+def test_calls_run_in_inference_mode_unless_model_offload_moves_the_weights_inside_them(settings, mode, inference):
+    """Model offload's hooks move the weights during the call: in inference mode that would leave
+    them inference tensors, which the next LoRA swap (outside it) could not write."""
+    from test_runner import spec
+    from zimage_server.runner import load_runner
+
+    runner = load_runner(settings.replace(offload=mode))
+    seen: list[bool] = []
+    runner.pipeline.transformer.register_forward_pre_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))
+    generate(runner, [spec("a red chair", (3,))])
+    assert seen and set(seen) == {inference}
+    assert not any(p.is_inference() for p in runner.pipeline.transformer.parameters())

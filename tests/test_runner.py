@@ -29,6 +29,19 @@ def test_image_i_is_what_diffusers_returns_for_seed_plus_i(runner, settings):
     assert_each_is_the_diffusers_image(images, direct, 41, "a red chair", **call)
 
 
+@pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
+def test_one_image_a_call_is_diffusers_image_bit_for_bit(runner, settings, guidance_scale):
+    """The runner's own ways (cached embeddings, pinned placement, inference mode, the uint8
+    conversion on the device) change no bit of a call diffusers would make alike."""
+    direct = ZImagePipeline.from_pretrained(settings.model_dir)
+    direct.set_progress_bar_config(disable=True)
+    call = dict(width=128, height=128, num_inference_steps=3, guidance_scale=guidance_scale)
+    [[image]] = generate(runner, [spec("a red chair", (41,), negative_prompt="blurry", **call)])
+    generator = torch.Generator("cpu").manual_seed(41)
+    expected = direct("a red chair", negative_prompt="blurry", generator=generator, max_sequence_length=64, **call)
+    assert np.array_equal(np.asarray(image), np.asarray(expected.images[0]))
+
+
 def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_other_prompts(runner):
     [[alone]] = generate(runner, [spec("a cat on a chair", (7,))])
     batched = generate(runner, 

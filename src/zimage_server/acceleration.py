@@ -151,21 +151,32 @@ def pin_placement(pipeline) -> torch.device:
 
     A pipeline asks for its execution device once a call and for its transformer's dtype once a
     step, and diffusers answers both by walking every submodule for offload and casting hooks:
-    15 ms of Python an 8-step call of the full-size model on our CPU, and 10% of a 64x64 image
-    on the tiny one (docs/benchmarks.md, benchmark 8). Placement is fixed once the runner holds
-    a pipeline (a sleep drops it, a wake places a new one), so the pipeline and each of its
+    15 ms of Python for an 8-step call's questions on the full-size module tree on our CPU, 2.5 ms
+    for a 4-step call's on the tiny model, whose 64x64 image takes 25-30 ms (docs/benchmarks.md,
+    benchmark 8). The answers hold while the runner holds the pipeline: loading put the weights
+    where they stay (a LoRA swap under model offload puts the hooks back on the same device; a
+    sleep drops the pipeline, a wake places and pins a new one). So the pipeline and each of its
     models get a subclass of their own class whose properties return what the walk returned here."""
-    device = pipeline._execution_device
+    device = _walked(pipeline, "_execution_device")
     _pin(pipeline, _execution_device=device)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module) and isinstance(getattr(type(component), "dtype", None), property):
-            _pin(component, dtype=component.dtype)
+            _pin(component, dtype=_walked(component, "dtype"))
     return device
+
+
+def _walked(obj, name: str):
+    """What diffusers' (or transformers') own property answers, walking the modules, pinned or not:
+    pinning a shared module again asks anew."""
+    cls = type(obj).__mro__[1] if "_pinned" in obj.__dict__ else type(obj)
+    return getattr(cls, name).fget(obj)
 
 
 def _pin(obj, **answers) -> None:
     if "_pinned" not in obj.__dict__:
         obj.__class__ = _pinned_class(type(obj), tuple(sorted(answers)))
+    elif set(obj.__dict__["_pinned"]) != set(answers):
+        raise ValueError(f"{type(obj).__name__} is pinned for {sorted(obj.__dict__['_pinned'])}, not {sorted(answers)}")
     obj.__dict__["_pinned"] = answers  # the instance dict: nn.Module's __setattr__ has no say
 
 

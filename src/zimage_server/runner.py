@@ -278,11 +278,7 @@ class ModelRunner:
         it, so an image never depends on what it was batched with. A sleeping model wakes first.
         With `params.hires` the call is two passes under one hold of the lock (`_hires_pass`).
 
-        The call runs in inference mode rather than diffusers' own no_grad: the same kernels (the
-        same bits) without autograd's version counters and view tracking on every tensor, 7% of a
-        64x64 call of the tiny model (docs/benchmarks.md, benchmark 8). Cached prompt embeddings
-        are made and used in it. The LoRA swap is not: torchao's quantized weights refuse to be
-        swapped in inference mode, and its weights must stay ordinary tensors."""
+        The passes run in inference mode where they can (`_call_mode`)."""
         if not self.resident:
             self.wake()
         hires = params.hires
@@ -290,7 +286,7 @@ class ModelRunner:
             self.calls += 1
             if self.lora_slot is not None:
                 self.lora_slot.activate(params.loras)
-            with torch.inference_mode():
+            with self._call_mode():
                 pixels = self._run_passes(params, rows)
         with torch.inference_mode():
             images = to_images(pixels)
@@ -299,6 +295,15 @@ class ModelRunner:
         if self.faults is not None:
             images = self.faults.after_call([row.prompt for row in rows], images)
         return images
+
+    def _call_mode(self):
+        """Inference mode rather than diffusers' own no_grad: the same kernels, the same bits,
+        without autograd's version counters and view records on every tensor (benchmark 8 in
+        docs/benchmarks.md times the runner against a plain call). Not with model offload: its
+        hooks move the weights inside the call, which would leave them inference tensors that
+        the next LoRA swap, outside it, may not write (and the swap stays outside because
+        torchao's quantized weights refuse it inside)."""
+        return torch.no_grad() if self.acceleration.offload == "model" else torch.inference_mode()
 
     def _run_passes(self, params: CallParams, rows: Sequence[ImageRow]) -> torch.Tensor:
         """The call's pipeline pass (and the hires fix's second), under the lock; the pixels in 0..1."""

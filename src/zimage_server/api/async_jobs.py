@@ -236,8 +236,10 @@ class JobRunner:
 
     def start_taking(self) -> None:
         """Start taking queued jobs: once the model is loaded. Before that the runner still
-        answers for its jobs (progress, cancels, their webhooks), which it has from the start."""
-        self._taking = asyncio.create_task(self.run_forever(), name="job-runner")
+        answers for its jobs (progress, cancels, their webhooks), which it has from the start.
+        Once only, and not after a drain began (the model can finish loading during one)."""
+        if self._taking is None and not self._stopping:
+            self._taking = asyncio.create_task(self.run_forever(), name="job-runner")
 
     def wake(self) -> None:
         self._wake.set()
