@@ -26,7 +26,6 @@ from common import add_standard_options, median, print_table, set_threads, tiny_
 # Qwen3-4B at bf16: weights read once per new token (the decode is memory-bound).
 QWEN3_4B_WEIGHT_BYTES = 8.0e9
 H100_BANDWIDTH = 3.35e12  # bytes/s, SXM HBM3
-EAGER_TOKENS_PER_S = (40, 60)  # HF generate, eager, batch 1, a modern GPU (REFERENCE.md; no published figure)
 
 
 def main() -> None:
@@ -69,14 +68,11 @@ def main() -> None:
         "tiny_seconds": seconds,
         "h100_ceiling_tokens_per_s": ceiling,
         "h100_seconds_at_ceiling": tokens / ceiling,
-        "h100_seconds_eager": [tokens / rate for rate in EAGER_TOKENS_PER_S[::-1]],
         "kv_cache_mib": (prompt_tokens + tokens) * ENHANCER_KV_BYTES_PER_TOKEN / 2**20,
     }
     table = [["enhancer", "tokens", "seconds", "tokens/s"]]
     table.append(["tiny model, this CPU", tokens, seconds, tokens / seconds])
     table.append(["Qwen3-4B on H100, bandwidth ceiling (est.)", tokens, tokens / ceiling, ceiling])
-    for rate in EAGER_TOKENS_PER_S:
-        table.append([f"Qwen3-4B, eager HF generate at {rate} tok/s (est.)", tokens, tokens / rate, float(rate)])
     print(f"KV cache for ~{prompt_tokens} prompt + {tokens} new tokens at full size: {results['kv_cache_mib']:.0f} MiB")
 
     base = CallParams(mode="generate", width=64, height=64, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=64)

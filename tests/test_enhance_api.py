@@ -88,11 +88,19 @@ def test_per_image_expansions_differ_and_are_reproducible(resident):
     assert revised[1] == seeded  # image i's expansion is sampled with image i's seed
 
 
-def test_without_enhance_prompt_the_answer_is_byte_identical_to_enhance_false(resident):
-    body = {"prompt": "a kettle", "seed": 3, "store": False} | SMALL
-    absent = resident.post(GENERATIONS, json=body).json()["data"][0]
-    off = resident.post(GENERATIONS, json=body | {"enhance_prompt": False}).json()["data"][0]
-    assert absent["b64_json"] == off["b64_json"] and absent["revised_prompt"] is None
+def test_without_enhance_prompt_the_answer_is_byte_identical_to_enhance_false(settings, runner):
+    chat = ChatServer()  # rewrites every prompt it is sent, so an enhancement would show
+    try:
+        with serving(settings, runner, prompt_enhancer=chat.url, prompt_enhancer_model="qwen3-max") as client:
+            body = {"prompt": "a kettle", "seed": 3, "store": False} | SMALL
+            absent = client.post(GENERATIONS, json=body).json()["data"][0]
+            off = client.post(GENERATIONS, json=body | {"enhance_prompt": False}).json()["data"][0]
+            assert absent["b64_json"] == off["b64_json"] and absent["revised_prompt"] is None
+            assert chat.requests == []
+            on = client.post(GENERATIONS, json=body | {"enhance_prompt": True}).json()["data"][0]
+            assert on["revised_prompt"] == "A detailed picture of a kettle." and on["b64_json"] != off["b64_json"]
+    finally:
+        chat.close()
 
 
 def test_the_dall_e_as_is_prefix_is_honoured(resident, plain):
@@ -188,3 +196,5 @@ def test_a_batched_varied_image_equals_its_solo_image(runner):
     [[alone]] = generate(runner, [make_spec("a barn", (8,), variation_strength=0.3)])
     together = generate(runner, [make_spec("a tall tree", (1, 2), variation_strength=0.3), make_spec("a barn", (8,), variation_strength=0.3)])
     assert np.abs(np.asarray(together[1][0], np.int16) - np.asarray(alone, np.int16)).max() <= 1
+    [[unvaried]] = generate(runner, [make_spec("a barn", (8,))])
+    assert np.abs(np.asarray(unvaried, np.int16) - np.asarray(alone, np.int16)).max() > 1  # it was varied

@@ -112,7 +112,7 @@ def test_enhance_prompt_answers_with_the_expansion_or_why_not(server):
     assert not sampled.is_error and sampled.structured_content["prompt"] == "a lighthouse"
     http = httpx.post(server.url + "/v1/prompts/enhance", json={"prompt": "a lighthouse", "seed": 3},
                       headers={"Authorization": f"Bearer {ALICE}"}, timeout=60).json()  # fmt: skip
-    assert sampled.structured_content["revised_prompt"] == http["revised_prompt"]
+    assert http["revised_prompt"] and sampled.structured_content["revised_prompt"] == http["revised_prompt"]
     # The tiny random encoder's greedy answer is blank: the prompt is kept, and the tool says why.
     greedy = call(server, ALICE, "enhance_prompt", {"prompt": "a lighthouse"})
     assert greedy.structured_content["revised_prompt"] is None and greedy.structured_content["fallback"] == "empty"

@@ -173,10 +173,8 @@ def _walked(obj, name: str):
 
 
 def _pin(obj, **answers) -> None:
-    if "_pinned" not in obj.__dict__:
+    if "_pinned" not in obj.__dict__:  # pinned again (a module shared by pipelines): new answers only
         obj.__class__ = _pinned_class(type(obj), tuple(sorted(answers)))
-    elif set(obj.__dict__["_pinned"]) != set(answers):
-        raise ValueError(f"{type(obj).__name__} is pinned for {sorted(obj.__dict__['_pinned'])}, not {sorted(answers)}")
     obj.__dict__["_pinned"] = answers  # the instance dict: nn.Module's __setattr__ has no say
 
 

@@ -336,33 +336,23 @@ def download(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, exit_on_signal)
     signal.signal(signal.SIGTERM, exit_on_signal)
 
-    from .download import (
-        DownloadError,
-        download_controlnet,
-        download_lora,
-        download_model,
-        download_transformer,
-        download_upscaler,
-    )
+    from .download import DownloadError, download_file, download_model
 
-    named_files = (("--transformer", args.transformer), ("--controlnet", args.controlnet), ("--upscaler", args.upscaler))
-    for flag, value in named_files:
-        if value and ":" not in value:
-            fail(f"{flag} {value!r}: expected REPO_ID:FILENAME, e.g. owner/repo:file.safetensors", EXIT_BAD_SETTING)
+    # One file instead of the model, by its flag (the first given, in this order).
+    named = [(kind, value) for kind in ("controlnet", "upscaler", "transformer") if (value := getattr(args, kind))]
+    for kind, value in named:
+        if ":" not in value:
+            fail(f"--{kind} {value!r}: expected REPO_ID:FILENAME, e.g. owner/repo:file.safetensors", EXIT_BAD_SETTING)
     try:
         if args.lora:
-            download_lora(settings, args.lora, args.file, revision=args.revision, progress_bars=progress_bars)
-        elif args.controlnet:
-            repo_id, filename = args.controlnet.split(":", 1)
-            download_controlnet(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
-        elif args.upscaler:
-            repo_id, filename = args.upscaler.split(":", 1)
-            download_upscaler(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
-        elif args.transformer:
-            repo_id, filename = args.transformer.split(":", 1)
-            download_transformer(settings, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
-            # The folder's own transformer weights (24.6 GB for Turbo) would never be loaded.
-            download_model(settings, progress_bars=progress_bars, weights_elsewhere=("transformer",))
+            download_file(settings, "lora", args.lora, args.file, revision=args.revision, progress_bars=progress_bars)
+        elif named:
+            kind, value = named[0]
+            repo_id, filename = value.split(":", 1)
+            download_file(settings, kind, repo_id, filename, revision=args.revision, progress_bars=progress_bars)
+            if kind == "transformer":
+                # The folder's own transformer weights (24.6 GB for Turbo) would never be loaded.
+                download_model(settings, progress_bars=progress_bars, weights_elsewhere=("transformer",))
         else:
             elsewhere = ("transformer",) if args.without_transformer_weights else ()
             download_model(settings, revision=args.revision, progress_bars=progress_bars, weights_elsewhere=elsewhere)

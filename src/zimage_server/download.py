@@ -482,54 +482,6 @@ def download_model(
     return target
 
 
-def download_lora(
-    settings: Settings, repo_id: str, filename: str | None = None, *, revision: str | None = None,
-    progress_bars: bool = False,
-) -> Path:
-    """Fetch one LoRA file into the LoRA folder (filename: without it, the repo's only .safetensors file)."""
-    target = download_file(
-        settings, repo_id, filename, settings.loras_dir, LORA_FILE, revision=revision, progress_bars=progress_bars
-    )
-    log.info("downloaded %s: LoRA %r is ready", target, target.stem)
-    return target
-
-
-def download_transformer(
-    settings: Settings, repo_id: str, filename: str, *, revision: str | None = None, progress_bars: bool = False
-) -> Path:
-    """Fetch one single-file transformer (.safetensors or .gguf) into MODELS_DIR/transformers."""
-    target = download_file(
-        settings, repo_id, filename, settings.transformers_dir, TRANSFORMER_FILE, revision=revision,
-        progress_bars=progress_bars,
-    )
-    log.info("downloaded %s: serve it with Z_IMAGE_TRANSFORMER=%s", target, target.name)
-    return target
-
-
-def download_controlnet(
-    settings: Settings, repo_id: str, filename: str, *, revision: str | None = None, progress_bars: bool = False
-) -> Path:
-    """Fetch one ControlNet checkpoint (a single .safetensors file) into MODELS_DIR/controlnets."""
-    target = download_file(
-        settings, repo_id, filename, Path(settings.models_dir) / "controlnets", CONTROLNET_FILE, revision=revision,
-        progress_bars=progress_bars,
-    )
-    log.info("downloaded %s: serve it with Z_IMAGE_CONTROLNET=%s", target, target.name)
-    return target
-
-
-def download_upscaler(
-    settings: Settings, repo_id: str, filename: str, *, revision: str | None = None, progress_bars: bool = False
-) -> Path:
-    """Fetch one upscaler model (.safetensors or .pth) into the upscaler folder (Z_IMAGE_UPSCALER_DIR)."""
-    target = download_file(
-        settings, repo_id, filename, settings.upscalers_dir, UPSCALER_FILE, revision=revision,
-        progress_bars=progress_bars,
-    )
-    log.info("downloaded %s: upscaler %r is ready", target, target.stem)
-    return target
-
-
 def is_torch_save(path: Path) -> bool:
     """What torch.save writes: a zip archive (torch >= 1.6), or a pickle stream (older files)."""
     try:
@@ -542,36 +494,55 @@ def is_torch_save(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class FileKind:
-    """What `download_file` accepts: a kind of single weights file, how to recognise it, the flag naming it."""
+    """A kind of single weights file `download_file` fetches: what it is, how to recognise it, the
+    flag naming it, the folder it goes to, and the log line once it is there."""
 
     what: str
     suffixes: tuple[str, ...]
     is_valid: Callable[[Path], bool]
     flag: str
+    folder: Callable[[Settings], Path]
+    ready: str  # formatted with the fetched file's Path as `path`
 
 
-LORA_FILE = FileKind("safetensors", (".safetensors",), is_safetensors, "--file")
-CONTROLNET_FILE = FileKind("safetensors", (".safetensors",), is_safetensors, "--controlnet REPO_ID:FILENAME")
-# Only the format is checked here (no torch): whether spandrel knows the architecture, and that a
-# .pth pickle imports nothing, is checked when the server reads it (upscalers.py).
-UPSCALER_FILE = FileKind(
-    "safetensors or .pth", (".safetensors", ".pth"),
-    lambda p: is_safetensors(p) if p.suffix == ".safetensors" else is_torch_save(p), "--upscaler REPO_ID:FILENAME",
-)
-TRANSFORMER_FILE = FileKind("safetensors or GGUF", (".safetensors", ".gguf"), lambda p: is_safetensors(p) or is_gguf(p),
-                            "--transformer REPO_ID:FILENAME")
+# By `zimage-server download` flag. Only the format is checked here (no torch): whether spandrel
+# knows an upscaler's architecture, and that a .pth pickle imports nothing, is checked when the
+# server reads it (upscalers.py).
+FILE_KINDS = {
+    "lora": FileKind(
+        "safetensors", (".safetensors",), is_safetensors, "--file",
+        lambda s: s.loras_dir, "downloaded {path}: LoRA {path.stem!r} is ready",
+    ),
+    "controlnet": FileKind(
+        "safetensors", (".safetensors",), is_safetensors, "--controlnet REPO_ID:FILENAME",
+        lambda s: Path(s.models_dir) / "controlnets", "downloaded {path}: serve it with Z_IMAGE_CONTROLNET={path.name}",
+    ),
+    "upscaler": FileKind(
+        "safetensors or .pth", (".safetensors", ".pth"),
+        lambda p: is_safetensors(p) if p.suffix == ".safetensors" else is_torch_save(p), "--upscaler REPO_ID:FILENAME",
+        lambda s: s.upscalers_dir, "downloaded {path}: upscaler {path.stem!r} is ready",
+    ),
+    "transformer": FileKind(
+        "safetensors or GGUF", (".safetensors", ".gguf"), lambda p: is_safetensors(p) or is_gguf(p),
+        "--transformer REPO_ID:FILENAME",
+        lambda s: s.transformers_dir, "downloaded {path}: serve it with Z_IMAGE_TRANSFORMER={path.name}",
+    ),
+}  # fmt: skip
 
 
 def download_file(
-    settings: Settings, repo_id: str, filename: str | None, folder: Path, kind: FileKind, *,
+    settings: Settings, kind: str, repo_id: str, filename: str | None = None, *,
     revision: str | None = None, progress_bars: bool = False,
 ) -> Path:
-    """Fetch one weights file from a hub repo into `folder`; returns where it landed.
+    """Fetch one weights file of a kind in `FILE_KINDS` from a hub repo into its folder; returns
+    where it landed.
 
     filename: the file in the repo; without it, the repo's only file of this kind. It is fetched
     into a hidden staging folder beside its destination, checked to be a file of its kind, and only
     then moved to FOLDER/<its name>, so a half-fetched file is never loaded.
     """
+    kind = FILE_KINDS[kind]
+    folder = kind.folder(settings)
     hub = open_hub(settings.download_source, progress_bars)
     staging = folder / f".{repo_id.replace('/', '--')}.partial"
     with errors_as_download_errors(hub, repo_id, revision, staging):
@@ -588,6 +559,7 @@ def download_file(
         target = folder / Path(remote.path).name
         if target.is_file() and target.stat().st_size == remote.size:
             log.info("%s is already in %s: nothing to download", remote.path, folder)
+            log.info(kind.ready.format(path=target))
             return target
         staging.mkdir(parents=True, exist_ok=True)
         check_disk_space([remote], staging)
@@ -598,6 +570,7 @@ def download_file(
         raise DownloadError(f"{repo_id}/{remote.path} is not a readable {kind.what} file; the server loads only those")
     os.replace(fetched, target)
     shutil.rmtree(staging, ignore_errors=True)
+    log.info(kind.ready.format(path=target))
     return target
 
 

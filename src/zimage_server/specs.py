@@ -142,11 +142,8 @@ class GenerationSpec:
 
     def prompt_of(self, seed: int) -> str:
         """The prompt image `seed` is made from: its expansion, or the request's prompt."""
-        if self.revised_prompts:
-            revised = self.revised_prompts[self.seeds.index(seed)]
-            if revised is not None:
-                return revised
-        return self.prompt
+        revised = self.revised_prompt_of(seed)
+        return self.prompt if revised is None else revised
 
     def revised_prompt_of(self, seed: int) -> str | None:
         return self.revised_prompts[self.seeds.index(seed)] if self.revised_prompts else None

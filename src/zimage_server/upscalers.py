@@ -83,8 +83,7 @@ class UpscalerCard:
 @dataclass
 class LoadedUpscaler:
     card: UpscalerCard
-    model: ImageModelDescriptor
-    dtype: torch.dtype
+    model: ImageModelDescriptor  # on the device, in the dtype it runs in (its `.dtype`)
 
     @property
     def multiple_of(self) -> int:
@@ -208,7 +207,7 @@ def upscaler_memory(path: Path, tile: int = DEFAULT_TILE) -> tuple[int, int, Ups
     activation bytes, the card)."""
     model, card = read_model(Path(path))
     dtype = compute_dtype(model, "cuda")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     tensors = model.model.state_dict().values()
     weights = sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
     return weights, tile_activation_bytes(model, tile, dtype), card
@@ -312,15 +311,21 @@ class Upscalers:
         if cached is None and not read:
             return None
         if cached is None:
-            try:
-                _, cached = read_model(path, self.registry)
-            except UpscalerFileError as exc:
-                log.warning("skipping %s", exc)  # once per version of the file: the failure is cached
-                cached = exc
-            self._cards[key] = cached
+            return self._read(path, key)[1]
         if isinstance(cached, UpscalerFileError):
             raise cached
         return cached
+
+    def _read(self, path: Path, key: tuple[str, int, int]) -> tuple[ImageModelDescriptor, UpscalerCard]:
+        """Read a file (on the CPU), caching its card, or its failure (logged once per version of the file)."""
+        try:
+            model, card = read_model(path, self.registry)
+        except UpscalerFileError as exc:
+            log.warning("skipping %s", exc)
+            self._cards[key] = exc
+            raise
+        self._cards[key] = card
+        return model, card
 
     def list_upscalers(self, read_new: bool = True) -> list[UpscalerCard] | None:
         """The built-ins, then every usable file by name; unusable ones are left out (logged once each).
@@ -353,20 +358,14 @@ class Upscalers:
         if isinstance(cached, UpscalerFileError):
             raise cached
         started = time.perf_counter()
-        try:
-            model, card = read_model(path, self.registry)
-        except UpscalerFileError as exc:
-            log.warning("skipping %s", exc)
-            self._cards[key] = exc
-            raise
-        self._cards[key] = card
+        model, card = self._read(path, key)
         if len(self._loaded) >= self.cache_size:
             while len(self._loaded) >= self.cache_size:
                 self._loaded.popitem(last=False)
             free_device_memory(self.device)  # the evicted weights' blocks, back to the card's other users
         dtype = compute_dtype(model, self.device.type, self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         model.to(self.device, dtype).eval()
-        loaded = self._loaded[key] = LoadedUpscaler(card, model, dtype)
+        loaded = self._loaded[key] = LoadedUpscaler(card, model)
         self.loads += 1
         log.info(
             "loaded upscaler %s (%s, %dx, %s params) on %s in %s in %.2f s",
@@ -414,7 +413,7 @@ class Upscalers:
     def _run_tiles(self, loaded: LoadedUpscaler, pixels: torch.Tensor, tile: int) -> Image.Image:
         scale, (height, width) = loaded.card.scale, pixels.shape[-2:]
         output = torch.empty((height * scale, width * scale, 3), dtype=torch.uint8)
-        source = pixels.to(self.device, loaded.dtype)
+        source = pixels.to(self.device, loaded.model.dtype)
         rows = tile_spans(height, tile, self.overlap, loaded.multiple_of)
         columns = tile_spans(width, tile, self.overlap, loaded.multiple_of)
         with torch.inference_mode():
